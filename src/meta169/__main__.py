@@ -1,0 +1,3 @@
+from meta169.cli import main
+
+main(prog_name="meta169")

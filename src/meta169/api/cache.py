@@ -1,0 +1,154 @@
+"""Rendered sites per caller, kept in step with the registry.
+
+The hot path is two dict lookups: (scope, caller IP) -> Site, then path -> Document.
+Misses go to the registry on one worker thread (SQLite connections and psycopg
+sessions stay on that thread). A poller asks the registry for its revision and drops
+exactly what changed, so an import done by another process shows within one poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from meta169.errors import AmbiguousCaller, NotFound, RegistryError, UnknownCaller
+from meta169.model import Caller, Instance, Network
+from meta169.registry import Registry
+from meta169.render import RenderOptions, Site, build_site
+
+log = logging.getLogger("meta169.cache")
+
+# A caller the registry could not resolve, remembered until the next change so an
+# unknown or misconfigured guest retrying in a loop costs one dict lookup per try.
+MISS_UNKNOWN = "unknown"
+MISS_AMBIGUOUS = "ambiguous"
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    reason: str
+    error: RegistryError
+
+
+Entry = Site | Miss
+
+
+class SiteCache:
+    def __init__(self, registry: Registry, options: RenderOptions, *, max_entries: int = 200_000) -> None:
+        self._registry = registry
+        self._options = options
+        self._max = max_entries
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meta169-registry")
+        self.by_caller: dict[Hashable, Entry] = {}
+        self._caller_uuid: dict[Hashable, str] = {}
+        self._sites: dict[str, Site] = {}
+        self._revision = -1
+        self._inflight: dict[Hashable, asyncio.Future[Entry]] = {}
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    async def lookup(self, key: Hashable, caller: Caller) -> Entry:
+        """Resolve and render on a miss; concurrent misses for one key share the work."""
+        cached = self.by_caller.get(key)
+        if cached is not None:
+            return cached
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Entry] = loop.create_future()
+        self._inflight[key] = fut
+        revision = self._revision
+        try:
+            entry = await loop.run_in_executor(self._executor, self._load, caller)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved; waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[key]
+        if not fut.done():
+            fut.set_result(entry)
+        # Only remember results computed against the revision still current; a
+        # change that landed meanwhile will be picked up by the next lookup.
+        if revision == self._revision:
+            if len(self.by_caller) >= self._max:
+                self.by_caller.clear()
+                self._caller_uuid.clear()
+            self.by_caller[key] = entry
+            if isinstance(entry, Site):
+                self._caller_uuid[key] = entry.instance.uuid
+                self._sites[entry.instance.uuid] = entry
+        return entry
+
+    def _load(self, caller: Caller) -> Entry:
+        try:
+            instance = self._registry.resolve(caller)
+        except UnknownCaller as exc:
+            return Miss(MISS_UNKNOWN, exc)
+        except AmbiguousCaller as exc:
+            return Miss(MISS_AMBIGUOUS, exc)
+        site = self._sites.get(instance.uuid)
+        if site is not None and site.instance == instance:
+            return site
+        return build_site(instance, self._networks_of(instance), self._options)
+
+    def _networks_of(self, instance: Instance) -> dict[str, Network]:
+        networks: dict[str, Network] = {}
+        for port in instance.ports:
+            if port.network_id not in networks:
+                try:
+                    networks[port.network_id] = self._registry.get_network(port.network_id)
+                except NotFound:
+                    log.warning("instance %s has a port on unknown network %s", instance.uuid, port.network_id)
+        return networks
+
+    async def run_blocking(self, fn: object, *args: object) -> object:
+        """Run a registry call on the registry thread (password writes and reads)."""
+        loop = asyncio.get_running_loop()
+        assert callable(fn)
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- invalidation ------------------------------------------------------------------------
+    async def poll_forever(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._revision = await loop.run_in_executor(self._executor, self._registry.revision)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_once()
+            except RegistryError as exc:
+                log.error("registry poll failed, serving cached data: %s", exc)
+
+    async def poll_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        current = await loop.run_in_executor(self._executor, self._registry.revision)
+        if current == self._revision:
+            return
+        changes = await loop.run_in_executor(self._executor, self._registry.changed_since, self._revision)
+        self._revision = changes.revision
+        self.invalidate(changes.instances, topology=changes.topology)
+
+    def invalidate(self, uuids: frozenset[str], *, topology: bool) -> None:
+        if topology:
+            self.by_caller.clear()
+            self._caller_uuid.clear()
+            self._sites.clear()
+            return
+        for uuid in uuids:
+            self._sites.pop(uuid, None)
+        stale = [k for k, u in self._caller_uuid.items() if u in uuids]
+        for k in stale:
+            self.by_caller.pop(k, None)
+            self._caller_uuid.pop(k, None)
+        # Negative entries may now resolve (a new instance took the IP).
+        for k in [k for k, e in self.by_caller.items() if isinstance(e, Miss)]:
+            del self.by_caller[k]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,133 @@
+"""The metadata plane: identify the caller, find its site, answer the path.
+
+Owns method rules, the password API and the mapping of typed errors to statuses.
+Does not own framing (``api.http``), identity parsing (``api.identity``) or document
+content (``render``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from urllib.parse import unquote
+
+from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
+from meta169.api.http import Request, Response, error_response
+from meta169.api.identity import Binding, caller_from_proxy_headers, has_identity_headers
+from meta169.errors import Conflict, HTTPError, NotFound, RegistryError
+from meta169.model import Caller
+from meta169.proxy.stamp import ReplayGuard, verify
+from meta169.render import Site, is_password_path
+
+log = logging.getLogger("meta169.api")
+
+# Nova's password API: at most 4 chunks of 255 bytes [openstack/nova api/metadata/password.py].
+PASSWORD_MAX = 4 * 255
+_READ_METHODS = frozenset(("GET", "HEAD"))
+_ALLOW = (("Allow", "GET, HEAD"),)
+
+
+class MetadataApp:
+    """One per listener: knows the listener's binding, shares the site cache."""
+
+    __slots__ = ("_binding", "_cache", "_guard", "_scope", "_secret")
+
+    def __init__(self, cache: SiteCache, binding: Binding, *, proxy_secret: bytes | None = None) -> None:
+        self._cache = cache
+        self._binding = binding
+        self._scope = binding.scope
+        # Set for a proxy binding on TCP: every request must carry a fresh HMAC.
+        self._secret = proxy_secret
+        self._guard = ReplayGuard() if proxy_secret is not None else None
+
+    def __call__(self, req: Request) -> Response | Awaitable[Response]:
+        try:
+            caller = self._identify(req)
+        except HTTPError as exc:
+            return error_response(exc.status, str(exc))
+        key = (caller.network_id or "", caller.router_id or "", caller.ip)
+        entry = self._cache.by_caller.get(key)
+        if entry is None:
+            return self._slow(req, caller, key)
+        return self._answer(req, caller, entry)
+
+    def _identify(self, req: Request) -> Caller:
+        headers = req.headers
+        if self._binding.kind == "proxy":
+            if self._secret is not None:
+                assert self._guard is not None
+                verify(self._secret, headers, req.method, req.raw_path.decode("latin-1"), self._guard)
+            return caller_from_proxy_headers(headers)
+        if has_identity_headers(headers):
+            raise HTTPError(403, "identity headers are accepted only from the trusted proxy")
+        if req.peer is None:
+            raise HTTPError(400, "no peer address")
+        if self._binding.kind == "network":
+            return Caller(ip=req.peer, network_id=self._binding.id)
+        return Caller(ip=req.peer, router_id=self._binding.id)
+
+    async def _slow(self, req: Request, caller: Caller, key: tuple[str, str, object]) -> Response:
+        try:
+            entry = await self._cache.lookup(key, caller)
+        except RegistryError as exc:
+            log.error("registry failure resolving %s on %s: %s", caller.ip, caller.scope, exc)
+            return error_response(503, "metadata registry unavailable")
+        result = self._answer(req, caller, entry)
+        if isinstance(result, Response):
+            return result
+        return await result
+
+    def _answer(self, req: Request, caller: Caller, entry: Site | Miss) -> Response | Awaitable[Response]:
+        if isinstance(entry, Miss):
+            # Nova answers 404 for an unknown instance; say in the log which network
+            # and IP had none, the first thing an operator needs (BRIEF section 2).
+            if entry.reason == MISS_AMBIGUOUS:
+                log.error("refusing ambiguous caller: %s", entry.error)
+            else:
+                log.warning("no instance for caller %s on %s", caller.ip, caller.scope)
+            return error_response(404)
+        raw = req.raw_path
+        qpos = raw.find(b"?")
+        if qpos >= 0:
+            raw = raw[:qpos]
+        path = raw.decode("latin-1")
+        if "%" in path:
+            path = unquote(path, errors="strict")
+        method = req.method
+        if is_password_path(path):
+            return self._password(req, entry)
+        if method not in _READ_METHODS:
+            if entry.lookup(path) is None:
+                return error_response(404)
+            return Response(405, b"405 Method Not Allowed\n", headers=_ALLOW)
+        doc = entry.lookup(path)
+        if doc is None:
+            return error_response(404)
+        body = doc.fresh() if doc.fresh is not None else doc.body
+        return Response(200, body, doc.content_type)
+
+    async def _password(self, req: Request, site: Site) -> Response:
+        uuid = site.instance.uuid
+        try:
+            if req.method in _READ_METHODS:
+                password = await self._cache.run_blocking(self._cache.registry.get_password, uuid)
+                assert isinstance(password, str)
+                return Response(200, password.encode(), "text/plain; charset=utf-8")
+            # Nova: anything but GET and POST is a bad request, not 405.
+            if req.method != "POST":
+                return error_response(400, "password accepts GET and POST only")
+            if len(req.body) > PASSWORD_MAX:
+                return error_response(400, f"password longer than {PASSWORD_MAX} bytes")
+            try:
+                text = req.body.decode("utf-8")
+            except UnicodeDecodeError:
+                return error_response(400, "password must be UTF-8")
+            await self._cache.run_blocking(self._cache.registry.set_password, uuid, text)
+            return Response(200, b"")
+        except Conflict:
+            return error_response(409, "password already set")
+        except NotFound:
+            return error_response(404)
+        except RegistryError as exc:
+            log.error("password store failed for %s: %s", uuid, exc)
+            return error_response(503, "metadata registry unavailable")

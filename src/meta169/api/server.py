@@ -1,0 +1,186 @@
+"""Run the metadata plane: open listeners, share one site cache, poll for changes.
+
+``start()`` is the programmatic entry (tests use it on loopback); ``run()`` is what
+``meta169 serve`` calls: it installs uvloop, handles signals and optionally forks
+worker processes that share the listening sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meta169.api.cache import SiteCache
+from meta169.api.http import HTTPProtocol, Limits
+from meta169.api.metadata import MetadataApp
+from meta169.config import ListenAddress, ServeConfig
+from meta169.errors import ConfigError
+from meta169.registry import Registry, open_registry
+from meta169.render import RenderOptions
+
+log = logging.getLogger("meta169.serve")
+
+
+def open_listen_socket(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
+    """Bind a listening socket (TCP or Unix); errors name the address."""
+    if address.unix_path is not None:
+        return _open_unix(address.unix_path)
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _open_unix(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+        else:
+            raise ConfigError(f"cannot listen on unix:{path}: a non-socket file is in the way")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o117)  # srw-rw----: trust comes from who may connect
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class RunningServer:
+    cache: SiteCache
+    servers: list[asyncio.AbstractServer]
+    addresses: list[ListenAddress]
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for srv in self.servers:
+            srv.close()
+        for srv in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        self.cache.close()
+
+
+def render_options(config: ServeConfig) -> RenderOptions:
+    return RenderOptions(static_vendor_data=config.static_vendor_data, account_id=config.account_id)
+
+
+async def start(
+    config: ServeConfig,
+    *,
+    registry: Registry | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> RunningServer:
+    """Open (or adopt) the listeners and start serving on the running loop."""
+    reg = registry if registry is not None else open_registry(config.registry_url)
+    cache = SiteCache(reg, render_options(config))
+    socks = sockets if sockets is not None else [open_listen_socket(s.address) for s in config.listeners]
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.AbstractServer] = []
+    addresses: list[ListenAddress] = []
+    for spec, sock in zip(config.listeners, socks, strict=True):
+        secret = None
+        if spec.binding.kind == "proxy" and sock.family != socket.AF_UNIX:
+            if config.proxy_secret is None:
+                raise ConfigError(f"proxy listener {spec.address} on TCP needs a shared secret (--proxy-secret-file)")
+            secret = config.proxy_secret
+        factory = _protocol_factory(MetadataApp(cache, spec.binding, proxy_secret=secret), config.limits)
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(factory, sock=sock)
+            addresses.append(spec.address)
+        else:
+            srv = await loop.create_server(factory, sock=sock)
+            host, port = sock.getsockname()[:2]
+            addresses.append(ListenAddress(host=host, port=port))
+        servers.append(srv)
+        log.info("listening on %s for %s", addresses[-1], spec.binding.scope)
+    running = RunningServer(cache, servers, addresses)
+    running._tasks.append(loop.create_task(cache.poll_forever(config.poll_interval)))
+    return running
+
+
+def _protocol_factory(app: MetadataApp, limits: Limits) -> Callable[[], HTTPProtocol]:
+    def factory() -> HTTPProtocol:
+        return HTTPProtocol(app, limits)
+
+    return factory
+
+
+def run(
+    config: ServeConfig,
+    *,
+    workers: int = 1,
+    on_ready: Callable[[list[ListenAddress]], None] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM. With ``workers`` > 1, fork that many processes."""
+    sockets = [open_listen_socket(s.address) for s in config.listeners]
+    children: list[int] = []
+    if workers > 1:
+        for _ in range(workers - 1):
+            pid = os.fork()
+            if pid == 0:
+                children = []
+                break
+            children.append(pid)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(_serve_until_signal(config, sockets, on_ready))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+async def _serve_until_signal(
+    config: ServeConfig,
+    sockets: list[socket.socket],
+    on_ready: Callable[[list[ListenAddress]], None] | None,
+) -> None:
+    running = await start(config, sockets=sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(running.addresses)
+    await stop.wait()
+    await running.close()
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

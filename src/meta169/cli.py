@@ -1,0 +1,383 @@
+"""The ``meta169`` command line: a thin layer of click over programmatic functions.
+
+Exit codes (stable, documented in the README):
+
+- 0  success
+- 1  the command ran and found a problem (doctor findings of error severity)
+- 2  usage or configuration error (bad flag, unreadable file, invalid inventory)
+- 3  registry error (database unreachable, not found, conflict)
+- 4  runtime error in the network path (plumbing, lab, proxy)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from meta169.errors import (
+    ConfigError,
+    LabError,
+    Meta169Error,
+    NotFound,
+    PlumbingError,
+    ProxyError,
+    RegistryError,
+    ValidationError,
+)
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_REGISTRY = 3
+EXIT_RUNTIME = 4
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"meta169: error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Map the typed error tree to exit codes; the only broad catch is at the top."""
+    try:
+        yield
+    except (ConfigError, ValidationError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except NotFound as exc:
+        _fail(str(exc), EXIT_REGISTRY)
+    except RegistryError as exc:
+        _fail(f"registry: {exc}", EXIT_REGISTRY)
+    except (PlumbingError, LabError, ProxyError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    except Meta169Error as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+
+
+class Ctx:
+    def __init__(self, registry_url: str | None) -> None:
+        self._registry_url = registry_url
+
+    @property
+    def registry_url(self) -> str:
+        from meta169.registry import default_registry_url
+
+        if self._registry_url:
+            return self._registry_url
+        return default_registry_url(
+            euid=os.geteuid(), home=Path.home(), xdg_data_home=os.environ.get("XDG_DATA_HOME")
+        )
+
+    def open_registry(self) -> Any:
+        from meta169.registry import open_registry
+
+        return open_registry(self.registry_url)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--registry",
+    "registry_url",
+    envvar="META169_REGISTRY",
+    metavar="URL",
+    help="Registry URL: sqlite:///path.db, postgresql://..., memory:// "
+    "[env META169_REGISTRY; default: a SQLite file in the data directory].",
+)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(package_name="meta169")
+@click.pass_context
+def main(ctx: click.Context, registry_url: str | None, verbose: int) -> None:
+    """meta169: the instance metadata service at 169.254.169.254, and its network path."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = Ctx(registry_url)
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--listen",
+    "listens",
+    multiple=True,
+    metavar="ADDR[=BINDING]",
+    help="HOST:PORT or unix:PATH, optionally =network:ID, =router:ID or =proxy. "
+    "Repeatable. Without =BINDING the --network/--router/--proxy flag applies.",
+)
+@click.option("--network", "network_id", metavar="ID", help="Identify callers by source IP on this network.")
+@click.option("--router", "router_id", metavar="ID", help="Identify callers by source IP on this router's networks.")
+@click.option("--proxy", "proxy_mode", is_flag=True, help="Trust identity stamped by meta169 proxy (Unix socket).")
+@click.option("--workers", default=1, show_default=True, help="Processes sharing the listeners.")
+@click.option("--vendor-data", "vendor_data_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file of deployment-wide static vendor data.")
+@click.option("--poll-interval", default=0.5, show_default=True, help="Seconds between registry change checks.")
+@click.option("--proxy-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Shared secret (file, mode 0600) for proxy listeners on TCP.")
+@pass_ctx
+def serve(
+    obj: Ctx,
+    listens: tuple[str, ...],
+    network_id: str | None,
+    router_id: str | None,
+    proxy_mode: bool,
+    workers: int,
+    vendor_data_file: Path | None,
+    poll_interval: float,
+    proxy_secret_file: Path | None,
+) -> None:
+    """Serve the OpenStack and EC2 metadata trees."""
+    from meta169.api.identity import Binding
+    from meta169.api.server import run
+    from meta169.config import ListenerSpec, ServeConfig, parse_listen, read_secret_file
+
+    with _errors():
+        default: Binding | None = None
+        chosen = [b for b in (network_id, router_id, proxy_mode or None) if b]
+        if len(chosen) > 1:
+            raise ConfigError("give at most one of --network, --router, --proxy (or per-listener =BINDING)")
+        if network_id:
+            default = Binding("network", network_id)
+        elif router_id:
+            default = Binding("router", router_id)
+        elif proxy_mode:
+            default = Binding("proxy")
+        if not listens:
+            raise ConfigError("give at least one --listen ADDR (for example --listen 127.0.0.1:8775 --network NET)")
+        specs = []
+        for item in listens:
+            addr_text, _, bind_text = item.partition("=")
+            binding = _parse_binding(bind_text) if bind_text else default
+            if binding is None:
+                raise ConfigError(f"--listen {item}: no binding; add =network:ID or pass --network ID")
+            specs.append(ListenerSpec(parse_listen(addr_text), binding))
+        vendor: dict[str, Any] = {}
+        if vendor_data_file is not None:
+            try:
+                loaded = json.loads(vendor_data_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--vendor-data {vendor_data_file}: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"--vendor-data {vendor_data_file}: must hold a JSON object")
+            vendor = loaded
+        if workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        config = ServeConfig(
+            registry_url=obj.registry_url,
+            listeners=tuple(specs),
+            static_vendor_data=vendor,
+            poll_interval=poll_interval,
+            proxy_secret=read_secret_file(proxy_secret_file, what="--proxy-secret-file") if proxy_secret_file else None,
+        )
+
+        def ready(addresses: list[Any]) -> None:
+            for spec, address in zip(specs, addresses, strict=True):
+                click.echo(f"meta169 serve: listening on {address} ({spec.binding.scope})", err=True)
+
+        run(config, workers=workers, on_ready=ready)
+
+
+def _parse_binding(text: str) -> Any:
+    from meta169.api.identity import Binding
+
+    kind, _, ident = text.partition(":")
+    if kind == "proxy" and not ident:
+        return Binding("proxy")
+    if kind == "network" and ident:
+        return Binding("network", ident)
+    if kind == "router" and ident:
+        return Binding("router", ident)
+    raise ConfigError(f"binding {text!r}: expected network:ID, router:ID or proxy")
+
+
+# -- proxy -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--upstream", required=True, metavar="unix:PATH|HOST:PORT", help="Where meta169 serve listens.")
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Shared secret for a TCP upstream (file, mode 0600); required for TCP.")
+@click.option("--listeners", "listener_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML/JSON file of listeners, re-read every second.")
+@click.option("--from-registry", is_flag=True,
+              help="Derive listeners from the registry: qrouter-ID:9697 per router, "
+              "qdhcp-ID 169.254.169.254:80 per network without a router (namespaces that exist).")
+@click.option("--listen", "listens", multiple=True, metavar="[NETNS/]ADDR:PORT=network:ID|router:ID",
+              help="A static listener. Repeatable.")
+@click.option("--upstream-timeout", default=10.0, show_default=True,
+              help="Seconds to wait for serve's reply before answering the guest 504.")
+@pass_ctx
+def proxy(
+    obj: Ctx,
+    upstream: str,
+    secret_file: Path | None,
+    listener_file: Path | None,
+    from_registry: bool,
+    listens: tuple[str, ...],
+    upstream_timeout: float,
+) -> None:
+    """Per-namespace metadata proxy: stamp caller identity, forward to serve."""
+    from meta169.proxy.run import ProxyConfig, parse_static_listener, parse_upstream, run_proxy
+
+    with _errors():
+        if not (listener_file or from_registry or listens):
+            raise ConfigError("give --listeners FILE, --from-registry or at least one --listen")
+        spec = dataclasses.replace(parse_upstream(upstream), reply_timeout=upstream_timeout)
+        secret = None
+        if secret_file is not None:
+            from meta169.config import read_secret_file
+
+            secret = read_secret_file(secret_file, what="--secret-file")
+        elif spec.is_tcp:
+            raise ConfigError("a TCP --upstream needs --secret-file (per-request HMAC); use unix:PATH otherwise")
+        config = ProxyConfig(
+            upstream=spec,
+            secret=secret,
+            static=tuple(parse_static_listener(x) for x in listens),
+            listener_file=listener_file,
+            registry_url=obj.registry_url if from_registry else None,
+        )
+        run_proxy(config, on_ready=lambda n: click.echo(f"meta169 proxy: {n} listeners up", err=True))
+
+
+# -- registry administration --------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def import_(obj: Ctx, files: tuple[Path, ...]) -> None:
+    """Load YAML or JSON inventory files (idempotent: re-import updates)."""
+    from meta169.admin.inventory import apply_inventory, format_import_report, load_inventory
+
+    with _errors():
+        inventories = [load_inventory(f) for f in files]  # validate all before writing any
+        registry = obj.open_registry()
+        try:
+            for path, inventory in zip(files, inventories, strict=True):
+                report = apply_inventory(registry, inventory)
+                click.echo(f"{path}: {format_import_report(report)}")
+        finally:
+            registry.close()
+
+
+@main.group()
+def instance() -> None:
+    """List, show and remove instances."""
+
+
+def _with_registry(obj: Ctx, fn: Callable[[Any], None]) -> None:
+    with _errors():
+        registry = obj.open_registry()
+        try:
+            fn(registry)
+        finally:
+            registry.close()
+
+
+@instance.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def instance_list(obj: Ctx, as_json: bool) -> None:
+    """One line per instance: uuid, name, network:ip of each port."""
+
+    def body(registry: Any) -> None:
+        rows = [_instance_summary(i) for i in registry.list_instances()]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for row in rows:
+            click.echo(f"{row['uuid']}  {row['name']:<20} {' '.join(row['addresses'])}")
+
+    _with_registry(obj, body)
+
+
+@instance.command("show")
+@click.argument("uuid")
+@pass_ctx
+def instance_show(obj: Ctx, uuid: str) -> None:
+    """Everything the registry holds for one instance, as JSON."""
+    from meta169.admin.inventory import instance_to_dict
+
+    _with_registry(obj, lambda r: click.echo(json.dumps(instance_to_dict(r.get_instance(uuid)), indent=2)))
+
+
+@instance.command("rm")
+@click.argument("uuids", nargs=-1, required=True)
+@pass_ctx
+def instance_rm(obj: Ctx, uuids: tuple[str, ...]) -> None:
+    """Remove instances (and their ports)."""
+
+    def body(registry: Any) -> None:
+        for uuid in uuids:
+            registry.delete_instance(uuid)
+            click.echo(f"removed {uuid}")
+
+    _with_registry(obj, body)
+
+
+@main.group()
+def network() -> None:
+    """List networks."""
+
+
+@network.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def network_list(obj: Ctx, as_json: bool) -> None:
+    """One line per network with its subnets."""
+
+    def body(registry: Any) -> None:
+        nets = registry.list_networks()
+        rows = [
+            {"id": n.id, "project_id": n.project_id, "subnets": [str(s.cidr) for s in n.subnets]} for n in nets
+        ]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for row in rows:
+            click.echo(f"{row['id']:<20} {row['project_id']:<12} {' '.join(row['subnets'])}")
+
+    _with_registry(obj, body)
+
+
+@main.group()
+def router() -> None:
+    """List routers."""
+
+
+@router.command("list")
+@pass_ctx
+def router_list(obj: Ctx) -> None:
+    """One line per router with its networks."""
+
+    def body(registry: Any) -> None:
+        for r in registry.list_routers():
+            click.echo(f"{r.id:<20} {' '.join(r.network_ids)}")
+
+    _with_registry(obj, body)
+
+
+def _instance_summary(inst: Any) -> dict[str, Any]:
+    return {
+        "uuid": inst.uuid,
+        "name": inst.name,
+        "hostname": inst.hostname,
+        "addresses": [f"{p.network_id}:{ip}" for p in inst.ports for ip in p.ips],
+    }
+
+
+def run_cli() -> None:  # pragma: no cover - console entry
+    main(prog_name=os.path.basename(sys.argv[0]) or "meta169")

@@ -1,0 +1,319 @@
+"""``meta169 proxy``: one process, one event loop, listeners in many namespaces.
+
+Each listener is a socket opened inside a router or DHCP namespace (enter, bind,
+come back: the socket stays there) and knows the router or network it serves. For
+every request the proxy strips guest-supplied identity headers, stamps the caller's
+source IP and scope, and forwards to ``serve``. Listeners are reconciled against a
+desired set (a watched file, or the registry) as namespaces come and go.
+
+Must not know about rendering or the registry's storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meta169.api.http import HTTPProtocol, Limits, Request, Response, error_response
+from meta169.api.identity import Binding
+from meta169.errors import ConfigError, HTTPError, PlumbingError, ValidationError
+from meta169.model import Caller, IPAddress, check_id, parse_ip
+from meta169.proxy.stamp import HDR_SIGNATURE, HOP_BY_HOP, is_identity_header, sign, stamp_headers
+from meta169.proxy.upstream import Upstream
+
+log = logging.getLogger("meta169.proxy")
+
+# serve asks the proxy to send a reply with a given IP TTL / hop limit (IMDSv2 token
+# replies); the proxy applies it on the guest's socket and never forwards the header.
+HDR_HOP_LIMIT = "x-meta169-hop-limit"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyListener:
+    """Where to listen (namespace, address, port) and for which router or network."""
+
+    binding: Binding
+    address: IPAddress
+    port: int
+    netns: str | None = None
+    # Scope of an IPv6 link-local address (fe80::a9fe:a9fe on the DHCP port).
+    interface: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.binding.kind == "proxy":
+            raise ValidationError("a proxy listener is bound to a network or a router")
+        if not 1 <= self.port <= 65535:
+            raise ValidationError(f"listener port {self.port} out of range")
+        if self.netns is not None:
+            check_id("namespace", self.netns)
+
+    @property
+    def key(self) -> tuple[str | None, str, int]:
+        return (self.netns, f"{self.address}%{self.interface}" if self.interface else str(self.address), self.port)
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{self.netns or 'host'}:{host}:{self.port} -> {self.binding.scope}"
+
+
+def parse_listeners(data: object, *, source: str) -> list[ProxyListener]:
+    """``{"listeners": [{"netns", "address", "port", "network"|"router"}]}``."""
+    if not isinstance(data, dict) or not isinstance(data.get("listeners"), list):
+        raise ConfigError(f"{source}: expected an object with a 'listeners' list")
+    out: list[ProxyListener] = []
+    for i, item in enumerate(data["listeners"]):
+        where = f"{source}: listeners[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected an object")
+        unknown = set(item) - {"netns", "address", "port", "network", "router", "interface"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown fields {sorted(unknown)}")
+        try:
+            if ("network" in item) == ("router" in item):
+                raise ValidationError("give exactly one of network or router")
+            binding = Binding("network", item["network"]) if "network" in item else Binding("router", item["router"])
+            out.append(
+                ProxyListener(
+                    binding=binding,
+                    address=parse_ip(item.get("address", "0.0.0.0")),
+                    port=int(item.get("port", 9697)),
+                    netns=item.get("netns"),
+                    interface=item.get("interface"),
+                )
+            )
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    return out
+
+
+SocketOpener = Callable[[ProxyListener], Awaitable[socket.socket]]
+
+
+async def open_in_namespace(listener: ProxyListener) -> socket.socket:
+    """Open the listening socket inside the listener's namespace, off the loop thread."""
+    from meta169.plumbing.netns import open_socket_in_netns
+
+    family = socket.AF_INET6 if listener.address.version == 6 else socket.AF_INET
+    if listener.netns is None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((str(listener.address), listener.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+    netns = listener.netns
+
+    def opener() -> socket.socket:
+        return open_socket_in_netns(
+            netns,
+            family,
+            socket.SOCK_STREAM,
+            listener.address,
+            listener.port,
+            # A v6 wildcard listener next to a v4 one on the same port: keep them apart.
+            v6only=True if family == socket.AF_INET6 else None,
+            interface=listener.interface,
+            backlog=1024,
+        )
+
+    return await asyncio.to_thread(opener)
+
+
+class ProxyApp:
+    """The per-listener request handler."""
+
+    __slots__ = ("_binding", "_secret", "_upstream")
+
+    def __init__(self, binding: Binding, upstream: Upstream, secret: bytes | None) -> None:
+        self._binding = binding
+        self._upstream = upstream
+        self._secret = secret
+
+    def __call__(self, req: Request) -> Awaitable[Response] | Response:
+        if req.peer is None:
+            return error_response(400, "no peer address")
+        return self._forward(req, req.peer)
+
+    async def _forward(self, req: Request, peer: IPAddress) -> Response:
+        if self._binding.kind == "network":
+            caller = Caller(ip=peer, network_id=self._binding.id)
+        else:
+            caller = Caller(ip=peer, router_id=self._binding.id)
+        path = req.raw_path.decode("latin-1")
+        method = req.method
+        # HEAD is relayed as GET and the body cut here: the reply parser cannot know
+        # that a HEAD reply's Content-Length announces a body that never comes.
+        upstream_method = "GET" if method == "HEAD" else method
+        lines = [f"{upstream_method} {path} HTTP/1.1"]
+        for name, value in req.headers.items():
+            if name in HOP_BY_HOP or name in {"content-length", "host"}:
+                continue
+            if is_identity_header(name):
+                # The one bit of guest-sent forwarding the server must still see:
+                # IMDSv2 refuses a token PUT that came through a proxy in the guest.
+                if name == "x-forwarded-for":
+                    lines.append("X-Meta169-Guest-Forwarded: 1")
+                continue
+            lines.append(f"{name}: {value}")
+        lines.append("host: metadata")
+        lines.extend(f"{k}: {v}" for k, v in stamp_headers(caller))
+        if self._secret is not None:
+            lines.append(f"{HDR_SIGNATURE}: {sign(self._secret, caller, upstream_method, path)}")
+        lines.append(f"content-length: {len(req.body)}")
+        payload = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + req.body
+        try:
+            reply = await self._upstream.request(payload)
+        except HTTPError as exc:
+            log.warning("%s: upstream failure for %s %s: %s", self._binding.scope, peer, path, exc)
+            return error_response(exc.status, "metadata service unavailable")
+        raw = reply.raw
+        ttl: int | None = None
+        hop = reply.headers.get(HDR_HOP_LIMIT)
+        if hop is not None:
+            head, _, body = raw.partition(b"\r\n\r\n")
+            head = b"\r\n".join(
+                line for line in head.split(b"\r\n") if not line.lower().startswith(HDR_HOP_LIMIT.encode())
+            )
+            raw = head + b"\r\n\r\n" + body
+            with contextlib.suppress(ValueError):
+                ttl = max(1, min(255, int(hop)))
+        if method == "HEAD":
+            raw = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+        return Response(reply.status, raw=raw, ip_ttl=ttl)
+
+
+@dataclass
+class ProxyServer:
+    """Owns the listeners; ``reconcile`` makes the open set equal the desired set."""
+
+    upstream: Upstream
+    secret: bytes | None = None
+    limits: Limits = field(default_factory=Limits)
+    opener: SocketOpener = open_in_namespace
+    _servers: dict[tuple[str | None, str, int], tuple[ProxyListener, asyncio.AbstractServer]] = field(
+        default_factory=dict
+    )
+
+    @property
+    def listeners(self) -> list[ProxyListener]:
+        return [lst for lst, _ in self._servers.values()]
+
+    async def reconcile(self, desired: Iterable[ProxyListener]) -> list[str]:
+        """Open what is missing, close what is gone. Returns per-listener errors
+        (a namespace that vanished must not stop the others)."""
+        want = {lst.key: lst for lst in desired}
+        errors: list[str] = []
+        for key in list(self._servers):
+            current, srv = self._servers[key]
+            if key not in want or want[key].binding != current.binding:
+                srv.close()
+                del self._servers[key]
+                log.info("closed listener %s", current)
+        loop = asyncio.get_running_loop()
+        for key, lst in want.items():
+            if key in self._servers:
+                continue
+            try:
+                sock = await self.opener(lst)
+            except (PlumbingError, OSError) as exc:
+                errors.append(f"{lst}: {exc}")
+                log.error("cannot open listener %s: %s", lst, exc)
+                continue
+            app = ProxyApp(lst.binding, self.upstream, self.secret)
+            srv = await loop.create_server(_factory(app, self.limits), sock=sock)
+            self._servers[key] = (lst, srv)
+            log.info("listening %s", lst)
+        return errors
+
+    async def close(self) -> None:
+        for _, srv in self._servers.values():
+            srv.close()
+        self._servers.clear()
+        await self.upstream.close()
+
+
+def _factory(app: ProxyApp, limits: Limits) -> Callable[[], HTTPProtocol]:
+    return lambda: HTTPProtocol(app, limits)
+
+
+def load_listener_file(path: Path) -> list[ProxyListener]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read listener file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else _yaml(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_listeners(data, source=str(path))
+
+
+def _yaml(text: str) -> object:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def netns_exists(name: str, run_dir: Path = Path("/run/netns")) -> bool:
+    return (run_dir / name).exists()
+
+
+def listeners_from_topology(
+    routers: Sequence[tuple[str, Sequence[str]]],
+    networks: Sequence[str],
+    *,
+    router_ns: str = "qrouter-{id}",
+    dhcp_ns: str = "qdhcp-{id}",
+    port: int = 9697,
+) -> list[ProxyListener]:
+    """Neutron's convention: a router namespace gets 0.0.0.0:9697 behind the REDIRECT;
+    a network no router serves gets 169.254.169.254:80 in its DHCP namespace."""
+    out: list[ProxyListener] = []
+    routed: set[str] = set()
+    for router_id, nets in routers:
+        routed.update(nets)
+        out.append(
+            ProxyListener(
+                Binding("router", router_id), ipaddress.ip_address("0.0.0.0"), port, router_ns.format(id=router_id)
+            )
+        )
+    for net in networks:
+        if net not in routed:
+            out.append(
+                ProxyListener(
+                    Binding("network", net), ipaddress.ip_address("169.254.169.254"), 80, dhcp_ns.format(id=net)
+                )
+            )
+    return out
+
+
+async def watch(
+    server: ProxyServer,
+    source: Callable[[], list[ProxyListener]],
+    *,
+    interval: float = 1.0,
+    stop: asyncio.Event,
+) -> None:
+    """Re-read the desired listeners every ``interval`` and reconcile."""
+    last: list[tuple[tuple[str | None, str, int], str]] | None = None
+    while not stop.is_set():
+        try:
+            desired = await asyncio.to_thread(source)
+            fingerprint = sorted((lst.key, lst.binding.scope) for lst in desired)
+            if fingerprint != last or len(server.listeners) != len(desired):
+                await server.reconcile(desired)
+                last = fingerprint
+        except ConfigError as exc:
+            log.error("listener source: %s (keeping current listeners)", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

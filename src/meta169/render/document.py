@@ -1,0 +1,75 @@
+"""One served document, and the small helpers that make listings and JSON bodies."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+TEXT: Final = "text/plain"
+JSON: Final = "application/json"
+OCTETS: Final = "application/octet-stream"
+
+RANDOM_SEED_BYTES: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A pre-rendered reply body.
+
+    When ``fresh`` is set the server calls it once per request and serves its result
+    instead of ``body`` (meta_data.json's random_seed must differ on every read);
+    ``body`` then holds one such rendering, of the same length.
+    """
+
+    content_type: str
+    body: bytes
+    fresh: Callable[[], bytes] | None = None
+
+    def payload(self) -> bytes:
+        """The bytes to send for one request."""
+        return self.fresh() if self.fresh is not None else self.body
+
+
+@dataclass(frozen=True, slots=True)
+class SeededJSON:
+    """JSON bytes with a fresh random_seed spliced in between ``head`` and ``tail``.
+
+    Splicing keeps the hot path free of JSON encoding: the seed is base64, which
+    never needs escaping inside a JSON string.
+    """
+
+    head: bytes
+    tail: bytes
+
+    def __call__(self) -> bytes:
+        seed = base64.b64encode(os.urandom(RANDOM_SEED_BYTES))
+        return b"".join((self.head, seed, self.tail))
+
+
+def listing(entries: Iterable[str]) -> Document:
+    """A text/plain listing: one entry per line, no trailing newline."""
+    # As Nova's ec2_md_print and AWS print them; clients split on lines.
+    return Document(TEXT, "\n".join(entries).encode())
+
+
+def dump_json(value: Any) -> bytes:
+    """JSON bytes as Nova's jsonutils.dump_as_bytes makes them (json.dumps defaults)."""
+    return json.dumps(value).encode()
+
+
+def json_document(value: Any) -> Document:
+    """An application/json Document of ``value``."""
+    return Document(JSON, dump_json(value))
+
+
+def seeded_json_document(head: dict[str, Any], tail: dict[str, Any]) -> Document:
+    """``{**head, "random_seed": <fresh>, **tail}`` as a Document with ``fresh`` set."""
+    # json.dumps of a dict is "{...}": drop the brace on the side we splice at.
+    prefix = dump_json(head)[:-1] + b', "random_seed": "' if head else b'{"random_seed": "'
+    suffix = b'"' + (b", " + dump_json(tail)[1:] if tail else b"}")
+    seeded = SeededJSON(prefix, suffix)
+    return Document(JSON, seeded(), seeded)

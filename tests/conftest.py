@@ -1,0 +1,68 @@
+"""Suite-wide guards and capability checks.
+
+The network guard enforces the project's first safety rule inside the test process:
+from the host's network namespace nothing may connect to a non-loopback address
+(169.254.169.254 above all). A thread that has entered a namespace the test created
+is a different namespace and is not restricted. (uvloop's own connects bypass the
+Python socket methods; test clients here use the standard library.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["tests.harness.fixtures", "tests.integration.conftest_postgres"]
+
+_HOST_NETNS = os.stat("/proc/self/ns/net").st_ino
+
+
+def _in_host_netns() -> bool:
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino == _HOST_NETNS
+    except OSError:
+        return True
+
+
+def _check(address: Any) -> None:
+    if not isinstance(address, tuple) or not _in_host_netns():
+        return
+    host = str(address[0]).split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if host in ("localhost", ""):
+            return
+        raise PermissionError(f"test network guard: refusing to resolve and connect to {host!r}") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not ip.is_loopback:
+        raise PermissionError(f"test network guard: {ip} is not loopback; tests talk to loopback or to namespaces")
+
+
+def _guarded(original: Callable[..., Any]) -> Callable[..., Any]:
+    def connect(self: socket.socket, address: Any, *args: Any) -> Any:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            _check(address)
+        return original(self, address, *args)
+
+    return connect
+
+
+socket.socket.connect = _guarded(socket.socket.connect)  # type: ignore[method-assign]
+socket.socket.connect_ex = _guarded(socket.socket.connect_ex)  # type: ignore[method-assign]
+
+
+def require(capability: str, ok: bool, why: str) -> None:
+    """Skip when a capability is missing; under META169_REQUIRE_E2E=1, fail instead."""
+    if ok:
+        return
+    message = f"missing capability {capability}: {why}"
+    if os.environ.get("META169_REQUIRE_E2E") == "1":
+        pytest.fail(message + " (META169_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
+    pytest.skip(message)

@@ -1,0 +1,103 @@
+"""Start a real ``meta169 serve`` process on loopback for integration tests."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_READY = re.compile(r"listening on (\S+) \(([^)]*)\)")
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[str]
+    addresses: list[tuple[str, int]]
+    registry_url: str
+    log_lines: list[str] = field(default_factory=list)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        assert self.proc.stderr is not None
+        if self.proc.stderr.closed:
+            return "\n".join(self.log_lines)
+        rest = self.proc.stderr.read()
+        self.proc.stderr.close()
+        self.log_lines.extend(rest.splitlines())
+        return "\n".join(self.log_lines)
+
+
+def meta169_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meta169", *args]
+
+
+def run_cli(registry_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        meta169_argv("--registry", registry_url, *args), capture_output=True, text=True, timeout=60, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"meta169 {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+def start_serve(registry_url: str, listens: list[str], *extra: str, timeout: float = 15.0) -> ServeProcess:
+    argv = meta169_argv("-v", "--registry", registry_url, "serve", *extra)
+    for item in listens:
+        argv += ["--listen", item]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    addresses: list[tuple[str, int]] = []
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    while len(addresses) < len(listens):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait(5)
+            rest = proc.stderr.read()
+            proc.stderr.close()
+            raise AssertionError("serve did not start:\n" + "\n".join(lines) + rest)
+        line = proc.stderr.readline()
+        if not line:
+            continue
+        lines.append(line.rstrip())
+        match = _READY.search(line)
+        if match:
+            host, _, port = match.group(1).rpartition(":")
+            addresses.append((host.strip("[]"), int(port) if port.isdigit() else 0))
+    return ServeProcess(proc, addresses, registry_url, lines)
+
+
+def get(
+    address: tuple[str, int],
+    path: str,
+    *,
+    source: str = "127.0.0.1",
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(address[0], address[1], timeout=5, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def write_inventory(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
