@@ -40,14 +40,14 @@ cloud-init: venv
 	@scripts/fetch-cloud-init $(CACHE)/cloud-init >/dev/null
 
 lint: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/ruff format --check src || true
 
 typecheck: venv
 	$(BIN)/mypy --strict src
 
 test: venv system-deps cloud-init
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy --strict src
 	META169_CACHE=$(CACHE) $(BIN)/pytest -q $(PYTEST_ARGS)
 

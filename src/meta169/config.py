@@ -16,7 +16,9 @@ from typing import Any
 
 from meta169.api.http import Limits
 from meta169.api.identity import Binding
+from meta169.api.tokens import KeyRing
 from meta169.errors import ConfigError
+from meta169.model import MetadataOptions
 
 DEFAULT_PORT = 8775  # Nova's metadata API port (nova.conf metadata_listen_port).
 
@@ -56,6 +58,9 @@ class ServeConfig:
     # Shared with meta169 proxy for TCP proxy listeners (per-request HMAC). Never
     # printed: repr=False keeps it out of logs and tracebacks.
     proxy_secret: bytes | None = field(default=None, repr=False)
+    # IMDSv2 token keys; None: one random key made before workers fork.
+    token_keys: KeyRing | None = field(default=None, repr=False)
+    default_metadata_options: MetadataOptions = field(default_factory=MetadataOptions)
 
 
 def parse_listen(text: str) -> ListenAddress:

@@ -110,3 +110,14 @@ def test_cloudinit_ec2_datasource_gets_identity(cloudinit_pkg: Path, server: Ser
     assert report["metadata"]["instance-type"] == "m1.small"
     assert report["metadata"]["local-ipv4"] == "127.0.0.1"
     _assert_clean(report)
+
+
+def test_cloudinit_ec2_datasource_imdsv2_path(cloudinit_pkg: Path, server: ServeProcess) -> None:
+    report = run_datasource("ec2", _url(server), imdsv2=True)
+    assert report["imds_token_obtained"] is True
+    assert report["instance_id"] == UUID
+    assert report["public_ssh_keys"] == [KEY]
+    assert report["userdata_raw"] == USER_DATA
+    assert report["identity"]["instanceId"] == UUID
+    assert all(r.get("token_sent") for r in report["requests"] if r["method"] == "GET"), report["requests"]
+    _assert_clean(report)

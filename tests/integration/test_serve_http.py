@@ -241,3 +241,87 @@ def test_serve_registry_change_invalidates_cache(srv: InProcess) -> None:
     while get(srv.address, "/latest/meta-data/hostname")[2] != b"web-2":
         assert time.monotonic() - t0 < 1.0
         time.sleep(0.02)
+
+
+TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN = "X-aws-ec2-metadata-token"
+
+
+def _token(srv: InProcess, ttl: str = "60") -> str:
+    status, headers, body = get(srv.address, "/latest/api/token", method="PUT", headers={TTL: ttl})
+    assert status == 200, body
+    assert headers[TTL.lower()] == ttl
+    return body.decode()
+
+
+def test_serve_imdsv2_token_round_trip(srv: InProcess) -> None:
+    token = _token(srv)
+    status, _, body = get(srv.address, "/latest/meta-data/instance-id", headers={TOKEN: token})
+    assert (status, body) == (200, UUID.encode())
+
+
+@pytest.mark.parametrize("ttl", [None, "0", "21601", "abc", "-1"])
+def test_serve_imdsv2_bad_ttl_is_400(srv: InProcess, ttl: str | None) -> None:
+    headers = {} if ttl is None else {TTL: ttl}
+    assert get(srv.address, "/latest/api/token", method="PUT", headers=headers)[0] == 400
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+def test_serve_imdsv2_token_path_wrong_method_is_405(srv: InProcess, method: str) -> None:
+    assert get(srv.address, "/latest/api/token", method=method, headers={TTL: "60"})[0] == 405
+
+
+def test_serve_imdsv2_dated_version_put_is_403(srv: InProcess) -> None:
+    assert get(srv.address, "/2021-03-23/api/token", method="PUT", headers={TTL: "60"})[0] == 403
+
+
+def test_serve_imdsv2_put_with_forwarded_for_is_403(srv: InProcess) -> None:
+    headers = {TTL: "60", "X-Forwarded-For": "172.17.0.2"}
+    assert get(srv.address, "/latest/api/token", method="PUT", headers=headers)[0] == 403
+
+
+@pytest.mark.parametrize("bad", ["garbage", "A" * 62])
+def test_serve_imdsv2_invalid_token_is_401(srv: InProcess, bad: str) -> None:
+    status, _, body = get(srv.address, "/latest/meta-data/instance-id", headers={TOKEN: bad})
+    assert status == 401
+    assert UUID.encode() not in body
+
+
+def test_serve_imdsv2_required_refuses_v1_on_both_trees(srv: InProcess) -> None:
+    from meta169.model import MetadataOptions
+
+    old = srv.registry.get_instance(UUID)
+    srv.registry.put_instance(
+        Instance(
+            uuid=old.uuid,
+            name=old.name,
+            ports=old.ports,
+            keys=old.keys,
+            user_data=old.user_data,
+            metadata_options=MetadataOptions(http_tokens="required"),
+        )
+    )
+    t0 = time.monotonic()
+    while get(srv.address, "/latest/meta-data/instance-id")[0] != 401:
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.02)
+    assert get(srv.address, "/openstack/latest/meta_data.json")[0] == 401
+    token = _token(srv)
+    assert get(srv.address, "/openstack/latest/meta_data.json", headers={TOKEN: token})[0] == 200
+    assert get(srv.address, "/latest/user-data", headers={TOKEN: token})[0] == 200
+
+
+def test_serve_imdsv2_disabled_endpoint_is_403(srv: InProcess) -> None:
+    from meta169.model import MetadataOptions
+
+    old = srv.registry.get_instance(UUID)
+    srv.registry.put_instance(
+        Instance(
+            uuid=old.uuid, name=old.name, ports=old.ports, metadata_options=MetadataOptions(http_endpoint="disabled")
+        )
+    )
+    t0 = time.monotonic()
+    while get(srv.address, "/latest/meta-data/instance-id")[0] != 403:
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.02)
+    assert get(srv.address, "/latest/api/token", method="PUT", headers={TTL: "60"})[0] == 403

@@ -11,11 +11,13 @@ import logging
 from collections.abc import Awaitable
 from urllib.parse import unquote
 
+from meta169.api import tokens
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
 from meta169.api.http import Request, Response, error_response
 from meta169.api.identity import Binding, caller_from_proxy_headers, has_identity_headers
+from meta169.api.tokens import TOKEN_HEADER, TTL_HEADER, KeyRing
 from meta169.errors import Conflict, HTTPError, NotFound, RegistryError
-from meta169.model import Caller
+from meta169.model import Caller, MetadataOptions
 from meta169.proxy.stamp import ReplayGuard, verify
 from meta169.render import Site, is_password_path
 
@@ -25,20 +27,43 @@ log = logging.getLogger("meta169.api")
 PASSWORD_MAX = 4 * 255
 _READ_METHODS = frozenset(("GET", "HEAD"))
 _ALLOW = (("Allow", "GET, HEAD"),)
+# serve asks the proxy to send this reply with a given IP TTL / hop limit.
+HDR_HOP_LIMIT = "X-Meta169-Hop-Limit"
+
+
+def _token_path_kind(path: str) -> str:
+    """"latest" for the token path, "dated" for /<version>/api/token, "" otherwise."""
+    stripped = path.rstrip("/")
+    if not stripped.endswith("/api/token"):
+        return ""
+    version = stripped[1 : -len("/api/token")]
+    if version == "latest":
+        return "latest"
+    return "dated" if "/" not in version else ""
 
 
 class MetadataApp:
     """One per listener: knows the listener's binding, shares the site cache."""
 
-    __slots__ = ("_binding", "_cache", "_guard", "_scope", "_secret")
+    __slots__ = ("_binding", "_cache", "_defaults", "_guard", "_ring", "_scope", "_secret")
 
-    def __init__(self, cache: SiteCache, binding: Binding, *, proxy_secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        cache: SiteCache,
+        binding: Binding,
+        *,
+        proxy_secret: bytes | None = None,
+        token_keys: KeyRing | None = None,
+        default_options: MetadataOptions | None = None,
+    ) -> None:
         self._cache = cache
         self._binding = binding
         self._scope = binding.scope
         # Set for a proxy binding on TCP: every request must carry a fresh HMAC.
         self._secret = proxy_secret
         self._guard = ReplayGuard() if proxy_secret is not None else None
+        self._ring = token_keys if token_keys is not None else KeyRing.generate()
+        self._defaults = default_options if default_options is not None else MetadataOptions()
 
     def __call__(self, req: Request) -> Response | Awaitable[Response]:
         try:
@@ -94,6 +119,20 @@ class MetadataApp:
         if "%" in path:
             path = unquote(path, errors="strict")
         method = req.method
+        instance = entry.instance
+        options = instance.metadata_options or self._defaults
+        if options.http_endpoint == "disabled":
+            # EC2: with the endpoint disabled the instance gets 403 on every path.
+            return error_response(403, "instance metadata endpoint disabled")
+        token_path = _token_path_kind(path)
+        if token_path:
+            return self._token(req, instance.uuid, options, dated=token_path == "dated")
+        token = req.headers.get(TOKEN_HEADER)
+        if token is not None:
+            if not tokens.is_valid(self._ring, token, instance.uuid):
+                return error_response(401)
+        elif options.http_tokens == "required":
+            return error_response(401)
         if is_password_path(path):
             return self._password(req, entry)
         if method not in _READ_METHODS:
@@ -105,6 +144,28 @@ class MetadataApp:
             return error_response(404)
         body = doc.fresh() if doc.fresh is not None else doc.body
         return Response(200, body, doc.content_type)
+
+    def _token(self, req: Request, uuid: str, options: MetadataOptions, *, dated: bool) -> Response:
+        if req.method != "PUT":
+            return Response(405, b"405 Method Not Allowed\n", headers=(("Allow", "PUT"),))
+        if dated:
+            # Only /latest/api/token issues tokens (EC2 user guide).
+            return error_response(403)
+        forwarded = "x-meta169-guest-forwarded" if self._binding.kind == "proxy" else "x-forwarded-for"
+        if forwarded in req.headers:
+            # A token PUT relayed by a proxy inside the guest (SSRF, containers behind
+            # NAT) is refused outright (EC2 user guide, IMDSv2 X-Forwarded-For rule).
+            return error_response(403)
+        ttl = tokens.parse_ttl(req.headers.get(TTL_HEADER))
+        if ttl is None:
+            return error_response(400, f"{TTL_HEADER} must be an integer in 1..21600")
+        token = tokens.issue(self._ring, uuid, ttl)
+        hop = options.http_put_response_hop_limit
+        headers: tuple[tuple[str, str], ...] = (("X-aws-ec2-metadata-token-ttl-seconds", str(ttl)),)
+        if self._binding.kind == "proxy":
+            # The proxy owns the guest-facing socket: it applies the TTL there.
+            return Response(200, token.encode(), headers=(*headers, (HDR_HOP_LIMIT, str(hop))))
+        return Response(200, token.encode(), headers=headers, ip_ttl=hop)
 
     async def _password(self, req: Request, site: Site) -> Response:
         uuid = site.instance.uuid

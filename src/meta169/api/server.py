@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from meta169.api.cache import SiteCache
 from meta169.api.http import HTTPProtocol, Limits
 from meta169.api.metadata import MetadataApp
+from meta169.api.tokens import KeyRing
 from meta169.config import ListenAddress, ServeConfig
 from meta169.errors import ConfigError
 from meta169.registry import Registry, open_registry
@@ -105,13 +107,21 @@ async def start(
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
     addresses: list[ListenAddress] = []
+    ring = config.token_keys if config.token_keys is not None else KeyRing.generate()
     for spec, sock in zip(config.listeners, socks, strict=True):
         secret = None
         if spec.binding.kind == "proxy" and sock.family != socket.AF_UNIX:
             if config.proxy_secret is None:
                 raise ConfigError(f"proxy listener {spec.address} on TCP needs a shared secret (--proxy-secret-file)")
             secret = config.proxy_secret
-        factory = _protocol_factory(MetadataApp(cache, spec.binding, proxy_secret=secret), config.limits)
+        app = MetadataApp(
+            cache,
+            spec.binding,
+            proxy_secret=secret,
+            token_keys=ring,
+            default_options=config.default_metadata_options,
+        )
+        factory = _protocol_factory(app, config.limits)
         if sock.family == socket.AF_UNIX:
             srv = await loop.create_unix_server(factory, sock=sock)
             addresses.append(spec.address)
@@ -141,6 +151,9 @@ def run(
 ) -> None:
     """Serve until SIGINT/SIGTERM. With ``workers`` > 1, fork that many processes."""
     sockets = [open_listen_socket(s.address) for s in config.listeners]
+    if config.token_keys is None:
+        # Made before forking so every worker accepts the others' tokens.
+        config = dataclasses.replace(config, token_keys=KeyRing.generate())
     children: list[int] = []
     if workers > 1:
         for _ in range(workers - 1):

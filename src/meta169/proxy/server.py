@@ -23,6 +23,7 @@ from pathlib import Path
 
 from meta169.api.http import HTTPProtocol, Limits, Request, Response, error_response
 from meta169.api.identity import Binding
+from meta169.api.metadata import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
 from meta169.errors import ConfigError, HTTPError, PlumbingError, ValidationError
 from meta169.model import Caller, IPAddress, check_id, parse_ip
 from meta169.proxy.stamp import HDR_SIGNATURE, HOP_BY_HOP, is_identity_header, sign, stamp_headers
@@ -32,7 +33,7 @@ log = logging.getLogger("meta169.proxy")
 
 # serve asks the proxy to send a reply with a given IP TTL / hop limit (IMDSv2 token
 # replies); the proxy applies it on the guest's socket and never forwards the header.
-HDR_HOP_LIMIT = "x-meta169-hop-limit"
+HDR_HOP_LIMIT = _SERVE_HOP_LIMIT.lower()
 
 
 @dataclass(frozen=True, slots=True)

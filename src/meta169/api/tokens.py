@@ -1,0 +1,148 @@
+"""IMDSv2 session tokens: stateless, sealed with a key, bound to instance and expiry.
+
+A token is ``base64url(version | key id | expiry | instance uuid | nonce | mac)``
+where ``mac`` is HMAC-SHA256 over everything before it, truncated to 16 bytes. No
+server-side state: any ``serve`` process or node holding the key ring accepts any
+other's tokens, and memory does not grow with tokens issued (issue 5: "no
+unbounded memory per token"). Rotation: the ring's first key seals, every key in it
+opens, so a retiring key stays listed for one maximum TTL (6 h) as a grace period.
+
+Rules from the EC2 user guide ("Use IMDSv2") and botocore's IMDSFetcher:
+TTL 1..21600 seconds, 400 for a missing or bad TTL, 401 for an invalid or expired
+token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import struct
+import time
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meta169.errors import ConfigError
+
+TTL_HEADER = "x-aws-ec2-metadata-token-ttl-seconds"
+TOKEN_HEADER = "x-aws-ec2-metadata-token"
+MIN_TTL = 1
+MAX_TTL = 21600
+_VERSION = 1
+_HEAD = struct.Struct(">BBI16s8s")  # version, key id, expiry (unix s), uuid, nonce
+_MAC_LEN = 16
+_TOKEN_LEN = _HEAD.size + _MAC_LEN
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    id: int
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.id <= 255:
+            raise ConfigError(f"token key id {self.id} outside 0..255")
+        if len(self.secret) < 16:
+            raise ConfigError(f"token key {self.id} is shorter than 16 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    keys: tuple[TokenKey, ...]
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ConfigError("the token key ring is empty")
+        ids = [k.id for k in self.keys]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("token key ids must be unique")
+
+    @classmethod
+    def generate(cls) -> KeyRing:
+        """A fresh random key: fine for one node (workers fork after it is made)."""
+        return cls((TokenKey(0, os.urandom(32)),))
+
+    @classmethod
+    def parse(cls, text: str, *, source: str) -> KeyRing:
+        """One ``ID:HEX`` per line, sealing key first; ``#`` comments."""
+        keys: list[TokenKey] = []
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            ident, sep, hexkey = line.partition(":")
+            try:
+                if not sep:
+                    raise ValueError("expected ID:HEX")
+                keys.append(TokenKey(int(ident), bytes.fromhex(hexkey.strip())))
+            except ValueError as exc:
+                raise ConfigError(f"{source}:{n}: {exc}") from None
+        return cls(tuple(keys))
+
+    def get(self, key_id: int) -> TokenKey | None:
+        for key in self.keys:
+            if key.id == key_id:
+                return key
+        return None
+
+
+def load_key_ring(path: Path) -> KeyRing:
+    from meta169.config import read_secret_file
+
+    return KeyRing.parse(read_secret_file(path, what="--token-key-file").decode(), source=str(path))
+
+
+def parse_ttl(value: str | None) -> int | None:
+    """The requested TTL, or None when missing or not an integer in 1..21600."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit() or len(value) > 6:
+        return None
+    ttl = int(value)
+    return ttl if MIN_TTL <= ttl <= MAX_TTL else None
+
+
+def issue(ring: KeyRing, instance_uuid: str, ttl: int, *, now: float | None = None) -> str:
+    key = ring.keys[0]
+    expiry = int(time.time() if now is None else now) + ttl
+    head = _HEAD.pack(_VERSION, key.id, expiry, uuidlib.UUID(instance_uuid).bytes, os.urandom(8))
+    mac = hmac.new(key.secret, head, hashlib.sha256).digest()[:_MAC_LEN]
+    return base64.urlsafe_b64encode(head + mac).rstrip(b"=").decode()
+
+
+def is_valid(ring: KeyRing, token: str, instance_uuid: str, *, now: float | None = None) -> bool:
+    """True only for an unexpired token sealed by a key in the ring for this instance."""
+    if len(token) > 128:
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    if len(raw) != _TOKEN_LEN:
+        return False
+    head, mac = raw[: _HEAD.size], raw[_HEAD.size :]
+    version, key_id, expiry, uuid_bytes, _ = _HEAD.unpack(head)
+    if version != _VERSION:
+        return False
+    key = ring.get(key_id)
+    if key is None:
+        return False
+    if not hmac.compare_digest(hmac.new(key.secret, head, hashlib.sha256).digest()[:_MAC_LEN], mac):
+        return False
+    if expiry <= (time.time() if now is None else now):
+        return False
+    return bool(uuid_bytes == uuidlib.UUID(instance_uuid).bytes)
+
+
+def seconds_left(token: str) -> int:
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    return int(_HEAD.unpack(raw[: _HEAD.size])[2] - time.time())
+
+
+def key_ring_text(keys: Sequence[TokenKey]) -> str:
+    return "".join(f"{k.id}:{k.secret.hex()}\n" for k in keys)
