@@ -126,6 +126,17 @@ def main(ctx: click.Context, registry_url: str | None, verbose: int) -> None:
 @click.option("--poll-interval", default=0.5, show_default=True, help="Seconds between registry change checks.")
 @click.option("--proxy-secret-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Shared secret (file, mode 0600) for proxy listeners on TCP.")
+@click.option("--neutron-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Neutron's metadata_proxy_shared_secret (file, mode 0600), for =neutron listeners.")
+@click.option("--token-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="IMDSv2 token keys, ID:HEX per line, sealing key first (mode 0600). "
+              "Share it between nodes; default: a random key per start.")
+@click.option("--http-tokens", type=click.Choice(["optional", "required"]), default="optional", show_default=True,
+              help="Default IMDSv2 policy for instances that set none.")
+@click.option("--hop-limit", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Default IP TTL / hop limit of token replies.")
+@click.option("--rate-limit", default="50/300", show_default=True, metavar="RATE/BURST",
+              help="Per-instance requests per second and burst; 0 disables.")
 @pass_ctx
 def serve(
     obj: Ctx,
@@ -137,11 +148,18 @@ def serve(
     vendor_data_file: Path | None,
     poll_interval: float,
     proxy_secret_file: Path | None,
+    neutron_secret_file: Path | None,
+    token_key_file: Path | None,
+    http_tokens: str,
+    hop_limit: int,
+    rate_limit: str,
 ) -> None:
     """Serve the OpenStack and EC2 metadata trees."""
     from meta169.api.identity import Binding
     from meta169.api.server import run
+    from meta169.api.tokens import load_key_ring
     from meta169.config import ListenerSpec, ServeConfig, parse_listen, read_secret_file
+    from meta169.model import MetadataOptions
 
     with _errors():
         default: Binding | None = None
@@ -180,7 +198,18 @@ def serve(
             static_vendor_data=vendor,
             poll_interval=poll_interval,
             proxy_secret=read_secret_file(proxy_secret_file, what="--proxy-secret-file") if proxy_secret_file else None,
+            neutron_secret=(
+                read_secret_file(neutron_secret_file, what="--neutron-secret-file") if neutron_secret_file else None
+            ),
+            token_keys=load_key_ring(token_key_file) if token_key_file else None,
+            default_metadata_options=MetadataOptions(
+                http_tokens="required" if http_tokens == "required" else "optional",
+                http_put_response_hop_limit=hop_limit,
+            ),
+            rate_limit=_parse_rate(rate_limit),
         )
+        if any(s.binding.kind == "neutron" for s in specs) and config.neutron_secret is None:
+            raise ConfigError("a =neutron listener needs --neutron-secret-file (Nova refuses an empty secret too)")
 
         def ready(addresses: list[Any]) -> None:
             for spec, address in zip(specs, addresses, strict=True):
@@ -189,17 +218,31 @@ def serve(
         run(config, workers=workers, on_ready=ready)
 
 
+def _parse_rate(text: str) -> Any:
+    from meta169.api.ratelimit import RateLimit
+
+    if text.strip() in ("0", "off", "none"):
+        return None
+    rate, _, burst = text.partition("/")
+    try:
+        return RateLimit(rate=float(rate), burst=int(burst) if burst else max(1, int(float(rate) * 6)))
+    except ValueError:
+        raise ConfigError(f"--rate-limit {text!r}: expected RATE/BURST, e.g. 50/300, or 0") from None
+
+
 def _parse_binding(text: str) -> Any:
     from meta169.api.identity import Binding
 
     kind, _, ident = text.partition(":")
     if kind == "proxy" and not ident:
         return Binding("proxy")
+    if kind == "neutron" and not ident:
+        return Binding("neutron")
     if kind == "network" and ident:
         return Binding("network", ident)
     if kind == "router" and ident:
         return Binding("router", ident)
-    raise ConfigError(f"binding {text!r}: expected network:ID, router:ID or proxy")
+    raise ConfigError(f"binding {text!r}: expected network:ID, router:ID, proxy or neutron")
 
 
 # -- proxy -------------------------------------------------------------------------------------
@@ -377,6 +420,9 @@ def _instance_summary(inst: Any) -> dict[str, Any]:
         "hostname": inst.hostname,
         "addresses": [f"{p.network_id}:{ip}" for p in inst.ports for ip in p.ips],
     }
+
+
+
 
 
 def run_cli() -> None:  # pragma: no cover - console entry

@@ -16,6 +16,7 @@ from typing import Any
 
 from meta169.api.http import Limits
 from meta169.api.identity import Binding
+from meta169.api.ratelimit import RateLimit
 from meta169.api.tokens import KeyRing
 from meta169.errors import ConfigError
 from meta169.model import MetadataOptions
@@ -61,6 +62,10 @@ class ServeConfig:
     # IMDSv2 token keys; None: one random key made before workers fork.
     token_keys: KeyRing | None = field(default=None, repr=False)
     default_metadata_options: MetadataOptions = field(default_factory=MetadataOptions)
+    # Per-instance request rate; None disables it (benchmarks only).
+    rate_limit: RateLimit | None = field(default_factory=RateLimit)
+    # Shared with a stock Neutron metadata agent (metadata_proxy_shared_secret).
+    neutron_secret: bytes | None = field(default=None, repr=False)
 
 
 def parse_listen(text: str) -> ListenAddress:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from meta169.api.server import RunningServer, start
+from meta169.config import ListenAddress, ServeConfig
+from meta169.registry import Registry
 
 _READY = re.compile(r"listening on (\S+) \(([^)]*)\)")
 
@@ -101,3 +109,42 @@ def get(
 def write_inventory(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@contextlib.contextmanager
+def in_process(config: ServeConfig, registry: Registry) -> Iterator[list[ListenAddress]]:
+    """Run ``api.server.start`` on its own loop in a thread; yields bound addresses."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, RunningServer] = {}
+    failure: list[BaseException] = []
+
+    def runner() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def boot() -> None:
+            holder["srv"] = await start(config, registry=registry)
+
+        try:
+            loop.run_until_complete(boot())
+        except BaseException as exc:  # surfaced to the test below
+            failure.append(exc)
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=runner, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    if failure:
+        loop.close()
+        raise failure[0]
+    running = holder["srv"]
+    try:
+        yield running.addresses
+    finally:
+        asyncio.run_coroutine_threadsafe(running.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

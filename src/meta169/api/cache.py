@@ -14,6 +14,7 @@ from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from meta169.api.identity import NeutronIdentity
 from meta169.errors import AmbiguousCaller, NotFound, RegistryError, UnknownCaller
 from meta169.model import Caller, Instance, Network
 from meta169.registry import Registry
@@ -25,6 +26,7 @@ log = logging.getLogger("meta169.cache")
 # unknown or misconfigured guest retrying in a loop costs one dict lookup per try.
 MISS_UNKNOWN = "unknown"
 MISS_AMBIGUOUS = "ambiguous"
+MISS_TENANT = "tenant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,7 @@ class SiteCache:
     def registry(self) -> Registry:
         return self._registry
 
-    async def lookup(self, key: Hashable, caller: Caller) -> Entry:
+    async def lookup(self, key: Hashable, caller: Caller | NeutronIdentity) -> Entry:
         """Resolve and render on a miss; concurrent misses for one key share the work."""
         cached = self.by_caller.get(key)
         if cached is not None:
@@ -86,13 +88,21 @@ class SiteCache:
                 self._sites[entry.instance.uuid] = entry
         return entry
 
-    def _load(self, caller: Caller) -> Entry:
+    def _load(self, caller: Caller | NeutronIdentity) -> Entry:
         try:
-            instance = self._registry.resolve(caller)
+            if isinstance(caller, NeutronIdentity):
+                instance = self._registry.get_instance(caller.instance_id)
+                # Nova: an instance of another tenant is "not found", never served.
+                if instance.project_id != caller.tenant_id:
+                    return Miss(MISS_TENANT, NotFound(f"instance {caller.instance_id} is not in {caller.tenant_id}"))
+            else:
+                instance = self._registry.resolve(caller)
         except UnknownCaller as exc:
             return Miss(MISS_UNKNOWN, exc)
         except AmbiguousCaller as exc:
             return Miss(MISS_AMBIGUOUS, exc)
+        except NotFound as exc:
+            return Miss(MISS_UNKNOWN, exc)
         site = self._sites.get(instance.uuid)
         if site is not None and site.instance == instance:
             return site

@@ -107,9 +107,11 @@ def encode_response(resp: Response, *, keep_alive: bool) -> bytes:
     return b"".join(head)
 
 
-def error_response(status: int, message: str = "", *, close: bool = False) -> Response:
+def error_response(
+    status: int, message: str = "", *, close: bool = False, headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
     text = message or _REASONS.get(status, "Error")
-    return Response(status, (text + "\n").encode(), close=close)
+    return Response(status, (text + "\n").encode(), close=close, headers=headers)
 
 
 class _Reject(Exception):

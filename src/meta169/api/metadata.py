@@ -14,9 +14,16 @@ from urllib.parse import unquote
 from meta169.api import tokens
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
 from meta169.api.http import Request, Response, error_response
-from meta169.api.identity import Binding, caller_from_proxy_headers, has_identity_headers
+from meta169.api.identity import (
+    Binding,
+    NeutronIdentity,
+    caller_from_proxy_headers,
+    has_identity_headers,
+    neutron_identity,
+)
+from meta169.api.ratelimit import Buckets, retry_after
 from meta169.api.tokens import TOKEN_HEADER, TTL_HEADER, KeyRing
-from meta169.errors import Conflict, HTTPError, NotFound, RegistryError
+from meta169.errors import ConfigError, Conflict, HTTPError, NotFound, RegistryError
 from meta169.model import Caller, MetadataOptions
 from meta169.proxy.stamp import ReplayGuard, verify
 from meta169.render import Site, is_password_path
@@ -31,8 +38,14 @@ _ALLOW = (("Allow", "GET, HEAD"),)
 HDR_HOP_LIMIT = "X-Meta169-Hop-Limit"
 
 
+def _describe(caller: Caller | NeutronIdentity) -> str:
+    if isinstance(caller, NeutronIdentity):
+        return f"instance {caller.instance_id} of tenant {caller.tenant_id} (Neutron, for {caller.forwarded_for})"
+    return f"{caller.ip} on {caller.scope}"
+
+
 def _token_path_kind(path: str) -> str:
-    """"latest" for the token path, "dated" for /<version>/api/token, "" otherwise."""
+    """ "latest" for the token path, "dated" for /<version>/api/token, "" otherwise."""
     stripped = path.rstrip("/")
     if not stripped.endswith("/api/token"):
         return ""
@@ -45,7 +58,7 @@ def _token_path_kind(path: str) -> str:
 class MetadataApp:
     """One per listener: knows the listener's binding, shares the site cache."""
 
-    __slots__ = ("_binding", "_cache", "_defaults", "_guard", "_ring", "_scope", "_secret")
+    __slots__ = ("_binding", "_buckets", "_cache", "_defaults", "_guard", "_neutron", "_ring", "_scope", "_secret")
 
     def __init__(
         self,
@@ -55,6 +68,8 @@ class MetadataApp:
         proxy_secret: bytes | None = None,
         token_keys: KeyRing | None = None,
         default_options: MetadataOptions | None = None,
+        buckets: Buckets | None = None,
+        neutron_secret: bytes | None = None,
     ) -> None:
         self._cache = cache
         self._binding = binding
@@ -64,9 +79,15 @@ class MetadataApp:
         self._guard = ReplayGuard() if proxy_secret is not None else None
         self._ring = token_keys if token_keys is not None else KeyRing.generate()
         self._defaults = default_options if default_options is not None else MetadataOptions()
+        self._buckets = buckets
+        if binding.kind == "neutron" and not neutron_secret:
+            raise ConfigError("a neutron listener needs a non-empty shared secret (--neutron-secret-file)")
+        self._neutron = neutron_secret
 
     def __call__(self, req: Request) -> Response | Awaitable[Response]:
         try:
+            if self._neutron is not None:
+                return self._neutron_request(req, self._neutron)
             caller = self._identify(req)
         except HTTPError as exc:
             return error_response(exc.status, str(exc))
@@ -75,6 +96,14 @@ class MetadataApp:
         if entry is None:
             return self._slow(req, caller, key)
         return self._answer(req, caller, entry)
+
+    def _neutron_request(self, req: Request, secret: bytes) -> Response | Awaitable[Response]:
+        ident = neutron_identity(req.headers, secret)
+        key = ("neutron", ident.instance_id, ident.tenant_id)
+        entry = self._cache.by_caller.get(key)
+        if entry is None:
+            return self._slow(req, ident, key)
+        return self._answer(req, ident, entry)
 
     def _identify(self, req: Request) -> Caller:
         headers = req.headers
@@ -91,26 +120,32 @@ class MetadataApp:
             return Caller(ip=req.peer, network_id=self._binding.id)
         return Caller(ip=req.peer, router_id=self._binding.id)
 
-    async def _slow(self, req: Request, caller: Caller, key: tuple[str, str, object]) -> Response:
+    async def _slow(self, req: Request, caller: Caller | NeutronIdentity, key: tuple[str, str, object]) -> Response:
         try:
             entry = await self._cache.lookup(key, caller)
         except RegistryError as exc:
-            log.error("registry failure resolving %s on %s: %s", caller.ip, caller.scope, exc)
+            log.error("registry failure resolving %s: %s", _describe(caller), exc)
             return error_response(503, "metadata registry unavailable")
         result = self._answer(req, caller, entry)
         if isinstance(result, Response):
             return result
         return await result
 
-    def _answer(self, req: Request, caller: Caller, entry: Site | Miss) -> Response | Awaitable[Response]:
+    def _answer(
+        self, req: Request, caller: Caller | NeutronIdentity, entry: Site | Miss
+    ) -> Response | Awaitable[Response]:
         if isinstance(entry, Miss):
             # Nova answers 404 for an unknown instance; say in the log which network
             # and IP had none, the first thing an operator needs (BRIEF section 2).
             if entry.reason == MISS_AMBIGUOUS:
                 log.error("refusing ambiguous caller: %s", entry.error)
             else:
-                log.warning("no instance for caller %s on %s", caller.ip, caller.scope)
+                log.warning("no instance for caller %s", _describe(caller))
             return error_response(404)
+        if self._buckets is not None:
+            wait = self._buckets.take(entry.instance.uuid)
+            if wait:
+                return error_response(429, headers=(("Retry-After", retry_after(wait)),))
         raw = req.raw_path
         qpos = raw.find(b"?")
         if qpos >= 0:
@@ -151,8 +186,14 @@ class MetadataApp:
         if dated:
             # Only /latest/api/token issues tokens (EC2 user guide).
             return error_response(403)
-        forwarded = "x-meta169-guest-forwarded" if self._binding.kind == "proxy" else "x-forwarded-for"
-        if forwarded in req.headers:
+        if self._binding.kind == "proxy":
+            forwarded = "x-meta169-guest-forwarded" in req.headers
+        elif self._binding.kind == "neutron":
+            # The agent adds one X-Forwarded-For hop itself; a second came from the guest.
+            forwarded = "," in req.headers.get("x-forwarded-for", "")
+        else:
+            forwarded = "x-forwarded-for" in req.headers
+        if forwarded:
             # A token PUT relayed by a proxy inside the guest (SSRF, containers behind
             # NAT) is refused outright (EC2 user guide, IMDSv2 X-Forwarded-For rule).
             return error_response(403)

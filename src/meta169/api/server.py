@@ -22,6 +22,7 @@ from pathlib import Path
 from meta169.api.cache import SiteCache
 from meta169.api.http import HTTPProtocol, Limits
 from meta169.api.metadata import MetadataApp
+from meta169.api.ratelimit import Buckets
 from meta169.api.tokens import KeyRing
 from meta169.config import ListenAddress, ServeConfig
 from meta169.errors import ConfigError
@@ -108,29 +109,42 @@ async def start(
     servers: list[asyncio.AbstractServer] = []
     addresses: list[ListenAddress] = []
     ring = config.token_keys if config.token_keys is not None else KeyRing.generate()
-    for spec, sock in zip(config.listeners, socks, strict=True):
-        secret = None
-        if spec.binding.kind == "proxy" and sock.family != socket.AF_UNIX:
-            if config.proxy_secret is None:
-                raise ConfigError(f"proxy listener {spec.address} on TCP needs a shared secret (--proxy-secret-file)")
-            secret = config.proxy_secret
-        app = MetadataApp(
-            cache,
-            spec.binding,
-            proxy_secret=secret,
-            token_keys=ring,
-            default_options=config.default_metadata_options,
-        )
-        factory = _protocol_factory(app, config.limits)
-        if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(factory, sock=sock)
-            addresses.append(spec.address)
-        else:
-            srv = await loop.create_server(factory, sock=sock)
-            host, port = sock.getsockname()[:2]
-            addresses.append(ListenAddress(host=host, port=port))
-        servers.append(srv)
-        log.info("listening on %s for %s", addresses[-1], spec.binding.scope)
+    buckets = Buckets(config.rate_limit) if config.rate_limit is not None else None
+    try:
+        for spec, sock in zip(config.listeners, socks, strict=True):
+            secret = None
+            if spec.binding.kind == "proxy" and sock.family != socket.AF_UNIX:
+                if config.proxy_secret is None:
+                    raise ConfigError(
+                        f"proxy listener {spec.address} on TCP needs a shared secret (--proxy-secret-file)"
+                    )
+                secret = config.proxy_secret
+            app = MetadataApp(
+                cache,
+                spec.binding,
+                proxy_secret=secret,
+                token_keys=ring,
+                default_options=config.default_metadata_options,
+                buckets=buckets,
+                neutron_secret=config.neutron_secret if spec.binding.kind == "neutron" else None,
+            )
+            factory = _protocol_factory(app, config.limits)
+            if sock.family == socket.AF_UNIX:
+                srv = await loop.create_unix_server(factory, sock=sock)
+                addresses.append(spec.address)
+            else:
+                srv = await loop.create_server(factory, sock=sock)
+                host, port = sock.getsockname()[:2]
+                addresses.append(ListenAddress(host=host, port=port))
+            servers.append(srv)
+            log.info("listening on %s for %s", addresses[-1], spec.binding.scope)
+    except BaseException:
+        for srv in servers:
+            srv.close()
+        for sock in socks:
+            sock.close()
+        cache.close()
+        raise
     running = RunningServer(cache, servers, addresses)
     running._tasks.append(loop.create_task(cache.poll_forever(config.poll_interval)))
     return running
