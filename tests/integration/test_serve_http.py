@@ -20,7 +20,7 @@ from meta169.api.server import RunningServer, start
 from meta169.config import ListenAddress, ListenerSpec, ServeConfig
 from meta169.model import Instance, Network, Port, SSHKey, Subnet, parse_ip, parse_network
 from meta169.registry.memory import MemoryRegistry
-from tests.integration.serving import get
+from tests.integration.serving import get, in_process
 
 UUID = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
 
@@ -325,3 +325,24 @@ def test_serve_imdsv2_disabled_endpoint_is_403(srv: InProcess) -> None:
         assert time.monotonic() - t0 < 1.0
         time.sleep(0.02)
     assert get(srv.address, "/latest/api/token", method="PUT", headers={TTL: "60"})[0] == 403
+
+
+def test_serve_connection_limit_per_ip_answers_503() -> None:
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
+        limits=Limits(max_connections_per_ip=3),
+    )
+    with in_process(config, _registry()) as addresses:
+        addr = (addresses[0].host, addresses[0].port)
+        held = [socket.create_connection(addr, timeout=2) for _ in range(3)]
+        try:
+            time.sleep(0.1)
+            # The refusal is written at accept time, before any request is read.
+            with socket.create_connection(addr, timeout=2) as extra:
+                assert extra.recv(100).startswith(b"HTTP/1.1 503")
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.1)
+        assert get(addr, "/latest/meta-data/instance-id")[0] == 200

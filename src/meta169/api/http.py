@@ -41,6 +41,10 @@ class Limits:
     request_timeout: float = 10.0
     keepalive_timeout: float = 30.0
     max_pipelined: int = 32
+    # Open connections per process and per client address; beyond them a new
+    # connection is answered 503 and closed, so one guest cannot exhaust the server.
+    max_connections: int = 8192
+    max_connections_per_ip: int = 64
 
 
 @dataclass(slots=True)
@@ -73,6 +77,32 @@ class Response:
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
+
+
+class ConnectionTracker:
+    """Counts open connections, in total and per client address."""
+
+    __slots__ = ("per_ip", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: dict[IPAddress | None, int] = {}
+
+    def admit(self, peer: IPAddress | None, limits: Limits) -> bool:
+        count = self.per_ip.get(peer, 0)
+        if self.total >= limits.max_connections or count >= limits.max_connections_per_ip:
+            return False
+        self.total += 1
+        self.per_ip[peer] = count + 1
+        return True
+
+    def release(self, peer: IPAddress | None) -> None:
+        self.total -= 1
+        count = self.per_ip.get(peer, 1) - 1
+        if count:
+            self.per_ip[peer] = count
+        else:
+            self.per_ip.pop(peer, None)
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 # [second, header line]: the Date header changes once a second, not per request.
@@ -138,14 +168,18 @@ class HTTPProtocol(asyncio.Protocol):
         "_peer",
         "_queue",
         "_timer",
+        "_tracked",
+        "_tracker",
         "_transport",
         "_ttl_set",
         "_url",
         "_url_bytes",
     )
 
-    def __init__(self, handler: Handler, limits: Limits) -> None:
+    def __init__(self, handler: Handler, limits: Limits, tracker: ConnectionTracker | None = None) -> None:
         self._handler = handler
+        self._tracker = tracker
+        self._tracked = False
         self._limits = limits
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
@@ -176,10 +210,19 @@ class HTTPProtocol(asyncio.Protocol):
                 self._peer = ipaddress.ip_address(peer[0].split("%", 1)[0])
             except ValueError:
                 self._peer = None
+        if self._tracker is not None:
+            if not self._tracker.admit(self._peer, self._limits):
+                log.warning("refusing connection from %s: connection limit reached", self._peer)
+                self._fail(503)
+                return
+            self._tracked = True
         self._arm(self._limits.keepalive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._tracked and self._tracker is not None:
+            self._tracked = False
+            self._tracker.release(self._peer)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.api.cache import SiteCache
-from meta169.api.http import HTTPProtocol, Limits
+from meta169.api.http import ConnectionTracker, HTTPProtocol, Limits
 from meta169.api.metadata import MetadataApp
 from meta169.api.ratelimit import Buckets
 from meta169.api.tokens import KeyRing
@@ -92,7 +92,14 @@ class RunningServer:
 
 
 def render_options(config: ServeConfig) -> RenderOptions:
-    return RenderOptions(static_vendor_data=config.static_vendor_data, account_id=config.account_id)
+    signer = None
+    if config.identity_key_dir is not None:
+        from meta169.identity import RsaIdentitySigner, load_identity_key
+
+        signer = RsaIdentitySigner(load_identity_key(config.identity_key_dir))
+    return RenderOptions(
+        static_vendor_data=config.static_vendor_data, account_id=config.account_id, identity_signer=signer
+    )
 
 
 async def start(
@@ -110,6 +117,7 @@ async def start(
     addresses: list[ListenAddress] = []
     ring = config.token_keys if config.token_keys is not None else KeyRing.generate()
     buckets = Buckets(config.rate_limit) if config.rate_limit is not None else None
+    tracker = ConnectionTracker()
     try:
         for spec, sock in zip(config.listeners, socks, strict=True):
             secret = None
@@ -128,7 +136,8 @@ async def start(
                 buckets=buckets,
                 neutron_secret=config.neutron_secret if spec.binding.kind == "neutron" else None,
             )
-            factory = _protocol_factory(app, config.limits)
+            factory = _protocol_factory(app, config.limits, tracker)
+            srv: asyncio.AbstractServer
             if sock.family == socket.AF_UNIX:
                 srv = await loop.create_unix_server(factory, sock=sock)
                 addresses.append(spec.address)
@@ -139,8 +148,8 @@ async def start(
             servers.append(srv)
             log.info("listening on %s for %s", addresses[-1], spec.binding.scope)
     except BaseException:
-        for srv in servers:
-            srv.close()
+        for opened in servers:
+            opened.close()
         for sock in socks:
             sock.close()
         cache.close()
@@ -150,9 +159,9 @@ async def start(
     return running
 
 
-def _protocol_factory(app: MetadataApp, limits: Limits) -> Callable[[], HTTPProtocol]:
+def _protocol_factory(app: MetadataApp, limits: Limits, tracker: ConnectionTracker) -> Callable[[], HTTPProtocol]:
     def factory() -> HTTPProtocol:
-        return HTTPProtocol(app, limits)
+        return HTTPProtocol(app, limits, tracker)
 
     return factory
 
