@@ -346,3 +346,8 @@ def test_serve_connection_limit_per_ip_answers_503() -> None:
                 sock.close()
         time.sleep(0.1)
         assert get(addr, "/latest/meta-data/instance-id")[0] == 200
+
+
+def test_serve_non_utf8_percent_path_is_400(srv: InProcess) -> None:
+    # Found by the fuzz suite: percent-decoding to invalid UTF-8 used to answer 500.
+    assert get(srv.address, "/%ff%fe")[0] == 400

@@ -119,22 +119,33 @@ def _date_header() -> bytes:
     return line
 
 
+# Status line and fixed headers per (status, type, length): a metadata site has few
+# distinct documents, so the hot path joins four bytes objects instead of formatting.
+_prefix_cache: dict[tuple[int, str, int], bytes] = {}
+
+
+def _prefix(status: int, content_type: str, length: int) -> bytes:
+    key = (status, content_type, length)
+    prefix = _prefix_cache.get(key)
+    if prefix is None:
+        if len(_prefix_cache) > 50_000:
+            _prefix_cache.clear()
+        reason = _REASONS.get(status, "Unknown")
+        prefix = (
+            f"HTTP/1.1 {status} {reason}\r\nServer: meta169\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
+        ).encode()
+        _prefix_cache[key] = prefix
+    return prefix
+
+
 def encode_response(resp: Response, *, keep_alive: bool) -> bytes:
-    reason = _REASONS.get(resp.status, "Unknown")
-    head = [
-        f"HTTP/1.1 {resp.status} {reason}\r\n".encode(),
-        b"Server: meta169\r\n",
-        _date_header(),
-        f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n".encode(),
-    ]
-    for name, value in resp.headers:
-        head.append(f"{name}: {value}\r\n".encode("latin-1"))
+    head = _prefix(resp.status, resp.content_type, len(resp.body))
+    extra = b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in resp.headers) if resp.headers else b""
     if not keep_alive:
-        head.append(b"Connection: close\r\n")
-    head.append(b"\r\n")
-    if not resp.head:
-        head.append(resp.body)
-    return b"".join(head)
+        extra += b"Connection: close\r\n"
+    body = b"" if resp.head else resp.body
+    return b"".join((head, _date_header(), extra, b"\r\n", body))
 
 
 def error_response(
@@ -151,27 +162,48 @@ class _Reject(Exception):
         self.status = status
 
 
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH")}
+_HEADER_NAMES: dict[bytes, str] = {}
+
+
+def _header_name(raw: bytes) -> str:
+    name = _HEADER_NAMES.get(raw)
+    if name is None:
+        name = raw.decode("latin-1").lower()
+        if len(_HEADER_NAMES) < 1024:  # common names only; a flood of odd ones is not cached
+            _HEADER_NAMES[raw] = name
+    return name
+
+
 class HTTPProtocol(asyncio.Protocol):
-    """One connection. Requests are answered strictly in arrival order."""
+    """One connection. Requests are answered strictly in arrival order.
+
+    Timeouts are checked by a per-connection tick instead of a clock read per
+    request: the hot path only bumps counters, the tick compares them.
+    """
 
     __slots__ = (
+        "_begun",
         "_body",
+        "_body_bytes",
         "_busy",
         "_cur_headers",
-        "_deadline",
         "_handler",
         "_header_bytes",
-        "_header_name",
+        "_idle_ticks",
         "_limits",
         "_loop",
         "_parser",
         "_peer",
+        "_progress",
         "_queue",
+        "_seen_progress",
+        "_stall_ticks",
+        "_tick",
         "_timer",
         "_tracked",
         "_tracker",
         "_transport",
-        "_ttl_set",
         "_url",
         "_url_bytes",
     )
@@ -188,16 +220,17 @@ class HTTPProtocol(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
-        self._ttl_set = False
-        self._deadline = 0.0
-        self._reset_message()
-
-    def _reset_message(self) -> None:
+        self._tick = max(0.05, min(limits.request_timeout, limits.keepalive_timeout) / 4)
+        self._progress = 0  # bumped by every completed request
+        self._seen_progress = 0
+        self._idle_ticks = 0
+        self._stall_ticks = 0
+        self._begun = False  # a request has started and not completed
         self._url = b""
         self._url_bytes = 0
         self._header_bytes = 0
+        self._body_bytes = 0
         self._cur_headers: dict[str, str] = {}
-        self._header_name = b""
         self._body: list[bytes] = []
 
     # -- asyncio callbacks ----------------------------------------------------------------
@@ -216,7 +249,7 @@ class HTTPProtocol(asyncio.Protocol):
                 self._fail(503)
                 return
             self._tracked = True
-        self._arm(self._limits.keepalive_timeout)
+        self._timer = self._loop.call_later(self._tick, self._on_tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -241,8 +274,12 @@ class HTTPProtocol(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._reset_message()
-        self._arm(self._limits.request_timeout)
+        self._begun = True
+        self._stall_ticks = 0
+        self._url = b""
+        self._url_bytes = 0
+        self._header_bytes = 0
+        self._cur_headers = {}
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -252,16 +289,17 @@ class HTTPProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._limits.max_header_bytes or len(self._cur_headers) >= self._limits.max_headers:
+        headers = self._cur_headers
+        if self._header_bytes > self._limits.max_header_bytes or len(headers) >= self._limits.max_headers:
             raise _Reject(431)
-        key = name.decode("latin-1").lower()
+        key = _header_name(name)
         text = value.decode("latin-1")
-        if key in self._cur_headers:
+        if key in headers:
             # Duplicate identity or token headers are a smuggling vector; keep them
             # visible as one comma-joined value so handlers can refuse them.
-            self._cur_headers[key] = self._cur_headers[key] + "," + text
+            headers[key] = headers[key] + "," + text
         else:
-            self._cur_headers[key] = text
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         length = self._cur_headers.get("content-length")
@@ -275,45 +313,58 @@ class HTTPProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
-        if sum(map(len, self._body)) > self._limits.max_body_bytes:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
             raise _Reject(413)
 
     def on_message_complete(self) -> None:
         parser = self._parser
+        raw_method = parser.get_method()
+        body = b""
+        if self._body:
+            body = b"".join(self._body)
+            self._body = []
+            self._body_bytes = 0
         req = Request(
-            method=parser.get_method().decode("ascii", "replace"),
-            raw_path=self._url,
-            headers=self._cur_headers,
-            body=b"".join(self._body),
-            peer=self._peer,
-            http_version=parser.get_http_version(),
-            keep_alive=parser.should_keep_alive(),
+            _METHODS.get(raw_method) or raw_method.decode("ascii", "replace"),
+            self._url,
+            self._cur_headers,
+            body,
+            self._peer,
+            "1.1",
+            parser.should_keep_alive(),
         )
-        self._reset_message()
-        if len(self._queue) >= self._limits.max_pipelined:
-            raise _Reject(503)
-        self._queue.append(req)
-        self._arm(self._limits.keepalive_timeout)
-        if not self._busy:
-            self._drain()
+        self._begun = False
+        self._progress += 1
+        if self._busy or self._queue:
+            if len(self._queue) >= self._limits.max_pipelined:
+                raise _Reject(503)
+            self._queue.append(req)
+            return
+        self._dispatch(req)
 
     # -- dispatch --------------------------------------------------------------------------
-    def _drain(self) -> None:
-        while self._queue and self._transport is not None:
-            req = self._queue.popleft()
-            try:
-                result = self._handler(req)
-            except Exception:
-                log.exception("handler failed for %s %r", req.method, req.raw_path)
-                result = error_response(500)
-            if isinstance(result, Response):
-                self._write(req, result)
-                continue
-            self._busy = True
+    def _dispatch(self, req: Request) -> bool:
+        """Answer ``req``; False when the answer is pending (the connection waits)."""
+        try:
+            result = self._handler(req)
+        except Exception:
+            log.exception("handler failed for %s %r", req.method, req.raw_path)
+            result = error_response(500)
+        if isinstance(result, Response):
+            self._write(req, result)
+            return True
+        self._busy = True
+        if self._transport is not None:
             self._transport.pause_reading()
-            task = self._loop.create_task(self._await(req, result))
-            task.add_done_callback(_consume_exception)
-            return
+        task = self._loop.create_task(self._await(req, result))
+        task.add_done_callback(_consume_exception)
+        return False
+
+    def _drain(self) -> None:
+        while self._queue and self._transport is not None and not self._busy:
+            if not self._dispatch(self._queue.popleft()):
+                return
 
     async def _await(self, req: Request, pending: Awaitable[Response]) -> None:
         try:
@@ -366,30 +417,30 @@ class HTTPProtocol(asyncio.Protocol):
         self._transport = None
 
     # -- timeouts --------------------------------------------------------------------------
-    def _arm(self, seconds: float) -> None:
-        # One timer per connection, re-armed lazily: we record a deadline and only
-        # reschedule when the old timer fires early, so the hot path never cancels.
-        self._deadline = self._loop.time() + seconds
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
+    def _on_tick(self) -> None:
         self._timer = None
-        if self._transport is None:
+        transport = self._transport
+        if transport is None:
             return
-        now = self._loop.time()
-        if now < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-            return
+        limits = self._limits
         if self._busy:
-            self._arm(self._limits.request_timeout)
-            return
-        # A request half-sent at the deadline gets 408; an idle keep-alive just closes.
-        if self._url_bytes or self._header_bytes:
-            self._fail(408)
+            self._idle_ticks = 0
+        elif self._begun:
+            # Slowloris: a request started and has not completed in time -> 408.
+            self._stall_ticks += 1
+            if self._stall_ticks * self._tick >= limits.request_timeout:
+                self._fail(408)
+                return
+        elif self._progress != self._seen_progress:
+            self._seen_progress = self._progress
+            self._idle_ticks = 0
         else:
-            self._transport.close()
-            self._transport = None
+            self._idle_ticks += 1
+            if self._idle_ticks * self._tick >= limits.keepalive_timeout:
+                transport.close()
+                self._transport = None
+                return
+        self._timer = self._loop.call_later(self._tick, self._on_tick)
 
 
 def _consume_exception(task: asyncio.Task[None]) -> None:

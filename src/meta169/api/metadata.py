@@ -15,6 +15,7 @@ from meta169.api import tokens
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
 from meta169.api.http import Request, Response, error_response
 from meta169.api.identity import (
+    IDENTITY_PREFIX,
     Binding,
     NeutronIdentity,
     caller_from_proxy_headers,
@@ -58,7 +59,18 @@ def _token_path_kind(path: str) -> str:
 class MetadataApp:
     """One per listener: knows the listener's binding, shares the site cache."""
 
-    __slots__ = ("_binding", "_buckets", "_cache", "_defaults", "_guard", "_neutron", "_ring", "_scope", "_secret")
+    __slots__ = (
+        "_binding",
+        "_buckets",
+        "_cache",
+        "_defaults",
+        "_direct",
+        "_guard",
+        "_neutron",
+        "_ring",
+        "_scope",
+        "_secret",
+    )
 
     def __init__(
         self,
@@ -74,6 +86,11 @@ class MetadataApp:
         self._cache = cache
         self._binding = binding
         self._scope = binding.scope
+        self._direct: tuple[str, str] | None = None
+        if binding.kind == "network":
+            self._direct = (binding.id, "")
+        elif binding.kind == "router":
+            self._direct = ("", binding.id)
         # Set for a proxy binding on TCP: every request must carry a fresh HMAC.
         self._secret = proxy_secret
         self._guard = ReplayGuard() if proxy_secret is not None else None
@@ -85,6 +102,16 @@ class MetadataApp:
         self._neutron = neutron_secret
 
     def __call__(self, req: Request) -> Response | Awaitable[Response]:
+        direct = self._direct
+        if direct is not None and req.peer is not None:
+            # Hot path for a network/router listener: the cache key needs no Caller.
+            for name in req.headers:
+                if name.startswith(IDENTITY_PREFIX):
+                    return error_response(403, "identity headers are accepted only from the trusted proxy")
+            key: tuple[str, str, object] = (direct[0], direct[1], req.peer)
+            entry = self._cache.by_caller.get(key)
+            if entry is not None:
+                return self._answer(req, None, entry)
         try:
             if self._neutron is not None:
                 return self._neutron_request(req, self._neutron)
@@ -132,9 +159,11 @@ class MetadataApp:
         return await result
 
     def _answer(
-        self, req: Request, caller: Caller | NeutronIdentity, entry: Site | Miss
+        self, req: Request, caller: Caller | NeutronIdentity | None, entry: Site | Miss
     ) -> Response | Awaitable[Response]:
         if isinstance(entry, Miss):
+            if caller is None:
+                caller = self._identify(req)
             # Nova answers 404 for an unknown instance; say in the log which network
             # and IP had none, the first thing an operator needs (BRIEF section 2).
             if entry.reason == MISS_AMBIGUOUS:
@@ -152,13 +181,27 @@ class MetadataApp:
             raw = raw[:qpos]
         path = raw.decode("latin-1")
         if "%" in path:
-            path = unquote(path, errors="strict")
+            try:
+                path = unquote(path, errors="strict")
+            except UnicodeDecodeError:
+                return error_response(400, "path is not UTF-8 after percent-decoding")
         method = req.method
         instance = entry.instance
         options = instance.metadata_options or self._defaults
         if options.http_endpoint == "disabled":
             # EC2: with the endpoint disabled the instance gets 403 on every path.
             return error_response(403, "instance metadata endpoint disabled")
+        # Hot path: an exact document hit needs none of the token-path or password
+        # rules below (neither is ever a document), only the token check.
+        doc = entry.documents.get(path)
+        if doc is not None and method in _READ_METHODS:
+            token = req.headers.get(TOKEN_HEADER)
+            if token is not None:
+                if not tokens.is_valid(self._ring, token, instance.uuid):
+                    return error_response(401)
+            elif options.http_tokens == "required":
+                return error_response(401)
+            return Response(200, doc.body if doc.fresh is None else doc.fresh(), doc.content_type)
         token_path = _token_path_kind(path)
         if token_path:
             return self._token(req, instance.uuid, options, dated=token_path == "dated")
