@@ -137,6 +137,8 @@ def main(ctx: click.Context, registry_url: str | None, verbose: int) -> None:
               help="Default IP TTL / hop limit of token replies.")
 @click.option("--rate-limit", default="50/300", show_default=True, metavar="RATE/BURST",
               help="Per-instance requests per second and burst; 0 disables.")
+@click.option("--identity-key-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Sign EC2 identity documents with this directory's key (meta169 identity init).")
 @pass_ctx
 def serve(
     obj: Ctx,
@@ -153,6 +155,7 @@ def serve(
     http_tokens: str,
     hop_limit: int,
     rate_limit: str,
+    identity_key_dir: Path | None,
 ) -> None:
     """Serve the OpenStack and EC2 metadata trees."""
     from meta169.api.identity import Binding
@@ -207,7 +210,12 @@ def serve(
                 http_put_response_hop_limit=hop_limit,
             ),
             rate_limit=_parse_rate(rate_limit),
+            identity_key_dir=identity_key_dir,
         )
+        if identity_key_dir is not None:  # fail before binding and forking, not in every worker
+            from meta169.identity import load_identity_key
+
+            load_identity_key(identity_key_dir)
         if any(s.binding.kind == "neutron" for s in specs) and config.neutron_secret is None:
             raise ConfigError("a =neutron listener needs --neutron-secret-file (Nova refuses an empty secret too)")
 
@@ -422,6 +430,13 @@ def _instance_summary(inst: Any) -> dict[str, Any]:
     }
 
 
+from meta169.lab.cli import lab as _lab_group  # noqa: E402  (registered last: imports this module lazily)
+
+main.add_command(_lab_group)
+
+from meta169.identity.cli import identity as _identity_group  # noqa: E402  (imports this module lazily)
+
+main.add_command(_identity_group)
 
 
 

@@ -66,6 +66,9 @@ class ServeConfig:
     rate_limit: RateLimit | None = field(default_factory=RateLimit)
     # Shared with a stock Neutron metadata agent (metadata_proxy_shared_secret).
     neutron_secret: bytes | None = field(default=None, repr=False)
+    # identity-key.pem (mode 0600) and identity-cert.pem; None: identity documents
+    # are served unsigned (meta169.identity).
+    identity_key_dir: Path | None = None
 
 
 def parse_listen(text: str) -> ListenAddress:

@@ -25,6 +25,7 @@ from meta169.errors import CommandFailed
 from meta169.plumbing import netns as nsmod
 from meta169.plumbing.command import run
 from tests.conftest import require
+from tests.e2e.lab_fixture import lab  # noqa: F401  (fixture: one meta169 lab per module)
 
 NETNS_PREFIX = "m169t-"
 # veth names: "m169" + 6 hex + one letter = 11 characters, inside IFNAMSIZ (15).

@@ -1,0 +1,163 @@
+"""``meta169 identity``: init, cert, verify. A thin click layer over :mod:`meta169.identity`.
+
+Exit codes are those of :mod:`meta169.cli`: ``verify`` exits 0 when every signature
+given is valid, 1 when one is not, 2 for unusable input (an unreadable file, a
+certificate that is not PEM, nothing to verify).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meta169.errors import ConfigError
+from meta169.identity.signer import (
+    CERT_FILE,
+    DEFAULT_ACCOUNT,
+    KEY_FILE,
+    KEY_SIZES,
+    default_identity_dir,
+    generate_identity_key,
+    load_identity_certificate,
+)
+from meta169.identity.verify import MAX_INPUT, VerifyResult, verify_document
+
+EXIT_VALID = 0
+EXIT_INVALID = 1  # meta169.cli.EXIT_FINDINGS
+
+_dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of identity-key.pem and identity-cert.pem "
+    "[default: /var/lib/meta169/identity as root, else $XDG_DATA_HOME/meta169/identity].",
+)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    # meta169.cli imports this module to register the group: import it lazily.
+    from meta169.cli import _errors as cli_errors
+
+    with cli_errors():
+        yield
+
+
+def _resolve(directory: Path | None) -> Path:
+    if directory is not None:
+        return directory
+    return default_identity_dir(euid=os.geteuid(), home=Path.home(), xdg_data_home=os.environ.get("XDG_DATA_HOME"))
+
+
+@click.group("identity")
+def identity() -> None:
+    """Sign and verify EC2 instance identity documents."""
+
+
+@identity.command("init")
+@_dir_option
+@click.option("--account", default=DEFAULT_ACCOUNT, show_default=True, help="Account id named in the certificate.")
+@click.option(
+    "--bits", type=click.Choice([str(b) for b in KEY_SIZES]), default="2048", show_default=True, help="RSA key size."
+)
+def init(directory: Path | None, account: str, bits: str) -> None:
+    """Make the signing key (mode 0600) and its self-signed certificate (10 years)."""
+    with _errors():
+        target = _resolve(directory)
+        generate_identity_key(target, account_id=account, bits=int(bits))
+    click.echo(f"wrote {target / KEY_FILE} (mode 0600) and {target / CERT_FILE}")
+    click.echo(f"serve with --identity-key-dir {target}; publish: meta169 identity cert --dir {target}")
+
+
+@identity.command("cert")
+@_dir_option
+def cert(directory: Path | None) -> None:
+    """Print the certificate (PEM) that guests and services verify documents with."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    with _errors():
+        certificate = load_identity_certificate(_resolve(directory))
+    click.echo(certificate.public_bytes(Encoding.PEM).decode("ascii"), nl=False)
+
+
+_input = click.Path(dir_okay=False, path_type=Path)
+
+
+@identity.command("verify")
+@click.option("--cert", "cert_file", required=True, type=_input,
+              help="The operator's certificate (PEM), as printed by meta169 identity cert.")
+@click.option("--document", "document_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="The document as served (FILE, or - for stdin) [default: the one the pkcs7 carries].")
+@click.option("--signature", "signature_file", type=_input, help="dynamic/instance-identity/signature.")
+@click.option("--pkcs7", "pkcs7_file", type=_input,
+              help="dynamic/instance-identity/pkcs7 (with or without BEGIN/END PKCS7 lines).")
+@click.option("--rsa2048", "rsa2048_file", type=_input, help="dynamic/instance-identity/rsa2048.")
+def verify(
+    cert_file: Path,
+    document_file: Path | None,
+    signature_file: Path | None,
+    pkcs7_file: Path | None,
+    rsa2048_file: Path | None,
+) -> None:
+    """Check an instance identity document: exit 0 if valid, 1 if not."""
+    with _errors():
+        result = verify_document(
+            None if document_file is None else _read(document_file, "--document"),
+            _text(signature_file, "--signature"),
+            _text(pkcs7_file, "--pkcs7"),
+            _read(cert_file, "--cert"),
+            rsa2048_b64=_text(rsa2048_file, "--rsa2048"),
+        )
+    click.echo(render_result(result))
+    sys.exit(EXIT_VALID if result.valid else EXIT_INVALID)
+
+
+def render_result(result: VerifyResult) -> str:
+    """One line per check, then the verdict naming the instance."""
+    lines = [f"{c.name}: {'OK' if c.ok else 'FAILED'}: {c.detail}" for c in result.checks]
+    if not result.valid:
+        lines.append("identity document NOT verified")
+        return "\n".join(lines)
+    origin = " (taken from the pkcs7)" if result.document_from_pkcs7 else ""
+    facts = _document_facts(result.document)
+    lines.append(f"identity document verified{origin}" + (f": {facts}" if facts else ""))
+    return "\n".join(lines)
+
+
+def _document_facts(document: bytes) -> str:
+    try:
+        parsed: Any = json.loads(document)
+    except ValueError:
+        return ""
+    if not isinstance(parsed, dict):
+        return ""
+    keys = ("instanceId", "accountId", "region", "privateIp")
+    return ", ".join(f"{k} {parsed[k]}" for k in keys if isinstance(parsed.get(k), str))
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        else:
+            with path.open("rb") as stream:
+                data = stream.read(MAX_INPUT + 1)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror}") from exc
+    if len(data) > MAX_INPUT:
+        raise ConfigError(f"{flag} {path}: more than {MAX_INPUT} bytes; not an identity document")
+    return data
+
+
+def _text(path: Path | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    # Not ASCII cannot be base64; let the verifier report it as malformed.
+    return _read(path, flag).decode("ascii", errors="replace")

@@ -1,0 +1,172 @@
+"""``meta169 lab``: up, status, exec, down. A thin click layer over :class:`meta169.lab.Lab`.
+
+The lab keeps its own SQLite registry in its state directory; the global
+``--registry`` option does not apply to it. Exit codes are those of
+:mod:`meta169.cli` (4 for a lab failure); ``lab exec`` exits with the command's code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from meta169.lab import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
+
+if TYPE_CHECKING:
+    from meta169.lab.plan import LabConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _lab_options(fn: F) -> F:
+    fn = click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help=f"Where the lab keeps its state, registry, sockets and logs [default: {DEFAULT_STATE_ROOT}/NAME].",
+    )(fn)
+    fn = click.option(
+        "--name",
+        default=DEFAULT_NAME,
+        show_default=True,
+        envvar="META169_LAB",
+        help="Lab name (1-12 of a-z0-9); namespaces are m169lab-NAME-... [env META169_LAB].",
+    )(fn)
+    return fn
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    # meta169.cli imports this module to register the group: import it lazily.
+    from meta169.cli import _errors as cli_errors
+
+    with cli_errors():
+        yield
+
+
+def _config(name: str, state_dir: Path | None, **extra: Any) -> LabConfig:
+    from meta169.lab.plan import LabConfig
+
+    return LabConfig(name=name, state_dir=state_dir.absolute() if state_dir else None, python=sys.executable, **extra)
+
+
+@click.group("lab")
+def lab() -> None:
+    """A two-tenant metadata lab in network namespaces (needs root).
+
+    Tenant A is routed (router namespace, REDIRECT to the proxy on 9697), tenant B
+    isolated (the DHCP namespace owns 169.254.169.254); both use 10.0.0.0/24 with
+    the same VM addresses. Real dnsmasq, dhclient, meta169 serve and proxy.
+    """
+
+
+@lab.command("up")
+@_lab_options
+@click.option(
+    "--vms",
+    "vms_per_network",
+    default=DEFAULT_VMS_PER_NETWORK,
+    show_default=True,
+    type=click.IntRange(1, MAX_VMS_PER_NETWORK),
+    help="VMs per network.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--dnsmasq-binary", default="dnsmasq", hidden=True)
+@click.option("--dhclient-binary", default="dhclient", hidden=True)
+def up(
+    name: str,
+    state_dir: Path | None,
+    vms_per_network: int,
+    as_json: bool,
+    dnsmasq_binary: str,
+    dhclient_binary: str,
+) -> None:
+    """Build the lab and wait until every VM has its DHCP lease."""
+    from meta169.lab.lab import Lab
+
+    with _errors():
+        config = _config(
+            name, state_dir, vms_per_network=vms_per_network,
+            dnsmasq_binary=dnsmasq_binary, dhclient_binary=dhclient_binary,
+        )  # fmt: skip
+        built = Lab.up(config)
+        _print_status(built.status(), as_json)
+        if not as_json:
+            click.echo(f"lab {name} up in {built.up_seconds:.1f}s; try: meta169 lab exec a1 -- ip route")
+
+
+@lab.command("status")
+@_lab_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON: VMs (name, netns, uuid, hostname, ip, mac, network, tenant, mode), processes and namespaces.",
+)
+def status(name: str, state_dir: Path | None, as_json: bool) -> None:
+    """Show the lab's VMs, processes and namespaces."""
+    from meta169.lab.lab import Lab
+
+    with _errors():
+        _print_status(Lab.load(_config(name, state_dir)).status(), as_json)
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_lab_options
+@click.argument("vm")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(name: str, state_dir: Path | None, vm: str, argv: tuple[str, ...]) -> None:
+    """Run a command inside VM's namespace: meta169 lab exec a1 -- ip route."""
+    from meta169.lab.lab import Lab
+
+    if argv[:1] == ("--",):
+        # Options stop at VM (no interspersed args), so click hands the "--" on.
+        argv = argv[1:]
+    if not argv:
+        raise click.UsageError("give a command after the VM: meta169 lab exec a1 -- ip route")
+    with _errors():
+        command = Lab.load(_config(name, state_dir)).exec_argv(vm, argv)
+    try:
+        os.execvp(command[0], command)  # noqa: S606 - argv list, no shell; the command's exit code is ours
+    except OSError as exc:
+        click.echo(f"meta169: error: cannot run {command[0]}: {exc}", err=True)
+        sys.exit(127)
+
+
+@lab.command("down")
+@_lab_options
+@click.option("--keep-files", is_flag=True, help="Keep logs, leases and the registry in the state directory.")
+def down(name: str, state_dir: Path | None, keep_files: bool) -> None:
+    """Remove every namespace, veth, rule and process of the lab (also after a crash)."""
+    from meta169.lab.lab import Lab
+
+    with _errors():
+        report = Lab.down_named(_config(name, state_dir), keep_files=keep_files)
+        click.echo(
+            f"lab {name} down: {len(report.namespaces)} namespaces and {len(report.processes)} processes removed"
+        )
+
+
+def _print_status(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    click.echo(f"lab {status['name']}: {status['status']} (state in {status['state_dir']})")
+    if status["error"]:
+        click.echo(f"  error: {status['error']}")
+    header = ("VM", "TENANT", "MODE", "NETWORK", "IP", "MAC", "NETNS", "UUID")
+    rows = [header] + [
+        (v["name"], v["tenant"], v["mode"], v["network"], v["ip"], v["mac"], v["netns"], v["uuid"])
+        for v in status["vms"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    procs = ", ".join(f"{p['role']} {p['pid']}{'' if p['alive'] else ' (dead)'}" for p in status["processes"])
+    click.echo(f"  processes: {procs or 'none'}")

@@ -1,0 +1,128 @@
+"""The lab's state file: what ``lab up`` created, written as it goes.
+
+``lab up`` records every namespace right after creating it and every process right
+after starting it, rewriting ``lab.json`` atomically each time, so ``lab down``
+removes exactly that even when ``lab up`` was killed halfway. (It also sweeps by
+the lab's namespace prefix and process markers, which covers the instant between
+creating something and recording it.) Knows nothing of how things are created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, TypeAlias, cast, get_args
+
+from meta169.errors import ConfigError, LabError
+from meta169.lab.plan import LabConfig
+
+Status: TypeAlias = Literal["building", "up", "failed", "down"]
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """A process the lab started: ``role`` is serve, proxy, dnsmasq-<tenant> or dhclient-<vm>."""
+
+    role: str
+    pid: int
+    netns: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LabState:
+    config: LabConfig
+    status: Status = "building"
+    namespaces: tuple[str, ...] = ()
+    processes: tuple[ProcessRecord, ...] = ()
+    created_at: float = field(default_factory=time.time)
+    error: str = ""
+
+    def with_namespace(self, name: str) -> LabState:
+        return replace(self, namespaces=(*self.namespaces, name))
+
+    def without_namespace(self, name: str) -> LabState:
+        return replace(self, namespaces=tuple(n for n in self.namespaces if n != name))
+
+    def with_process(self, record: ProcessRecord) -> LabState:
+        others = tuple(p for p in self.processes if p.role != record.role)
+        return replace(self, processes=(*others, record))
+
+    def without_process(self, role: str) -> LabState:
+        return replace(self, processes=tuple(p for p in self.processes if p.role != role))
+
+    def process(self, role: str) -> ProcessRecord | None:
+        for record in self.processes:
+            if record.role == role:
+                return record
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_json(),
+            "status": self.status,
+            "namespaces": list(self.namespaces),
+            "processes": [{"role": p.role, "pid": p.pid, "netns": p.netns} for p in self.processes],
+            "created_at": self.created_at,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str) -> LabState:
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise LabError(f"{source}: not a version {STATE_VERSION} lab state file")
+        status = data.get("status")
+        if status not in get_args(Status):
+            raise LabError(f"{source}: unknown lab status {status!r}")
+        assert isinstance(status, str)
+        try:
+            return cls(
+                config=LabConfig.from_json(data["config"]),
+                status=cast(Status, status),
+                namespaces=tuple(str(n) for n in data.get("namespaces", ())),
+                processes=tuple(
+                    ProcessRecord(str(p["role"]), int(p["pid"]), p.get("netns")) for p in data.get("processes", ())
+                ),
+                created_at=float(data.get("created_at", 0.0)),
+                error=str(data.get("error", "")),
+            )
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise LabError(f"{source}: malformed lab state: {exc}") from exc
+
+
+def save(state: LabState, path: Path) -> None:
+    """Write ``state`` to ``path`` in one rename (never a half-written file)."""
+    text = json.dumps(state.to_json(), indent=2) + "\n"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise LabError(f"cannot write lab state {path}: {exc}") from exc
+
+
+def load(path: Path) -> LabState | None:
+    """The state in ``path``; None when there is no such file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LabError(f"cannot read lab state {path}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise LabError(f"{path}: lab state is not JSON: {exc}") from exc
+    return LabState.from_json(data, source=str(path))
