@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import struct
 import time
@@ -36,6 +37,8 @@ _VERSION = 1
 _HEAD = struct.Struct(">BBI16s8s")  # version, key id, expiry (unix s), uuid, nonce
 _MAC_LEN = 16
 _TOKEN_LEN = _HEAD.size + _MAC_LEN
+# Unpadded base64url length of a token; only that exact spelling is accepted.
+_TOKEN_CHARS = -(-_TOKEN_LEN * 4 // 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,8 @@ def parse_ttl(value: str | None) -> int | None:
 
 def issue(ring: KeyRing, instance_uuid: str, ttl: int, *, now: float | None = None) -> str:
     key = ring.keys[0]
-    expiry = int(time.time() if now is None else now) + ttl
+    # Round up: truncating the clock would cut up to a second off, all of a TTL-1 token.
+    expiry = math.ceil((time.time() if now is None else now) + ttl)
     head = _HEAD.pack(_VERSION, key.id, expiry, uuidlib.UUID(instance_uuid).bytes, os.urandom(8))
     mac = hmac.new(key.secret, head, hashlib.sha256).digest()[:_MAC_LEN]
     return base64.urlsafe_b64encode(head + mac).rstrip(b"=").decode()
@@ -117,13 +121,16 @@ def issue(ring: KeyRing, instance_uuid: str, ttl: int, *, now: float | None = No
 
 def is_valid(ring: KeyRing, token: str, instance_uuid: str, *, now: float | None = None) -> bool:
     """True only for an unexpired token sealed by a key in the ring for this instance."""
-    if len(token) > 128:
+    if len(token) != _TOKEN_CHARS:
         return False
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         return False
-    if len(raw) != _TOKEN_LEN:
+    # The decoder ignores the spare low bits of the last character, so 16 spellings
+    # (and padded ones) would open the same token: accept only the canonical one,
+    # or a tampered token passes (issue 5 hostile suite, "tampered token -> 401").
+    if len(raw) != _TOKEN_LEN or base64.urlsafe_b64encode(raw).rstrip(b"=") != token.encode("ascii", "replace"):
         return False
     head, mac = raw[: _HEAD.size], raw[_HEAD.size :]
     version, key_id, expiry, uuid_bytes, _ = _HEAD.unpack(head)
