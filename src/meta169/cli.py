@@ -86,7 +86,30 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Subcommands named here are imported only when used: ``meta169 proxy`` in 1000
+    namespaces should not carry the doctor's, the lab's or cryptography's modules."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy_commands.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module_name, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--registry",
     "registry_url",
@@ -430,14 +453,12 @@ def _instance_summary(inst: Any) -> dict[str, Any]:
     }
 
 
-from meta169.lab.cli import lab as _lab_group  # noqa: E402  (registered last: imports this module lazily)
-
-main.add_command(_lab_group)
-
-from meta169.identity.cli import identity as _identity_group  # noqa: E402  (imports this module lazily)
-
-main.add_command(_identity_group)
-
+main.lazy_commands.update(
+    {
+        "lab": "meta169.lab.cli:lab",
+        "identity": "meta169.identity.cli:identity",
+    }
+)
 
 
 def run_cli() -> None:  # pragma: no cover - console entry

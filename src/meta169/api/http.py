@@ -90,7 +90,11 @@ class ConnectionTracker:
 
     def admit(self, peer: IPAddress | None, limits: Limits) -> bool:
         count = self.per_ip.get(peer, 0)
-        if self.total >= limits.max_connections or count >= limits.max_connections_per_ip:
+        if self.total >= limits.max_connections:
+            return False
+        # A Unix socket has no peer address: the proxy's connections carry many
+        # guests, whose fairness is the per-instance rate limit's job.
+        if peer is not None and count >= limits.max_connections_per_ip:
             return False
         self.total += 1
         self.per_ip[peer] = count + 1
@@ -214,7 +218,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._tracked = False
         self._limits = limits
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._peer: IPAddress | None = None
         self._queue: deque[Request] = deque()
@@ -253,6 +257,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        # The parser holds this protocol as its callback target: break the cycle so
+        # the connection is freed by reference counting, not by the cyclic GC.
+        self._parser = None
         if self._tracked and self._tracker is not None:
             self._tracked = False
             self._tracker.release(self._peer)
@@ -261,8 +268,11 @@ class HTTPProtocol(asyncio.Protocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except _Reject as rej:
             self._fail(rej.status)
         except httptools.HttpParserUpgrade:
@@ -319,6 +329,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser = self._parser
+        assert parser is not None
         raw_method = parser.get_method()
         body = b""
         if self._body:
@@ -389,7 +400,14 @@ class HTTPProtocol(asyncio.Protocol):
         keep = req.keep_alive and not resp.close
         if resp.ip_ttl is not None:
             self._set_ttl(transport, resp.ip_ttl)
-        transport.write(resp.raw if resp.raw is not None else encode_response(resp, keep_alive=keep))
+        if resp.raw is None:
+            transport.write(encode_response(resp, keep_alive=keep))
+        elif keep:
+            transport.write(resp.raw)
+        else:
+            # A relayed reply on a connection we are about to close says so (RFC 9112 9.6).
+            head, _, body = resp.raw.partition(b"\r\n\r\n")
+            transport.write(head + b"\r\nConnection: close\r\n\r\n" + body)
         if not keep:
             transport.close()
             self._transport = None

@@ -31,6 +31,9 @@ HDR_CALLER_IP = "x-meta169-caller-ip"
 HDR_NETWORK = "x-meta169-network-id"
 HDR_ROUTER = "x-meta169-router-id"
 IDENTITY_PREFIX = "x-meta169-"
+# serve asks the proxy to send a reply with this IP TTL / hop limit (IMDSv2 token
+# replies); the proxy applies it on the guest's socket and never forwards the header.
+HDR_HOP_LIMIT = "X-Meta169-Hop-Limit"
 
 
 @dataclass(frozen=True, slots=True)

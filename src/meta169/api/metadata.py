@@ -15,6 +15,7 @@ from meta169.api import tokens
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
 from meta169.api.http import Request, Response, error_response
 from meta169.api.identity import (
+    HDR_HOP_LIMIT,
     IDENTITY_PREFIX,
     Binding,
     NeutronIdentity,
@@ -35,8 +36,6 @@ log = logging.getLogger("meta169.api")
 PASSWORD_MAX = 4 * 255
 _READ_METHODS = frozenset(("GET", "HEAD"))
 _ALLOW = (("Allow", "GET, HEAD"),)
-# serve asks the proxy to send this reply with a given IP TTL / hop limit.
-HDR_HOP_LIMIT = "X-Meta169-Hop-Limit"
 
 
 def _describe(caller: Caller | NeutronIdentity) -> str:

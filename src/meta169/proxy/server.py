@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.api.http import HTTPProtocol, Limits, Request, Response, error_response
+from meta169.api.identity import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
 from meta169.api.identity import Binding
-from meta169.api.metadata import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
 from meta169.errors import ConfigError, HTTPError, PlumbingError, ValidationError
 from meta169.model import Caller, IPAddress, check_id, parse_ip
 from meta169.proxy.stamp import HDR_SIGNATURE, HOP_BY_HOP, is_identity_header, sign, stamp_headers

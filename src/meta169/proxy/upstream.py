@@ -41,15 +41,18 @@ class UpstreamSpec:
 class _ReplyReader:
     """httptools callbacks collecting one reply; ``done`` once complete."""
 
-    __slots__ = ("done", "keep_alive", "status")
+    __slots__ = ("done", "keep_alive", "parser")
 
     def __init__(self) -> None:
         self.done = False
-        self.keep_alive = True
-        self.status = 0
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
 
     def on_message_complete(self) -> None:
         self.done = True
+        # httptools answers should_keep_alive() truthfully only inside the callback.
+        if self.parser is not None:
+            self.keep_alive = bool(self.parser.should_keep_alive())
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,7 @@ class Upstream:
     async def _read(self, reader: asyncio.StreamReader) -> tuple[Reply, bool]:
         cb = _HeaderReader()
         parser = httptools.HttpResponseParser(cb)
+        cb.parser = parser
         chunks: list[bytes] = []
         size = 0
         while not cb.done:
@@ -136,7 +140,8 @@ class Upstream:
                 raise httptools.HttpParserError("reply too large")
             chunks.append(data)
             parser.feed_data(data)
-        return Reply(parser.get_status_code(), b"".join(chunks), cb.headers), parser.should_keep_alive()
+        cb.parser = None
+        return Reply(parser.get_status_code(), b"".join(chunks), cb.headers), cb.keep_alive
 
     async def close(self) -> None:
         while self._idle:

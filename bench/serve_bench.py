@@ -1,0 +1,166 @@
+"""``serve``: meta169 serve against nginx returning the same bytes from memory.
+
+Both servers run at once on 127.0.0.1 (each idle while the other is loaded), with
+the same number of processes: 1 vs 1 (server pinned to CPU 1, wrk -t1 to CPU 0) and
+2 vs 2 (``serve --workers 2`` vs ``worker_processes 2``; with two cores nothing can
+be pinned apart, so servers and wrk -t2 share both). Each point is run
+``repeats`` times, alternating which server goes first, and the median is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.harness import (
+    BenchError,
+    Cleanup,
+    Series,
+    Settings,
+    fetch,
+    free_port,
+    memory_tree,
+    meta169_registry,
+    ratio,
+    run_wrk,
+    table,
+)
+from bench.servers import start_nginx, start_serve
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+NETWORK = "demo-net"
+# A static leaf, an EC2 listing, and the document cloud-init reads first (its
+# random_seed is fresh per request, so nginx gets one sample of the same size).
+PATHS = ("/latest/meta-data/instance-id", "/latest/meta-data/", "/openstack/latest/meta_data.json")
+MODES = ("keep-alive", "close")
+TARGETS = {"keep-alive": 0.8, "close": 0.9}
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    workers: int
+    server_cpus: str | None
+    wrk_cpus: str | None
+    wrk_threads: int
+
+
+def layouts(settings: Settings) -> list[Layout]:
+    return [
+        Layout("1 vs 1", 1, settings.cpus("1"), settings.cpus("0"), 1),
+        Layout("2 vs 2", 2, None, None, 2),
+    ]
+
+
+@dataclass
+class Point:
+    layout: str
+    path: str
+    mode: str
+    serve: Series
+    nginx: Series
+
+    @property
+    def ratio(self) -> float:
+        return self.serve.median / self.nginx.median if self.nginx.median else 0.0
+
+    @property
+    def met(self) -> bool:
+        return self.serve.valid and self.nginx.valid and self.ratio >= TARGETS[self.mode]
+
+
+def run(settings: Settings, cleanup: Cleanup, work: Path) -> list[Point]:
+    registry = meta169_registry(settings, work / "serve.db", DEMO)
+    points: list[Point] = []
+    for layout in layouts(settings):
+        points.extend(_run_layout(settings, cleanup, work / layout.name.replace(" ", ""), registry, layout))
+    print()
+    print(report(points))
+    return points
+
+
+def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str, layout: Layout) -> list[Point]:
+    work.mkdir(parents=True, exist_ok=True)
+    sport, nport = free_port(), free_port()
+    serve = start_serve(
+        settings, registry, [f"127.0.0.1:{sport}"], network=NETWORK, workers=layout.workers,
+        cpus=layout.server_cpus, cleanup=cleanup, log=work / "serve.log",
+    )
+    # nginx gets serve's exact bytes and content type for every path.
+    routes: dict[str, tuple[str, bytes]] = {}
+    for path in PATHS:
+        got = fetch(sport, path)
+        if got.status != 200:
+            raise BenchError(f"serve answered {got.status} for {path}: {got.body[:200]!r}")
+        routes[path] = (got.content_type, got.body)
+    nginx = start_nginx(work / "nginx", nport, layout.workers, routes, cleanup=cleanup, cpus=layout.server_cpus)
+    for path, (ctype, body) in routes.items():
+        got = fetch(nport, path)
+        same = got.body == body if "meta_data.json" not in path else len(got.body) == len(body)
+        if got.status != 200 or got.content_type != ctype or not same:
+            raise BenchError(f"nginx does not return serve's bytes for {path}: {got}")
+    print(f"\n== serve vs nginx, {layout.name}: serve pid {serve.pid} :{sport}, nginx pid {nginx.pid} :{nport}")
+    servers = {"serve": sport, "nginx": nport}
+    pids = {"serve": serve.pid, "nginx": nginx.pid}
+
+    def load(name: str, path: str, mode: str, duration: float) -> Series:
+        return Series([
+            run_wrk(
+                f"http://127.0.0.1:{servers[name]}{path}", duration=duration, connections=settings.connections,
+                threads=layout.wrk_threads, close=mode == "close", cpus=layout.wrk_cpus,
+                watch={"server": [pids[name]]},
+            )
+        ])
+
+    for name in servers:  # warm up: site cache, page cache, TCP state
+        load(name, PATHS[0], "keep-alive", 1)
+    points = []
+    for path in PATHS:
+        for mode in MODES:
+            runs: dict[str, Series] = {"serve": Series(), "nginx": Series()}
+            for r in range(settings.repeats):
+                order = list(servers) if r % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    runs[name].runs.extend(load(name, path, mode, settings.duration).runs)
+                    time.sleep(0.2)
+            point = Point(layout.name, path, mode, runs["serve"], runs["nginx"])
+            points.append(point)
+            print(
+                f"  {path:35} {mode:10} serve {point.serve.median:9.0f}/s {point.serve.spread:5} "
+                f"nginx {point.nginx.median:9.0f}/s {point.nginx.spread:5} ratio {point.ratio:.2f}  "
+                f"CPU/req {point.serve.cpu_us('server'):.0f} / {point.nginx.cpu_us('server'):.0f} us  "
+                f"other load {point.serve.other_load:.0%}",
+                flush=True,
+            )
+    mem_serve, mem_nginx = memory_tree(serve.pid), memory_tree(nginx.pid)
+    print(f"  memory after load: serve RSS {mem_serve.rss // 1024} MB (PSS {mem_serve.pss // 1024}), "
+          f"nginx RSS {mem_nginx.rss // 1024} MB (PSS {mem_nginx.pss // 1024})")
+    cleanup.run_now(nginx.stop)
+    cleanup.run_now(serve.stop)
+    return points
+
+
+def report(points: list[Point]) -> str:
+    rows = []
+    for p in points:
+        rows.append(
+            (
+                p.layout, p.path, p.mode,
+                p.serve.cell(),
+                p.nginx.cell(),
+                ratio(p.serve, p.nginx),
+                f">= {TARGETS[p.mode]}x",
+                "n/a" if not (p.serve.valid and p.nginx.valid) else "yes" if p.met else "NO",
+                f"{p.serve.cpu_us('server'):.0f} / {p.nginx.cpu_us('server'):.0f}",
+                ratio(p.nginx.cpu_us("server"), p.serve.cpu_us("server")) if p.serve.valid and p.nginx.valid else "n/a",
+                f"{p.serve.p99:.1f} / {p.nginx.p99:.1f}",
+                f"{max(p.serve.other_load, p.nginx.other_load):.0%}",
+                p.serve.errors + p.nginx.errors,
+            )
+        )
+    return "### serve vs nginx (requests/s, median of runs)\n\n" + table(
+        ("procs", "path", "mode", "serve req/s", "nginx req/s", "serve/nginx", "target", "met",
+         "CPU us/req serve / nginx", "CPU-bound ratio", "p99 ms serve / nginx", "other load", "errors"),
+        rows,
+    )
