@@ -56,6 +56,10 @@ class Request:
     peer: IPAddress | None
     http_version: str = "1.1"
     keep_alive: bool = True
+    # The peer address as text (a cheap, cached hash for cache keys) and whether any
+    # X-Meta169-* header came with the request; both filled in while parsing.
+    peer_key: str = ""
+    identity_header: bool = False
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -76,7 +80,11 @@ class Response:
     raw: bytes | None = None
 
 
-Handler = Callable[[Request], "Response | Awaitable[Response]"]
+# A handler answers with a Response, an awaitable of one, or, on the hot path, a
+# ``(head, body)`` pair from :func:`document_head` (status line and fixed headers
+# already encoded; the Date line and the blank line are added when writing).
+Fast = tuple[bytes, bytes]
+Handler = Callable[[Request], "Response | Fast | Awaitable[Response | Fast]"]
 
 
 class ConnectionTracker:
@@ -143,6 +151,11 @@ def _prefix(status: int, content_type: str, length: int) -> bytes:
     return prefix
 
 
+def document_head(content_type: str, length: int) -> bytes:
+    """The encoded status line and fixed headers of a 200 reply."""
+    return _prefix(200, content_type, length)
+
+
 def encode_response(resp: Response, *, keep_alive: bool) -> bytes:
     head = _prefix(resp.status, resp.content_type, len(resp.body))
     extra = b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in resp.headers) if resp.headers else b""
@@ -168,14 +181,13 @@ class _Reject(Exception):
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH")}
 _HEADER_NAMES: dict[bytes, str] = {}
+_IDENTITY_PREFIX = "x-meta169-"
 
 
 def _header_name(raw: bytes) -> str:
-    name = _HEADER_NAMES.get(raw)
-    if name is None:
-        name = raw.decode("latin-1").lower()
-        if len(_HEADER_NAMES) < 1024:  # common names only; a flood of odd ones is not cached
-            _HEADER_NAMES[raw] = name
+    name = raw.decode("latin-1").lower()
+    if len(_HEADER_NAMES) < 1024:  # common names only; a flood of odd ones is not cached
+        _HEADER_NAMES[raw] = name
     return name
 
 
@@ -194,11 +206,13 @@ class HTTPProtocol(asyncio.Protocol):
         "_cur_headers",
         "_handler",
         "_header_bytes",
+        "_identity",
         "_idle_ticks",
         "_limits",
         "_loop",
         "_parser",
         "_peer",
+        "_peer_key",
         "_progress",
         "_queue",
         "_seen_progress",
@@ -221,6 +235,8 @@ class HTTPProtocol(asyncio.Protocol):
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._peer: IPAddress | None = None
+        self._peer_key = ""
+        self._identity = False
         self._queue: deque[Request] = deque()
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
@@ -245,6 +261,7 @@ class HTTPProtocol(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             try:
                 self._peer = ipaddress.ip_address(peer[0].split("%", 1)[0])
+                self._peer_key = str(self._peer)
             except ValueError:
                 self._peer = None
         if self._tracker is not None:
@@ -290,6 +307,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._url_bytes = 0
         self._header_bytes = 0
         self._cur_headers = {}
+        self._identity = False
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -298,18 +316,21 @@ class HTTPProtocol(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
         headers = self._cur_headers
-        if self._header_bytes > self._limits.max_header_bytes or len(headers) >= self._limits.max_headers:
+        limits = self._limits
+        if size > limits.max_header_bytes or len(headers) >= limits.max_headers:
             raise _Reject(431)
-        key = _header_name(name)
-        text = value.decode("latin-1")
+        key = _HEADER_NAMES.get(name) or _header_name(name)
+        if key.startswith(_IDENTITY_PREFIX):
+            self._identity = True
         if key in headers:
             # Duplicate identity or token headers are a smuggling vector; keep them
             # visible as one comma-joined value so handlers can refuse them.
-            headers[key] = headers[key] + "," + text
+            headers[key] = headers[key] + "," + value.decode("latin-1")
         else:
-            headers[key] = text
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         length = self._cur_headers.get("content-length")
@@ -344,6 +365,8 @@ class HTTPProtocol(asyncio.Protocol):
             self._peer,
             "1.1",
             parser.should_keep_alive(),
+            self._peer_key,
+            self._identity,
         )
         self._begun = False
         self._progress += 1
@@ -362,13 +385,16 @@ class HTTPProtocol(asyncio.Protocol):
         except Exception:
             log.exception("handler failed for %s %r", req.method, req.raw_path)
             result = error_response(500)
+        if type(result) is tuple:
+            self._write_fast(req, result)
+            return True
         if isinstance(result, Response):
             self._write(req, result)
             return True
         self._busy = True
         if self._transport is not None:
             self._transport.pause_reading()
-        task = self._loop.create_task(self._await(req, result))
+        task = self._loop.create_task(self._await(req, cast(Awaitable[Response | Fast], result)))
         task.add_done_callback(_consume_exception)
         return False
 
@@ -377,7 +403,7 @@ class HTTPProtocol(asyncio.Protocol):
             if not self._dispatch(self._queue.popleft()):
                 return
 
-    async def _await(self, req: Request, pending: Awaitable[Response]) -> None:
+    async def _await(self, req: Request, pending: Awaitable[Response | Fast]) -> None:
         try:
             resp = await pending
         except Exception:
@@ -386,10 +412,27 @@ class HTTPProtocol(asyncio.Protocol):
         self._busy = False
         if self._transport is None:
             return
-        self._write(req, resp)
+        if isinstance(resp, tuple):
+            self._write_fast(req, resp)
+        else:
+            self._write(req, resp)
         if self._transport is not None:
             self._transport.resume_reading()
             self._drain()
+
+    def _write_fast(self, req: Request, reply: Fast) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        head, body = reply
+        if req.method == "HEAD":
+            body = b""
+        if req.keep_alive:
+            transport.write(b"".join((head, _date_header(), b"\r\n", body)))
+        else:
+            transport.write(b"".join((head, _date_header(), b"Connection: close\r\n\r\n", body)))
+            transport.close()
+            self._transport = None
 
     def _write(self, req: Request, resp: Response) -> None:
         transport = self._transport

@@ -13,10 +13,9 @@ from urllib.parse import unquote
 
 from meta169.api import tokens
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
-from meta169.api.http import Request, Response, error_response
+from meta169.api.http import Fast, Request, Response, document_head, error_response
 from meta169.api.identity import (
     HDR_HOP_LIMIT,
-    IDENTITY_PREFIX,
     Binding,
     NeutronIdentity,
     caller_from_proxy_headers,
@@ -100,17 +99,17 @@ class MetadataApp:
             raise ConfigError("a neutron listener needs a non-empty shared secret (--neutron-secret-file)")
         self._neutron = neutron_secret
 
-    def __call__(self, req: Request) -> Response | Awaitable[Response]:
+    def __call__(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
         direct = self._direct
         if direct is not None and req.peer is not None:
             # Hot path for a network/router listener: the cache key needs no Caller.
-            for name in req.headers:
-                if name.startswith(IDENTITY_PREFIX):
-                    return error_response(403, "identity headers are accepted only from the trusted proxy")
-            key: tuple[str, str, object] = (direct[0], direct[1], req.peer)
+            if req.identity_header:
+                return error_response(403, "identity headers are accepted only from the trusted proxy")
+            key: tuple[str, str, object] = (direct[0], direct[1], req.peer_key)
             entry = self._cache.by_caller.get(key)
             if entry is not None:
                 return self._answer(req, None, entry)
+            return self._slow(req, self._identify(req), key)
         try:
             if self._neutron is not None:
                 return self._neutron_request(req, self._neutron)
@@ -123,7 +122,7 @@ class MetadataApp:
             return self._slow(req, caller, key)
         return self._answer(req, caller, entry)
 
-    def _neutron_request(self, req: Request, secret: bytes) -> Response | Awaitable[Response]:
+    def _neutron_request(self, req: Request, secret: bytes) -> Response | Fast | Awaitable[Response | Fast]:
         ident = neutron_identity(req.headers, secret)
         key = ("neutron", ident.instance_id, ident.tenant_id)
         entry = self._cache.by_caller.get(key)
@@ -146,20 +145,22 @@ class MetadataApp:
             return Caller(ip=req.peer, network_id=self._binding.id)
         return Caller(ip=req.peer, router_id=self._binding.id)
 
-    async def _slow(self, req: Request, caller: Caller | NeutronIdentity, key: tuple[str, str, object]) -> Response:
+    async def _slow(
+        self, req: Request, caller: Caller | NeutronIdentity, key: tuple[str, str, object]
+    ) -> Response | Fast:
         try:
             entry = await self._cache.lookup(key, caller)
         except RegistryError as exc:
             log.error("registry failure resolving %s: %s", _describe(caller), exc)
             return error_response(503, "metadata registry unavailable")
         result = self._answer(req, caller, entry)
-        if isinstance(result, Response):
+        if isinstance(result, Response | tuple):
             return result
         return await result
 
     def _answer(
         self, req: Request, caller: Caller | NeutronIdentity | None, entry: Site | Miss
-    ) -> Response | Awaitable[Response]:
+    ) -> Response | Fast | Awaitable[Response | Fast]:
         if isinstance(entry, Miss):
             if caller is None:
                 caller = self._identify(req)
@@ -200,7 +201,8 @@ class MetadataApp:
                     return error_response(401)
             elif options.http_tokens == "required":
                 return error_response(401)
-            return Response(200, doc.body if doc.fresh is None else doc.fresh(), doc.content_type)
+            body = doc.body if doc.fresh is None else doc.fresh()
+            return (document_head(doc.content_type, len(body)), body)
         token_path = _token_path_kind(path)
         if token_path:
             return self._token(req, instance.uuid, options, dated=token_path == "dated")
