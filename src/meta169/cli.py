@@ -457,6 +457,8 @@ main.lazy_commands.update(
     {
         "lab": "meta169.lab.cli:lab",
         "identity": "meta169.identity.cli:identity",
+        "query": "meta169.client.cli:query",
+        "doctor": "meta169.doctor.cli:doctor",
     }
 )
 

@@ -20,6 +20,7 @@ translated at the module boundary that met them, with ``raise ... from exc``.
     ├── PlumbingError               a namespace, rule or daemon operation failed
     │   └── CommandFailed           a subprocess exited non-zero (argv, stderr)
     ├── ProxyError                  the proxy could not reach or trust upstream
+    ├── ClientError                 the metadata client got no usable answer (``reason``, ``status``)
     └── LabError                    building or tearing down the lab failed
 """
 
@@ -118,3 +119,19 @@ class ProxyError(Meta169Error):
 
 class LabError(Meta169Error):
     """Building, using or tearing down the lab failed."""
+
+
+class ClientError(Meta169Error):
+    """The metadata client (``meta169 query``, the doctor's probes) got no usable answer.
+
+    ``reason`` says what failed: ``refused`` (RST), ``timeout`` (no answer to the
+    connect), ``unreachable`` (ICMP or ARP failure: EHOSTUNREACH/ENETUNREACH),
+    ``connect`` (another connect error), ``read-timeout``, ``protocol`` (not HTTP,
+    cut short, too large) or ``status`` (an HTTP reply with an error ``status``).
+    """
+
+    def __init__(self, message: str, *, reason: str, url: str = "", status: int | None = None) -> None:
+        self.reason = reason
+        self.url = url
+        self.status = status
+        super().__init__(f"{url}: {message}" if url else message)

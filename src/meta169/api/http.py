@@ -25,6 +25,7 @@ from typing import cast
 
 import httptools
 
+from meta169.errors import HTTPError
 from meta169.model import IPAddress
 
 log = logging.getLogger("meta169.http")
@@ -394,6 +395,10 @@ class HTTPProtocol(asyncio.Protocol):
         self._busy = True
         if self._transport is not None:
             self._transport.pause_reading()
+        if isinstance(result, asyncio.Future):
+            # A plain future (the proxy's upstream reply): a callback, not a task.
+            result.add_done_callback(lambda fut: self._resolved(req, fut))
+            return False
         task = self._loop.create_task(self._await(req, cast(Awaitable[Response | Fast], result)))
         task.add_done_callback(_consume_exception)
         return False
@@ -409,6 +414,30 @@ class HTTPProtocol(asyncio.Protocol):
         except Exception:
             log.exception("handler failed for %s %r", req.method, req.raw_path)
             resp = error_response(500)
+        self._busy = False
+        if self._transport is None:
+            return
+        if isinstance(resp, tuple):
+            self._write_fast(req, resp)
+        else:
+            self._write(req, resp)
+        if self._transport is not None:
+            self._transport.resume_reading()
+            self._drain()
+
+    def _resolved(self, req: Request, fut: asyncio.Future[Response | Fast]) -> None:
+        if fut.cancelled():
+            resp: Response | Fast = error_response(503)
+        elif isinstance(fut.exception(), HTTPError):
+            err = fut.exception()
+            assert isinstance(err, HTTPError)
+            log.warning("%s %r from %s: %s", req.method, req.raw_path, req.peer, err)
+            resp = error_response(err.status, "metadata service unavailable")
+        elif fut.exception() is not None:
+            log.error("handler failed for %s %r", req.method, req.raw_path, exc_info=fut.exception())
+            resp = error_response(500)
+        else:
+            resp = fut.result()
         self._busy = False
         if self._transport is None:
             return

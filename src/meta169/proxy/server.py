@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.api.http import HTTPProtocol, Limits, Request, Response, error_response
+from meta169.api.identity import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER, Binding
 from meta169.api.identity import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
-from meta169.api.identity import Binding
-from meta169.errors import ConfigError, HTTPError, PlumbingError, ValidationError
-from meta169.model import Caller, IPAddress, check_id, parse_ip
-from meta169.proxy.stamp import HDR_SIGNATURE, HOP_BY_HOP, is_identity_header, sign, stamp_headers
-from meta169.proxy.upstream import Upstream
+from meta169.errors import ConfigError, PlumbingError, ValidationError
+from meta169.model import IPAddress, check_id, parse_ip
+from meta169.proxy.stamp import HDR_SIGNATURE, HOP_BY_HOP, is_identity_header, sign_stamp
+from meta169.proxy.upstream import Reply, Upstream
 
 log = logging.getLogger("meta169.proxy")
 
@@ -128,25 +128,29 @@ async def open_in_namespace(listener: ProxyListener) -> socket.socket:
 
 
 class ProxyApp:
-    """The per-listener request handler."""
+    """The per-listener request handler: synchronous up to the upstream write; the
+    reply completes a future (no task per request)."""
 
-    __slots__ = ("_binding", "_secret", "_upstream")
+    __slots__ = ("_binding", "_scope_header", "_scope_text", "_secret", "_upstream")
 
     def __init__(self, binding: Binding, upstream: Upstream, secret: bytes | None) -> None:
         self._binding = binding
         self._upstream = upstream
         self._secret = secret
+        # The stamp's scope half never changes for a listener: encode it once.
+        if binding.kind == "network":
+            self._scope_header = f"{HDR_NETWORK}: {binding.id}"
+            self._scope_text = f"network:{binding.id}"
+        else:
+            self._scope_header = f"{HDR_ROUTER}: {binding.id}"
+            self._scope_text = f"router:{binding.id}"
 
-    def __call__(self, req: Request) -> Awaitable[Response] | Response:
+    def __call__(self, req: Request) -> Response | asyncio.Future[Response]:
         if req.peer is None:
             return error_response(400, "no peer address")
-        return self._forward(req, req.peer)
-
-    async def _forward(self, req: Request, peer: IPAddress) -> Response:
-        if self._binding.kind == "network":
-            caller = Caller(ip=peer, network_id=self._binding.id)
-        else:
-            caller = Caller(ip=peer, router_id=self._binding.id)
+        # Listener sockets are AF_INET or v6-only AF_INET6, so the peer text is the
+        # caller's address as the registry knows it (never an IPv4-mapped form).
+        peer = req.peer_key
         path = req.raw_path.decode("latin-1")
         method = req.method
         # HEAD is relayed as GET and the body cut here: the reply parser cannot know
@@ -154,7 +158,7 @@ class ProxyApp:
         upstream_method = "GET" if method == "HEAD" else method
         lines = [f"{upstream_method} {path} HTTP/1.1"]
         for name, value in req.headers.items():
-            if name in HOP_BY_HOP or name in {"content-length", "host"}:
+            if name in HOP_BY_HOP or name in _NOT_FORWARDED:
                 continue
             if is_identity_header(name):
                 # The one bit of guest-sent forwarding the server must still see:
@@ -164,30 +168,37 @@ class ProxyApp:
                 continue
             lines.append(f"{name}: {value}")
         lines.append("host: metadata")
-        lines.extend(f"{k}: {v}" for k, v in stamp_headers(caller))
+        lines.append(f"{HDR_CALLER_IP}: {peer}")
+        lines.append(self._scope_header)
         if self._secret is not None:
-            lines.append(f"{HDR_SIGNATURE}: {sign(self._secret, caller, upstream_method, path)}")
+            lines.append(f"{HDR_SIGNATURE}: {sign_stamp(self._secret, peer, self._scope_text, upstream_method, path)}")
         lines.append(f"content-length: {len(req.body)}")
         payload = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + req.body
-        try:
-            reply = await self._upstream.request(payload)
-        except HTTPError as exc:
-            log.warning("%s: upstream failure for %s %s: %s", self._binding.scope, peer, path, exc)
-            return error_response(exc.status, "metadata service unavailable")
-        raw = reply.raw
-        ttl: int | None = None
-        hop = reply.headers.get(HDR_HOP_LIMIT)
-        if hop is not None:
-            head, _, body = raw.partition(b"\r\n\r\n")
-            head = b"\r\n".join(
-                line for line in head.split(b"\r\n") if not line.lower().startswith(HDR_HOP_LIMIT.encode())
-            )
-            raw = head + b"\r\n\r\n" + body
-            with contextlib.suppress(ValueError):
-                ttl = max(1, min(255, int(hop)))
-        if method == "HEAD":
-            raw = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
-        return Response(reply.status, raw=raw, ip_ttl=ttl)
+        return self._upstream.request(payload, _relay_head if method == "HEAD" else _relay)
+
+
+_NOT_FORWARDED = frozenset(("content-length", "host"))
+_HOP_PREFIX = HDR_HOP_LIMIT.encode()
+
+
+def _relay(reply: Reply) -> Response:
+    raw = reply.raw
+    ttl: int | None = None
+    hop = reply.headers.get(HDR_HOP_LIMIT)
+    if hop is not None:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(_HOP_PREFIX))
+        raw = head + b"\r\n\r\n" + body
+        with contextlib.suppress(ValueError):
+            ttl = max(1, min(255, int(hop)))
+    return Response(reply.status, raw=raw, ip_ttl=ttl)
+
+
+def _relay_head(reply: Reply) -> Response:
+    resp = _relay(reply)
+    assert resp.raw is not None
+    resp.raw = resp.raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    return resp
 
 
 @dataclass

@@ -77,10 +77,15 @@ def _scope(headers: dict[str, str]) -> str:
 
 
 def sign(secret: bytes, caller: Caller, method: str, path: str, *, now: float | None = None) -> str:
+    scope = f"network:{caller.network_id}" if caller.network_id is not None else f"router:{caller.router_id}"
+    return sign_stamp(secret, str(caller.ip), scope, method, path, now=now)
+
+
+def sign_stamp(secret: bytes, caller_ip: str, scope: str, method: str, path: str, *, now: float | None = None) -> str:
+    """The signature header value; ``scope`` is ``network:ID`` or ``router:ID``."""
     ts = int(time.time() if now is None else now)
     nonce = os.urandom(12).hex()
-    scope = f"network:{caller.network_id}" if caller.network_id is not None else f"router:{caller.router_id}"
-    mac = hmac.new(secret, _message(str(caller.ip), scope, method, path, ts, nonce), hashlib.sha256).hexdigest()
+    mac = hmac.new(secret, _message(caller_ip, scope, method, path, ts, nonce), hashlib.sha256).hexdigest()
     return f"v1 ts={ts} nonce={nonce} sig={mac}"
 
 

@@ -1,24 +1,30 @@
-"""The proxy's side of the proxy-to-server hop: a small keep-alive connection pool.
+"""The proxy's side of the proxy-to-server hop: a keep-alive connection pool.
 
 Replies from ``serve`` are small (user data is at most 64 KiB) and always carry
 Content-Length, so a reply is read whole, bounded, and relayed verbatim. Failures
 map to what the guest should see (BRIEF: never hang): cannot connect -> 502,
 pool exhausted -> 503, no reply in time -> 504.
+
+The steady state costs no task and no coroutine per request: a pooled connection is
+an asyncio protocol; :meth:`Upstream.request` writes to it and returns a future that
+its ``data_received`` completes. Only opening a new connection awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar, cast
 
 import httptools
 
 from meta169.errors import HTTPError
 
 MAX_REPLY = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,23 +44,6 @@ class UpstreamSpec:
         return f"unix:{self.unix_path}" if self.unix_path is not None else f"{self.host}:{self.port}"
 
 
-class _ReplyReader:
-    """httptools callbacks collecting one reply; ``done`` once complete."""
-
-    __slots__ = ("done", "keep_alive", "parser")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.keep_alive = False
-        self.parser: httptools.HttpResponseParser | None = None
-
-    def on_message_complete(self) -> None:
-        self.done = True
-        # httptools answers should_keep_alive() truthfully only inside the callback.
-        if self.parser is not None:
-            self.keep_alive = bool(self.parser.should_keep_alive())
-
-
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int
@@ -62,88 +51,208 @@ class Reply:
     headers: dict[str, str]
 
 
-class _HeaderReader(_ReplyReader):
-    __slots__ = ("_name", "headers")
+class _Pending(Generic[T]):
+    """One request in flight: where its converted reply goes."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.headers: dict[str, str] = {}
-        self._name = ""
+    __slots__ = ("convert", "future", "payload", "retried", "timer")
 
+    def __init__(self, payload: bytes, convert: Callable[[Reply], T], future: asyncio.Future[T]) -> None:
+        self.payload = payload
+        self.convert = convert
+        self.future = future
+        self.retried = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = (
+        "_chunks",
+        "_done",
+        "_headers",
+        "_keep",
+        "_parser",
+        "_pool",
+        "_size",
+        "closed",
+        "pending",
+        "transport",
+        "used",
+    )
+
+    def __init__(self, pool: Upstream) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.pending: _Pending[object] | None = None
+        self.closed = False
+        self.used = False  # has carried a request before: may be a stale keep-alive
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._headers: dict[str, str] = {}
+        self._done = False
+        self._keep = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, pending: _Pending[object]) -> None:
+        assert self.transport is not None
+        self.pending = pending
+        self.transport.write(pending.payload)
+
+    # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_message_complete(self) -> None:
+        self._done = True
+        # httptools answers should_keep_alive() truthfully only inside the callback.
+        self._keep = bool(self._parser.should_keep_alive())
+
+    def data_received(self, data: bytes) -> None:
+        pending = self.pending
+        if pending is None:  # nothing asked: a protocol error on the server's side
+            self._close()
+            return
+        self._size += len(data)
+        self._chunks.append(data)
+        try:
+            if self._size > MAX_REPLY:
+                raise httptools.HttpParserError("reply too large")
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._close()
+            self._pool.fail(pending, HTTPError(502, f"metadata server sent a bad reply: {exc}"))
+            return
+        if not self._done:
+            return
+        reply = Reply(self._parser.get_status_code(), b"".join(self._chunks), self._headers)
+        keep = self._keep
+        self.pending = None
+        self.used = True
+        self._reset()
+        if keep:
+            self._pool.release(self)
+        else:
+            self._close()
+        self._pool.succeed(pending, reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        pending = self.pending
+        self.pending = None
+        if pending is not None:
+            # A reused keep-alive connection the server had already closed: one retry
+            # on a fresh connection, as every HTTP client does.
+            stale = self.used and not self._chunks
+            self._pool.lost(pending, stale=stale)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
 
 
 class Upstream:
     def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
-        self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = deque()
-        self._open = 0
+        self._idle: list[_Conn] = []
+        self._open: set[_Conn] = set()
+        self._connecting = 0
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._idle:
-            return self._idle.pop()
-        if self._open >= self.spec.max_connections:
-            raise HTTPError(503, "metadata proxy busy")
+    def request(self, payload: bytes, convert: Callable[[Reply], T]) -> asyncio.Future[T]:
+        """Send one complete request; the future gets ``convert(reply)`` or an HTTPError."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        pending = cast("_Pending[object]", _Pending(payload, convert, future))
+        pending.timer = loop.call_later(self.spec.reply_timeout, self._timeout, pending)
+        self._dispatch(pending)
+        return future
+
+    def _dispatch(self, pending: _Pending[object], *, fresh: bool = False) -> None:
+        while self._idle and not fresh:
+            conn = self._idle.pop()
+            if not conn.closed:
+                conn.send(pending)
+                return
+        if len(self._open) + self._connecting >= self.spec.max_connections:
+            self.fail(pending, HTTPError(503, "metadata proxy busy"))
+            return
+        self._connecting += 1
+        task = asyncio.get_running_loop().create_task(self._connect_and_send(pending))
+        task.add_done_callback(_ignore)
+
+    async def _connect_and_send(self, pending: _Pending[object]) -> None:
+        loop = asyncio.get_running_loop()
         try:
             if self.spec.unix_path is not None:
-                coro = asyncio.open_unix_connection(str(self.spec.unix_path))
+                coro = loop.create_unix_connection(lambda: _Conn(self), str(self.spec.unix_path))
             else:
-                coro = asyncio.open_connection(self.spec.host, self.spec.port)
-            pair = await asyncio.wait_for(coro, self.spec.connect_timeout)
+                coro = loop.create_connection(lambda: _Conn(self), self.spec.host, self.spec.port)
+            _, conn = await asyncio.wait_for(coro, self.spec.connect_timeout)
         except (TimeoutError, OSError) as exc:
-            raise HTTPError(502, f"metadata server unreachable at {self.spec}: {exc}") from exc
-        self._open += 1
-        return pair
+            self.fail(pending, HTTPError(502, f"metadata server unreachable at {self.spec}: {exc}"))
+            return
+        finally:
+            self._connecting -= 1
+        self._open.add(conn)
+        if pending.future.done():  # timed out or cancelled meanwhile: keep the connection
+            self.release(conn)
+            return
+        conn.send(pending)
 
-    def _discard(self, writer: asyncio.StreamWriter) -> None:
-        self._open -= 1
-        with contextlib.suppress(Exception):
-            writer.close()
+    # -- called by connections ---------------------------------------------------------------
+    def release(self, conn: _Conn) -> None:
+        if not conn.closed:
+            self._idle.append(conn)
 
-    async def request(self, payload: bytes) -> Reply:
-        """Send one complete request; return the whole reply. Retries once on a stale
-        pooled connection (the server may have closed an idle keep-alive)."""
-        for attempt in (0, 1):
-            fresh = not self._idle
-            reader, writer = await self._connect()
-            try:
-                writer.write(payload)
-                reply, keep = await asyncio.wait_for(self._read(reader), self.spec.reply_timeout)
-            except TimeoutError:
-                self._discard(writer)
-                raise HTTPError(504, "metadata server did not answer in time") from None
-            except (ConnectionError, asyncio.IncompleteReadError, httptools.HttpParserError) as exc:
-                self._discard(writer)
-                if fresh or attempt:
-                    raise HTTPError(502, f"metadata server closed the connection: {exc}") from exc
-                continue
-            if keep:
-                self._idle.append((reader, writer))
-            else:
-                self._discard(writer)
-            return reply
-        raise HTTPError(502, "metadata server unreachable")  # pragma: no cover
+    def forget(self, conn: _Conn) -> None:
+        self._open.discard(conn)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
 
-    async def _read(self, reader: asyncio.StreamReader) -> tuple[Reply, bool]:
-        cb = _HeaderReader()
-        parser = httptools.HttpResponseParser(cb)
-        cb.parser = parser
-        chunks: list[bytes] = []
-        size = 0
-        while not cb.done:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionResetError("upstream closed mid-reply")
-            size += len(data)
-            if size > MAX_REPLY:
-                raise httptools.HttpParserError("reply too large")
-            chunks.append(data)
-            parser.feed_data(data)
-        cb.parser = None
-        return Reply(parser.get_status_code(), b"".join(chunks), cb.headers), cb.keep_alive
+    def succeed(self, pending: _Pending[object], reply: Reply) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if pending.future.done():
+            return
+        try:
+            pending.future.set_result(pending.convert(reply))
+        except Exception as exc:  # a converter bug must not hang the guest
+            pending.future.set_exception(exc)
+
+    def fail(self, pending: _Pending[object], error: HTTPError) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if not pending.future.done():
+            pending.future.set_exception(error)
+
+    def lost(self, pending: _Pending[object], *, stale: bool) -> None:
+        if stale and not pending.retried and not pending.future.done():
+            pending.retried = True
+            self._dispatch(pending, fresh=True)
+            return
+        self.fail(pending, HTTPError(502, "metadata server closed the connection"))
+
+    def _timeout(self, pending: _Pending[object]) -> None:
+        pending.timer = None
+        self.fail(pending, HTTPError(504, "metadata server did not answer in time"))
+        # The connection carrying it is left to deliver a late reply into a done
+        # future; it is then closed rather than reused.
+        for conn in list(self._open):
+            if conn.pending is pending:
+                conn.pending = None
+                conn._close()
 
     async def close(self) -> None:
-        while self._idle:
-            _, writer = self._idle.pop()
-            self._discard(writer)
+        for conn in list(self._open):
+            conn._close()
+        self._idle.clear()
+
+
+def _ignore(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
