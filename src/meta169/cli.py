@@ -160,6 +160,11 @@ def main(ctx: click.Context, registry_url: str | None, verbose: int) -> None:
               help="Default IP TTL / hop limit of token replies.")
 @click.option("--rate-limit", default="50/300", show_default=True, metavar="RATE/BURST",
               help="Per-instance requests per second and burst; 0 disables.")
+@click.option("--vendordata-dynamic", "vendordata_dynamic", multiple=True, metavar="NAME=URL",
+              help="POST each instance's facts to URL and serve the JSON reply as vendor_data2.json[NAME]. "
+              "Repeatable.")
+@click.option("--vendordata-timeout", default=2.0, show_default=True,
+              help="Seconds to wait for each --vendordata-dynamic target.")
 @click.option("--identity-key-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Sign EC2 identity documents with this directory's key (meta169 identity init).")
 @pass_ctx
@@ -178,12 +183,15 @@ def serve(
     http_tokens: str,
     hop_limit: int,
     rate_limit: str,
+    vendordata_dynamic: tuple[str, ...],
+    vendordata_timeout: float,
     identity_key_dir: Path | None,
 ) -> None:
     """Serve the OpenStack and EC2 metadata trees."""
     from meta169.api.identity import Binding
     from meta169.api.server import run
     from meta169.api.tokens import load_key_ring
+    from meta169.api.vendordata import DynamicTarget
     from meta169.config import ListenerSpec, ServeConfig, parse_listen, read_secret_file
     from meta169.model import MetadataOptions
 
@@ -234,6 +242,8 @@ def serve(
             ),
             rate_limit=_parse_rate(rate_limit),
             identity_key_dir=identity_key_dir,
+            vendordata_targets=tuple(DynamicTarget.parse(t) for t in vendordata_dynamic),
+            vendordata_timeout=vendordata_timeout,
         )
         if identity_key_dir is not None:  # fail before binding and forking, not in every worker
             from meta169.identity import load_identity_key
@@ -459,6 +469,7 @@ main.lazy_commands.update(
         "identity": "meta169.identity.cli:identity",
         "query": "meta169.client.cli:query",
         "doctor": "meta169.doctor.cli:doctor",
+        "plumb": "meta169.plumbing.cli:plumb",
     }
 )
 

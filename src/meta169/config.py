@@ -18,6 +18,7 @@ from meta169.api.http import Limits
 from meta169.api.identity import Binding
 from meta169.api.ratelimit import RateLimit
 from meta169.api.tokens import KeyRing
+from meta169.api.vendordata import DynamicTarget
 from meta169.errors import ConfigError
 from meta169.model import MetadataOptions
 
@@ -69,6 +70,9 @@ class ServeConfig:
     # identity-key.pem (mode 0600) and identity-cert.pem; None: identity documents
     # are served unsigned (meta169.identity).
     identity_key_dir: Path | None = None
+    # vendor_data2.json's dynamic parts (Nova's vendordata_dynamic_targets).
+    vendordata_targets: tuple[DynamicTarget, ...] = ()
+    vendordata_timeout: float = 2.0
 
 
 def parse_listen(text: str) -> ListenAddress:

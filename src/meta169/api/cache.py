@@ -9,12 +9,15 @@ exactly what changed, so an import done by another process shows within one poll
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from meta169.api import vendordata
 from meta169.api.identity import NeutronIdentity
+from meta169.api.vendordata import DynamicTarget
 from meta169.errors import AmbiguousCaller, NotFound, RegistryError, UnknownCaller
 from meta169.model import Caller, Instance, Network
 from meta169.registry import Registry
@@ -39,7 +42,17 @@ Entry = Site | Miss
 
 
 class SiteCache:
-    def __init__(self, registry: Registry, options: RenderOptions, *, max_entries: int = 200_000) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        options: RenderOptions,
+        *,
+        max_entries: int = 200_000,
+        vendordata_targets: Sequence[DynamicTarget] = (),
+        vendordata_timeout: float = 2.0,
+    ) -> None:
+        self._targets = tuple(vendordata_targets)
+        self._vendordata_timeout = vendordata_timeout
         self._registry = registry
         self._options = options
         self._max = max_entries
@@ -106,7 +119,13 @@ class SiteCache:
         site = self._sites.get(instance.uuid)
         if site is not None and site.instance == instance:
             return site
-        return build_site(instance, self._networks_of(instance), self._options)
+        options = self._options
+        if self._targets:
+            # On the registry thread, like every miss: a slow target delays only the
+            # first request of this instance, bounded by the timeout per target.
+            dynamic = vendordata.fetch(self._targets, instance, timeout=self._vendordata_timeout)
+            options = dataclasses.replace(options, vendor_data2_dynamic={**options.vendor_data2_dynamic, **dynamic})
+        return build_site(instance, self._networks_of(instance), options)
 
     def _networks_of(self, instance: Instance) -> dict[str, Network]:
         networks: dict[str, Network] = {}

@@ -110,7 +110,12 @@ async def start(
 ) -> RunningServer:
     """Open (or adopt) the listeners and start serving on the running loop."""
     reg = registry if registry is not None else open_registry(config.registry_url)
-    cache = SiteCache(reg, render_options(config))
+    cache = SiteCache(
+        reg,
+        render_options(config),
+        vendordata_targets=config.vendordata_targets,
+        vendordata_timeout=config.vendordata_timeout,
+    )
     socks = sockets if sockets is not None else [open_listen_socket(s.address) for s in config.listeners]
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []

@@ -242,6 +242,15 @@ class LabPaths:
     def listeners(self) -> Path:
         return self.root / "listeners.json"
 
+    def secret(self, role: str) -> Path:
+        """The shared-secret file ``role`` (serve or proxy) reads while the lab runs on TCP."""
+        return self.root / f"{role}.secret"
+
+    @property
+    def guest_root(self) -> Path:
+        """An empty directory: the guest doctor's ``--files-root`` (a VM shares the host's files)."""
+        return self.root / "guest-root"
+
     def pid_file(self, role: str) -> Path:
         return self.root / f"{role}.pid"
 
@@ -437,21 +446,51 @@ def listeners_document(plan: LabPlan) -> dict[str, Any]:
     return {"listeners": list(proxy_listeners(plan))}
 
 
-def serve_argv(plan: LabPlan) -> list[str]:
-    """``meta169 serve`` on a Unix socket in the state directory, trusting the proxy's stamp."""
+@dataclass(frozen=True, slots=True)
+class TcpUpstream:
+    """serve's second proxy listener, on loopback TCP with an HMAC secret, and the
+    secret file the proxy signs with (the ``secret-mismatch`` fault gives it another)."""
+
+    port: int
+    serve_secret: Path
+    proxy_secret: Path
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"TCP upstream port {self.port} is out of range")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def upstream(plan: LabPlan, tcp: TcpUpstream | None = None) -> str:
+    """Where the lab's proxy sends requests: serve's Unix socket, or its TCP listener."""
+    return tcp.address if tcp is not None else f"unix:{plan.paths.serve_socket}"
+
+
+def serve_argv(plan: LabPlan, tcp: TcpUpstream | None = None) -> list[str]:
+    """``meta169 serve`` on a Unix socket in the state directory, trusting the proxy's stamp
+    (and, with ``tcp``, also on loopback TCP, trusting requests signed with its secret)."""
     paths = plan.paths
-    return [
+    argv = [
         plan.config.python, "-m", "meta169", "-v", "--registry", paths.registry_url,
         "serve", "--listen", f"unix:{paths.serve_socket}=proxy",
     ]  # fmt: skip
+    if tcp is not None:
+        argv += ["--listen", f"{tcp.address}=proxy", "--proxy-secret-file", str(tcp.serve_secret)]
+    return argv
 
 
-def proxy_argv(plan: LabPlan) -> list[str]:
+def proxy_argv(plan: LabPlan, tcp: TcpUpstream | None = None) -> list[str]:
     paths = plan.paths
-    return [
+    argv = [
         plan.config.python, "-m", "meta169", "-v",
-        "proxy", "--upstream", f"unix:{paths.serve_socket}", "--listeners", str(paths.listeners),
+        "proxy", "--upstream", upstream(plan, tcp), "--listeners", str(paths.listeners),
     ]  # fmt: skip
+    if tcp is not None:
+        argv += ["--secret-file", str(tcp.proxy_secret)]
+    return argv
 
 
 def process_markers(plan: LabPlan) -> tuple[str, ...]:

@@ -2,7 +2,9 @@
 
 ``lab up`` records every namespace right after creating it and every process right
 after starting it, rewriting ``lab.json`` atomically each time, so ``lab down``
-removes exactly that even when ``lab up`` was killed halfway. (It also sweeps by
+removes exactly that even when ``lab up`` was killed halfway. ``lab break``
+records a fault before inflicting it and ``lab heal`` removes the record, so
+``lab status`` shows what is broken and ``heal`` knows what to undo. (It also sweeps by
 the lab's namespace prefix and process markers, which covers the instant between
 creating something and recording it.) Knows nothing of how things are created.
 """
@@ -35,6 +37,35 @@ class ProcessRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class FaultRecord:
+    """An active ``lab break``: the fault and its target.
+
+    ``target`` is a VM name, a tenant key (router faults) or "" (the whole lab);
+    ``vm`` is the VM named on the command line, if any.
+    """
+
+    fault: str
+    target: str
+    vm: str | None = None
+    since: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.fault, self.target)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fault": self.fault, "target": self.target, "vm": self.vm, "since": self.since}
+
+    @classmethod
+    def from_json(cls, data: Any) -> FaultRecord:
+        if not isinstance(data, dict):
+            raise TypeError("a fault record is not an object")
+        vm = data.get("vm")
+        return cls(str(data["fault"]), str(data.get("target", "")), None if vm is None else str(vm),
+                   float(data.get("since", 0.0)))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class LabState:
     config: LabConfig
     status: Status = "building"
@@ -42,6 +73,10 @@ class LabState:
     processes: tuple[ProcessRecord, ...] = ()
     created_at: float = field(default_factory=time.time)
     error: str = ""
+    faults: tuple[FaultRecord, ...] = ()
+    # serve's loopback TCP proxy listener, when the lab runs the proxy-to-serve hop
+    # over TCP with HMAC instead of the Unix socket (the secret-mismatch fault).
+    tcp_port: int | None = None
 
     def with_namespace(self, name: str) -> LabState:
         return replace(self, namespaces=(*self.namespaces, name))
@@ -55,6 +90,12 @@ class LabState:
 
     def without_process(self, role: str) -> LabState:
         return replace(self, processes=tuple(p for p in self.processes if p.role != role))
+
+    def with_fault(self, record: FaultRecord) -> LabState:
+        return replace(self, faults=(*self.without_fault(record).faults, record))
+
+    def without_fault(self, record: FaultRecord) -> LabState:
+        return replace(self, faults=tuple(f for f in self.faults if f.key != record.key))
 
     def process(self, role: str) -> ProcessRecord | None:
         for record in self.processes:
@@ -71,6 +112,8 @@ class LabState:
             "processes": [{"role": p.role, "pid": p.pid, "netns": p.netns} for p in self.processes],
             "created_at": self.created_at,
             "error": self.error,
+            "faults": [f.to_json() for f in self.faults],
+            "tcp_port": self.tcp_port,
         }
 
     @classmethod
@@ -91,6 +134,8 @@ class LabState:
                 ),
                 created_at=float(data.get("created_at", 0.0)),
                 error=str(data.get("error", "")),
+                faults=tuple(FaultRecord.from_json(f) for f in data.get("faults", ())),
+                tcp_port=None if data.get("tcp_port") is None else int(data["tcp_port"]),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise LabError(f"{source}: malformed lab state: {exc}") from exc
