@@ -41,26 +41,26 @@ EXIT_REGISTRY = 3
 EXIT_RUNTIME = 4
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def fail(message: str, code: int) -> NoReturn:
     click.echo(f"meta169: error: {message}", err=True)
     sys.exit(code)
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def cli_errors() -> Iterator[None]:
     """Map the typed error tree to exit codes; the only broad catch is at the top."""
     try:
         yield
     except (ConfigError, ValidationError) as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     except NotFound as exc:
-        _fail(str(exc), EXIT_REGISTRY)
+        fail(str(exc), EXIT_REGISTRY)
     except RegistryError as exc:
-        _fail(f"registry: {exc}", EXIT_REGISTRY)
+        fail(f"registry: {exc}", EXIT_REGISTRY)
     except (PlumbingError, LabError, ProxyError) as exc:
-        _fail(str(exc), EXIT_RUNTIME)
+        fail(str(exc), EXIT_RUNTIME)
     except Meta169Error as exc:
-        _fail(str(exc), EXIT_RUNTIME)
+        fail(str(exc), EXIT_RUNTIME)
 
 
 class Ctx:
@@ -195,7 +195,7 @@ def serve(
     from meta169.config import ListenerSpec, ServeConfig, parse_listen, read_secret_file
     from meta169.model import MetadataOptions
 
-    with _errors():
+    with cli_errors():
         default: Binding | None = None
         chosen = [b for b in (network_id, router_id, proxy_mode or None) if b]
         if len(chosen) > 1:
@@ -315,7 +315,7 @@ def proxy(
     """Per-namespace metadata proxy: stamp caller identity, forward to serve."""
     from meta169.proxy.run import ProxyConfig, parse_static_listener, parse_upstream, run_proxy
 
-    with _errors():
+    with cli_errors():
         if not (listener_file or from_registry or listens):
             raise ConfigError("give --listeners FILE, --from-registry or at least one --listen")
         spec = dataclasses.replace(parse_upstream(upstream), reply_timeout=upstream_timeout)
@@ -346,7 +346,7 @@ def import_(obj: Ctx, files: tuple[Path, ...]) -> None:
     """Load YAML or JSON inventory files (idempotent: re-import updates)."""
     from meta169.admin.inventory import apply_inventory, format_import_report, load_inventory
 
-    with _errors():
+    with cli_errors():
         inventories = [load_inventory(f) for f in files]  # validate all before writing any
         registry = obj.open_registry()
         try:
@@ -363,7 +363,7 @@ def instance() -> None:
 
 
 def _with_registry(obj: Ctx, fn: Callable[[Any], None]) -> None:
-    with _errors():
+    with cli_errors():
         registry = obj.open_registry()
         try:
             fn(registry)

@@ -414,16 +414,7 @@ class HTTPProtocol(asyncio.Protocol):
         except Exception:
             log.exception("handler failed for %s %r", req.method, req.raw_path)
             resp = error_response(500)
-        self._busy = False
-        if self._transport is None:
-            return
-        if isinstance(resp, tuple):
-            self._write_fast(req, resp)
-        else:
-            self._write(req, resp)
-        if self._transport is not None:
-            self._transport.resume_reading()
-            self._drain()
+        self._finish(req, resp)
 
     def _resolved(self, req: Request, fut: asyncio.Future[Response | Fast]) -> None:
         if fut.cancelled():
@@ -438,6 +429,10 @@ class HTTPProtocol(asyncio.Protocol):
             resp = error_response(500)
         else:
             resp = fut.result()
+        self._finish(req, resp)
+
+    def _finish(self, req: Request, resp: Response | Fast) -> None:
+        """Write a reply that was pending, then go on with the pipeline."""
         self._busy = False
         if self._transport is None:
             return

@@ -24,14 +24,13 @@ from meta169.errors import ClientError
 @contextmanager
 def _errors() -> Iterator[None]:
     # meta169.cli imports this module to register the command: import it lazily.
-    from meta169.cli import EXIT_FINDINGS, EXIT_RUNTIME, _fail
-    from meta169.cli import _errors as cli_errors
+    from meta169.cli import EXIT_FINDINGS, EXIT_RUNTIME, cli_errors, fail
 
     with cli_errors():
         try:
             yield
         except ClientError as exc:
-            _fail(str(exc), EXIT_FINDINGS if exc.reason == "status" else EXIT_RUNTIME)
+            fail(str(exc), EXIT_FINDINGS if exc.reason == "status" else EXIT_RUNTIME)
 
 
 def _mode(imdsv2: bool | None) -> IMDSv2Mode:

@@ -40,7 +40,7 @@ from meta169.model import Caller, check_id, parse_ip
 @contextmanager
 def _errors() -> Iterator[None]:
     # meta169.cli imports this module to register the command: import it lazily.
-    from meta169.cli import _errors as cli_errors
+    from meta169.cli import cli_errors
 
     with cli_errors():
         yield

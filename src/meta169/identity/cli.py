@@ -44,7 +44,7 @@ _dir_option = click.option(
 @contextmanager
 def _errors() -> Iterator[None]:
     # meta169.cli imports this module to register the group: import it lazily.
-    from meta169.cli import _errors as cli_errors
+    from meta169.cli import cli_errors
 
     with cli_errors():
         yield

@@ -7,38 +7,23 @@ anything, which is also how an operator reviews a change.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal
 
 import click
 
-from meta169.errors import CommandFailed, ConfigError, Meta169Error, NotFound, PlumbingError, ValidationError
-
-EXIT_USAGE = 2
-EXIT_REGISTRY = 3
-EXIT_RUNTIME = 4
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"meta169 plumb: error: {message}", err=True)
-    sys.exit(code)
+from meta169.errors import ConfigError, PlumbingError
 
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    try:
+    # meta169.cli imports this module to register the group: import it lazily.
+    from meta169.cli import cli_errors
+
+    with cli_errors():
         yield
-    except (ConfigError, ValidationError) as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except NotFound as exc:
-        _fail(str(exc), EXIT_REGISTRY)
-    except (CommandFailed, PlumbingError) as exc:
-        _fail(str(exc), EXIT_RUNTIME)
-    except Meta169Error as exc:
-        _fail(str(exc), EXIT_RUNTIME)
 
 
 @click.group()
