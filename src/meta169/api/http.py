@@ -48,19 +48,45 @@ class Limits:
     max_connections_per_ip: int = 64
 
 
-@dataclass(slots=True)
 class Request:
-    method: str
-    raw_path: bytes
-    headers: dict[str, str]
-    body: bytes
-    peer: IPAddress | None
-    http_version: str = "1.1"
-    keep_alive: bool = True
-    # The peer address as text (a cheap, cached hash for cache keys) and whether any
-    # X-Meta169-* header came with the request; both filled in while parsing.
-    peer_key: str = ""
-    identity_header: bool = False
+    """One parsed request. ``peer_key`` is the client address as the kernel spelled
+    it (canonical text: a cheap, cached hash for cache keys); ``peer`` parses it only
+    when something needs the address itself."""
+
+    __slots__ = ("_peer", "body", "headers", "http_version", "identity_header", "keep_alive", "method",
+                 "peer_key", "raw_path")
+
+    def __init__(
+        self,
+        method: str,
+        raw_path: bytes,
+        headers: dict[str, str],
+        body: bytes = b"",
+        peer_key: str = "",
+        keep_alive: bool = True,
+        identity_header: bool = False,
+        http_version: str = "1.1",
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
+        self.body = body
+        self.peer_key = peer_key
+        self.keep_alive = keep_alive
+        # Whether any X-Meta169-* header came with the request (set while parsing).
+        self.identity_header = identity_header
+        self.http_version = http_version
+        self._peer: IPAddress | bool | None = False  # False: not parsed yet
+
+    @property
+    def peer(self) -> IPAddress | None:
+        if self._peer is False:
+            try:
+                self._peer = ipaddress.ip_address(self.peer_key) if self.peer_key else None
+            except ValueError:
+                self._peer = None
+        assert self._peer is not True
+        return self._peer
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -95,21 +121,21 @@ class ConnectionTracker:
 
     def __init__(self) -> None:
         self.total = 0
-        self.per_ip: dict[IPAddress | None, int] = {}
+        self.per_ip: dict[str, int] = {}
 
-    def admit(self, peer: IPAddress | None, limits: Limits) -> bool:
+    def admit(self, peer: str, limits: Limits) -> bool:
         count = self.per_ip.get(peer, 0)
         if self.total >= limits.max_connections:
             return False
         # A Unix socket has no peer address: the proxy's connections carry many
         # guests, whose fairness is the per-instance rate limit's job.
-        if peer is not None and count >= limits.max_connections_per_ip:
+        if peer and count >= limits.max_connections_per_ip:
             return False
         self.total += 1
         self.per_ip[peer] = count + 1
         return True
 
-    def release(self, peer: IPAddress | None) -> None:
+    def release(self, peer: str) -> None:
         self.total -= 1
         count = self.per_ip.get(peer, 1) - 1
         if count:
@@ -212,7 +238,6 @@ class HTTPProtocol(asyncio.Protocol):
         "_limits",
         "_loop",
         "_parser",
-        "_peer",
         "_peer_key",
         "_progress",
         "_queue",
@@ -235,7 +260,6 @@ class HTTPProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._peer: IPAddress | None = None
         self._peer_key = ""
         self._identity = False
         self._queue: deque[Request] = deque()
@@ -260,14 +284,12 @@ class HTTPProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            try:
-                self._peer = ipaddress.ip_address(peer[0].split("%", 1)[0])
-                self._peer_key = str(self._peer)
-            except ValueError:
-                self._peer = None
+            # inet_ntop's text is canonical; the zone of a link-local peer is dropped.
+            host = peer[0]
+            self._peer_key = host.partition("%")[0] if "%" in host else host
         if self._tracker is not None:
-            if not self._tracker.admit(self._peer, self._limits):
-                log.warning("refusing connection from %s: connection limit reached", self._peer)
+            if not self._tracker.admit(self._peer_key, self._limits):
+                log.warning("refusing connection from %s: connection limit reached", self._peer_key or "unix socket")
                 self._fail(503)
                 return
             self._tracked = True
@@ -280,7 +302,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._parser = None
         if self._tracked and self._tracker is not None:
             self._tracked = False
-            self._tracker.release(self._peer)
+            self._tracker.release(self._peer_key)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -363,10 +385,8 @@ class HTTPProtocol(asyncio.Protocol):
             self._url,
             self._cur_headers,
             body,
-            self._peer,
-            "1.1",
-            parser.should_keep_alive(),
             self._peer_key,
+            parser.should_keep_alive(),
             self._identity,
         )
         self._begun = False
