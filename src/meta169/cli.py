@@ -336,6 +336,53 @@ def proxy(
         run_proxy(config, on_ready=lambda n: click.echo(f"meta169 proxy: {n} listeners up", err=True))
 
 
+# -- admin API ------------------------------------------------------------------------------
+
+
+@main.command("admin")
+@click.option("--listen", "listen", default="127.0.0.1:8776", show_default=True, metavar="HOST:PORT",
+              help="Where the admin API listens: loopback or a management network, never a tenant network.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Bearer token (file, mode 0600, at least 16 bytes).")
+@pass_ctx
+def admin(obj: Ctx, listen: str, token_file: Path) -> None:
+    """Serve the authenticated admin API (list, show, create, update, delete, import)."""
+    import asyncio
+    import signal
+
+    from meta169.admin.api import start_admin
+    from meta169.api.server import loop_factory
+    from meta169.config import parse_listen, read_secret_file
+
+    with cli_errors():
+        token = read_secret_file(token_file, what="--token-file")
+        address = parse_listen(listen)
+        if address.unix_path is not None:
+            raise ConfigError("--listen: the admin API listens on TCP HOST:PORT")
+        registry = obj.open_registry()
+
+        async def serve_admin() -> None:
+            try:
+                server, app = await start_admin(registry, token, (address.host, address.port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
+            host, port = server.sockets[0].getsockname()[:2]
+            click.echo(f"meta169 admin: listening on {host}:{port}", err=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            server.close()
+            app.close()
+
+        try:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                runner.run(serve_admin())
+        finally:
+            registry.close()
+
+
 # -- registry administration --------------------------------------------------------------------
 
 

@@ -769,3 +769,29 @@ def instance_to_dict(instance: Instance) -> dict[str, Any]:
             "instance_metadata_tags": opts.instance_metadata_tags,
         }
     return out
+
+
+def network_to_dict(network: Network) -> dict[str, Any]:
+    """A network in inventory form."""
+    return {
+        "id": network.id,
+        "project_id": network.project_id,
+        "name": network.name,
+        "mtu": network.mtu,
+        "subnets": [
+            {
+                "cidr": str(s.cidr),
+                **({"gateway": str(s.gateway)} if s.gateway is not None else {}),
+                "dhcp": s.dhcp,
+                "dns": [str(d) for d in s.dns],
+                "host_routes": [{"destination": str(r.destination), "nexthop": str(r.nexthop)} for r in s.host_routes],
+                **({"ipv6_mode": s.ipv6_mode} if s.ipv6_mode else {}),
+            }
+            for s in network.subnets
+        ],
+    }
+
+
+def router_to_dict(router: Router) -> dict[str, Any]:
+    """A router in inventory form."""
+    return {"id": router.id, "project_id": router.project_id, "networks": list(router.network_ids)}

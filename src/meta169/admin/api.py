@@ -1,0 +1,177 @@
+"""The admin HTTP API: list, show, create, update and delete what the registry holds.
+
+Authenticated by a bearer token read from a file (compared in constant time), and
+meant for a management network or loopback, never a tenant network. Bodies use the
+inventory format, so what ``meta169 import`` accepts, the API accepts:
+
+=======  ===========================  =========================================
+method   path                         what
+=======  ===========================  =========================================
+GET      /v1/instances                all instances (inventory form)
+GET      /v1/instances/UUID           one instance
+PUT      /v1/instances/UUID           create or replace one instance (JSON)
+DELETE   /v1/instances/UUID           remove it and its ports
+GET      /v1/networks, /v1/routers    all networks, routers
+POST     /v1/import                   an inventory document (JSON or YAML)
+GET      /v1/health                   no auth; 200 with the registry revision
+=======  ===========================  =========================================
+
+Errors: 401 without a valid token, 400 for an invalid body (the inventory error,
+naming the entry and field), 404 unknown, 409 conflicts, 503 registry failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from meta169.admin.inventory import (
+    apply_inventory,
+    format_import_report,
+    instance_to_dict,
+    network_to_dict,
+    parse_inventory,
+    router_to_dict,
+)
+from meta169.api.http import Request, Response, error_response
+from meta169.errors import Conflict, InventoryError, NotFound, RegistryError, ValidationError
+from meta169.registry import Registry
+
+log = logging.getLogger("meta169.admin")
+JSON = "application/json"
+
+
+def _json(status: int, value: Any) -> Response:
+    return Response(status, (json.dumps(value, indent=2) + "\n").encode(), JSON)
+
+
+class AdminApp:
+    """Handler for :class:`meta169.api.http.HTTPProtocol`; registry calls run on one thread."""
+
+    def __init__(self, registry: Registry, token: bytes) -> None:
+        if len(token) < 16:
+            raise ValidationError("the admin token must be at least 16 bytes")
+        self._registry = registry
+        self._token = token
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meta169-admin")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __call__(self, req: Request) -> Response | Awaitable[Response]:
+        path = req.raw_path.decode("latin-1").split("?", 1)[0].rstrip("/")
+        if path == "/v1/health" and req.method == "GET":
+            return self._run(lambda: _json(200, {"status": "ok", "revision": self._registry.revision()}))
+        if not self._authorized(req):
+            return Response(401, b"401 Unauthorized\n", headers=(("WWW-Authenticate", "Bearer"),))
+        parts = path.split("/")[1:]
+        if parts[:1] != ["v1"] or len(parts) < 2:
+            return error_response(404)
+        route = _ROUTES.get((req.method, parts[1], len(parts) - 2))
+        if route is None:
+            known = any(k[1] == parts[1] and k[2] == len(parts) - 2 for k in _ROUTES)
+            return error_response(405 if known else 404)
+        return self._run(lambda: route(self._registry, parts[2:], req.body))
+
+    def _authorized(self, req: Request) -> bool:
+        header = req.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(value.strip().encode(), self._token)
+
+    async def _run(self, fn: Callable[[], Response]) -> Response:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except InventoryError as exc:
+            return _json(400, {"error": str(exc), "entry": exc.entry, "field": exc.field})
+        except ValidationError as exc:
+            return _json(400, {"error": str(exc)})
+        except NotFound as exc:
+            return _json(404, {"error": str(exc)})
+        except Conflict as exc:
+            return _json(409, {"error": str(exc)})
+        except RegistryError as exc:
+            log.error("admin: registry failure: %s", exc)
+            return _json(503, {"error": "registry unavailable"})
+
+
+def _decode(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError("body is not UTF-8") from exc
+
+
+def _list_instances(reg: Registry, _: list[str], __: bytes) -> Response:
+    return _json(200, [instance_to_dict(i) for i in reg.list_instances()])
+
+
+def _get_instance(reg: Registry, args: list[str], _: bytes) -> Response:
+    return _json(200, instance_to_dict(reg.get_instance(args[0])))
+
+
+def _put_instance(reg: Registry, args: list[str], body: bytes) -> Response:
+    try:
+        entry = json.loads(_decode(body))
+    except ValueError as exc:
+        raise ValidationError(f"body is not JSON: {exc}") from exc
+    if not isinstance(entry, dict):
+        raise ValidationError("body must be one instance as a JSON object")
+    entry.setdefault("uuid", args[0])
+    if str(entry["uuid"]) != args[0]:
+        raise ValidationError(f"body uuid {entry['uuid']} does not match the path {args[0]}")
+    inventory = parse_inventory(json.dumps({"instances": [entry]}), source="request body", fmt="json")
+    report = apply_inventory(reg, inventory)
+    status = 201 if report.instances.created else 200
+    return _json(status, instance_to_dict(reg.get_instance(inventory.instances[0].uuid)))
+
+
+def _delete_instance(reg: Registry, args: list[str], _: bytes) -> Response:
+    reg.delete_instance(args[0])
+    return Response(204, b"")
+
+
+def _list_networks(reg: Registry, _: list[str], __: bytes) -> Response:
+    return _json(200, [network_to_dict(n) for n in reg.list_networks()])
+
+
+def _list_routers(reg: Registry, _: list[str], __: bytes) -> Response:
+    return _json(200, [router_to_dict(r) for r in reg.list_routers()])
+
+
+def _import(reg: Registry, _: list[str], body: bytes) -> Response:
+    report = apply_inventory(reg, parse_inventory(_decode(body), source="request body"))
+    return _json(200, {"report": format_import_report(report), "revision": report.revision})
+
+
+Route = Callable[[Registry, list[str], bytes], Response]
+# (method, collection, number of path arguments) -> handler
+_ROUTES: dict[tuple[str, str, int], Route] = {
+    ("GET", "instances", 0): _list_instances,
+    ("GET", "instances", 1): _get_instance,
+    ("PUT", "instances", 1): _put_instance,
+    ("DELETE", "instances", 1): _delete_instance,
+    ("GET", "networks", 0): _list_networks,
+    ("GET", "routers", 0): _list_routers,
+    ("POST", "import", 0): _import,
+}
+
+
+async def start_admin(
+    registry: Registry, token: bytes, address: tuple[str, int], *, max_body: int = 4 << 20
+) -> tuple[asyncio.Server, AdminApp]:
+    """Listen on ``address`` (TCP) with the admin API; imports may be up to ``max_body``."""
+    from meta169.api.http import HTTPProtocol, Limits
+
+    app = AdminApp(registry, token)
+    limits = Limits(max_body_bytes=max_body, request_timeout=30.0)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: HTTPProtocol(app, limits), address[0], address[1])
+    return server, app
