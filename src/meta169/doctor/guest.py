@@ -647,7 +647,15 @@ def check_metadata_not_found(v: GuestView) -> Iterator[Hit]:
 
 def check_metadata_forbidden(v: GuestView) -> Iterator[Hit]:
     probes = [p for p in _probes(v, "openstack", "ec2") if p.status == 403]
-    if probes:
+    if probes and any("signature" in p.detail for p in probes):
+        # serve's 403 for a proxy request whose HMAC it rejects (meta169 api): the guest
+        # is fine, the proxy-to-serve hop is not (found by the lab's secret-mismatch fault).
+        yield Hit("the metadata service refuses the proxy's signature (403): the metadata proxy and serve do "
+                  "not share one secret (or their clocks differ); nothing in this guest can fix it",
+                  tuple(p.evidence for p in probes),
+                  (Remedy("host", "meta169 doctor --host on the network node: the proxy's --secret-file and "
+                                  "serve's --proxy-secret-file must hold the same secret"),))  # fmt: skip
+    elif probes:
         yield Hit("the metadata service refuses this guest (403): its metadata endpoint is disabled "
                   "(http_endpoint=disabled) or a proxy in between added identity headers",
                   tuple(p.evidence for p in probes),

@@ -8,7 +8,8 @@ run in it; cloud-init (or anything else) runs inside the VM namespaces.
 - ``plan``       the topology as data (names, addresses, registry objects, configs); pure
 - ``state``      the state file ``lab up`` writes as it goes, so ``lab down`` is exact
 - ``processes``  detached background processes, stopped by PID after a cmdline check
-- ``lab``        :class:`Lab`: up, load, status, exec, fault seams, down
+- ``faults``     the faults ``lab break``/``lab heal`` inflict and undo, as a table
+- ``lab``        :class:`Lab`: up, load, status, exec, fault seams, break/heal, down
 - ``cli``        the ``meta169 lab`` click group
 
 Never creates anything in the host's namespace (no veth leg, no address, no rule)

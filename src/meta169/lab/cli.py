@@ -1,8 +1,11 @@
-"""``meta169 lab``: up, status, exec, down. A thin click layer over :class:`meta169.lab.Lab`.
+"""``meta169 lab``: up, status, exec, break, heal, doctor, down. A thin click layer
+over :class:`meta169.lab.Lab` and :mod:`meta169.lab.faults`.
 
 The lab keeps its own SQLite registry in its state directory; the global
 ``--registry`` option does not apply to it. Exit codes are those of
-:mod:`meta169.cli` (4 for a lab failure); ``lab exec`` exits with the command's code.
+:mod:`meta169.cli` (2 for a fault or VM that does not fit, 4 for a lab failure,
+such as breaking what is already broken); ``lab exec`` and ``lab doctor`` exit
+with the command's code.
 """
 
 from __future__ import annotations
@@ -139,6 +142,109 @@ def exec_(name: str, state_dir: Path | None, vm: str, argv: tuple[str, ...]) -> 
         sys.exit(127)
 
 
+def _fault_rows() -> list[tuple[str, str]]:
+    from meta169.lab.faults import FAULTS
+
+    where = {"vm": "one {}VM", "router": "a routed VM's router", "lab": "the whole lab (VM optional)"}
+    rows = []
+    for f in FAULTS:
+        kind = f"{f.modes[0]} " if len(f.modes) == 1 else ""
+        rows.append((f.name, f"[{where[f.scope].format(kind)}] {f.summary}."))
+    return rows
+
+
+class _BreakCommand(click.Command):
+    # The fault table's rows in --help, without importing the lab to build the CLI.
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Faults"):
+            formatter.write_dl(_fault_rows())
+
+
+@lab.command("break", cls=_BreakCommand)
+@_lab_options
+@click.argument("fault")
+@click.argument("vm", required=False)
+def break_(name: str, state_dir: Path | None, fault: str, vm: str | None) -> None:
+    """Break the metadata path: meta169 lab break zeroconf a1 (see Faults below).
+
+    The fault is recorded in the lab's state; lab status shows it and lab heal undoes it.
+    Breaking what is already broken is an error (exit 4).
+    """
+    from meta169.lab.faults import affected, describe
+    from meta169.lab.faults import fault as fault_row
+    from meta169.lab.lab import Lab
+
+    with _errors():
+        built = Lab.load(_config(name, state_dir))
+        record = built.break_fault(fault, vm)
+        row = fault_row(record.fault)
+        vms = [v.name for v in affected(built.plan, record)]
+        click.echo(f"lab {name}: broke {describe(record)} ({row.summary})")
+        named = "" if name == DEFAULT_NAME else f" --name {name}"
+        doctors = []
+        if row.guest_finding is not None:
+            doctors.append(f"meta169 lab doctor{named} {vm or vms[0]}  (expect {row.guest_finding})")
+        if row.host_finding is not None:
+            doctors.append(f"meta169 lab doctor{named} --host {vm or vms[0]}  (expect {row.host_finding})")
+        click.echo(f"  breaks: {', '.join(vms)}; diagnose: " + "; ".join(doctors))
+
+
+@lab.command("heal")
+@_lab_options
+@click.argument("vm", required=False)
+@click.option("--all", "everything", is_flag=True, help="Heal every recorded fault.")
+def heal(name: str, state_dir: Path | None, vm: str | None, everything: bool) -> None:
+    """Undo what lab break did, last break first, and wait until metadata answers again.
+
+    With VM: every fault on that VM's path (its own, its router's, the lab's).
+    Without: the faults not bound to one VM (router and lab-wide). Nothing broken: a no-op.
+    """
+    from meta169.lab.faults import describe
+    from meta169.lab.lab import Lab
+
+    if vm is not None and everything:
+        raise click.UsageError("give a VM or --all, not both")
+    with _errors():
+        built = Lab.load(_config(name, state_dir))
+        healed = built.heal(vm, everything=everything)
+        left = ", ".join(describe(f) for f in built.faults)
+        done = ", ".join(describe(f) for f in healed) or "nothing to heal"
+        click.echo(f"lab {name}: healed {done}" if healed else f"lab {name}: {done}")
+        if left:
+            click.echo(f"  still broken: {left} (meta169 lab heal --all)")
+
+
+@lab.command("doctor")
+@_lab_options
+@click.argument("vm", required=False)
+@click.option("--host", "host_mode", is_flag=True, help="Run the host doctor on this lab (VM: the caller to resolve).")
+@click.option("--json", "as_json", is_flag=True, help="Print the doctor's report as JSON.")
+def doctor(name: str, state_dir: Path | None, vm: str | None, host_mode: bool, as_json: bool) -> None:
+    """Run meta169 doctor inside VM, or --host for the lab's namespaces, proxy and serve.
+
+    The lab supplies the flags: the VM's lease and an empty --files-root (a VM shares the
+    host's files); for --host, the lab's namespaces, listener file, upstream and registry.
+    """
+    from meta169.lab.lab import Lab
+
+    if vm is None and not host_mode:
+        raise click.UsageError("name a VM (meta169 lab doctor a1) or pass --host")
+    extra = ("--json",) if as_json else ()
+    with _errors():
+        built = Lab.load(_config(name, state_dir))
+        if host_mode:
+            command = built.host_doctor_argv(vm, *extra)
+        else:
+            assert vm is not None
+            built.prepare_guest_root()
+            command = built.doctor_argv(vm, *extra)
+    try:
+        os.execvp(command[0], command)  # noqa: S606 - argv list, no shell; the doctor's exit code is ours
+    except OSError as exc:
+        click.echo(f"meta169: error: cannot run {command[0]}: {exc}", err=True)
+        sys.exit(127)
+
+
 @lab.command("down")
 @_lab_options
 @click.option("--keep-files", is_flag=True, help="Keep logs, leases and the registry in the state directory.")
@@ -170,3 +276,5 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     procs = ", ".join(f"{p['role']} {p['pid']}{'' if p['alive'] else ' (dead)'}" for p in status["processes"])
     click.echo(f"  processes: {procs or 'none'}")
+    faults = "; ".join(f"{f['description']} (breaks {', '.join(f['affects'])})" for f in status.get("faults", ()))
+    click.echo(f"  faults: {faults or 'none'}")

@@ -13,8 +13,10 @@ is removed before a :class:`LabError` naming the step is raised.
 /proc for processes carrying the lab's marker arguments and the lab's namespaces
 for anything still inside, and deletes every namespace with the lab's prefix.
 
-The fault seams (router rules, proxy, server) exist for ``lab break``/``lab heal``
-and the doctor's tests. Never creates a link in, or changes a file of, the host:
+The fault seams (routes, router rules, proxy, server, registry, the proxy-to-serve
+wiring) exist for ``lab break``/``lab heal`` (:mod:`meta169.lab.faults`, which
+:meth:`Lab.break_fault` and :meth:`Lab.heal` drive and record) and the doctor's
+tests. Never creates a link in, or changes a file of, the host:
 every interface lives in a lab namespace, every file in the state directory.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import ipaddress
 import json
 import os
@@ -33,15 +36,19 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from meta169.errors import LabError, Meta169Error
-from meta169.lab import DEFAULT_STATE_ROOT, processes, state
+from meta169.errors import LabError, Meta169Error, NotFound
+from meta169.lab import DEFAULT_NAME, DEFAULT_STATE_ROOT, processes, state
+from meta169.lab import faults as lf
 from meta169.lab import plan as lp
-from meta169.lab.plan import LabConfig, LabPlan, TenantPlan, VMPlan
-from meta169.lab.state import LabState, ProcessRecord
+from meta169.lab.plan import LabConfig, LabPlan, TcpUpstream, TenantPlan, VMPlan
+from meta169.lab.state import FaultRecord, LabState, ProcessRecord
 from meta169.plumbing import dhclient, dnsmasq, iptables, netns
 from meta169.plumbing.command import CommandResult, Runner, run
+
+if TYPE_CHECKING:
+    from meta169.registry.base import Registry
 
 T = TypeVar("T")
 
@@ -53,6 +60,7 @@ ZEROCONF_ROUTE = ("169.254.0.0/16",)
 ZEROCONF_ATTRS = ("scope", "link", "metric", "1002")
 FAMILIES: tuple[iptables.Family, ...] = (4, 6)
 _DHCLIENT_TIMEOUT = 15  # seconds for one lease (dhclient's own timeout statement)
+_SETTLE_TIMEOUT = 5.0  # seconds for a VM to see a break or heal (serve polls the registry every 0.5 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +188,27 @@ class Lab:
     def status(self) -> dict[str, Any]:
         """What ``lab status --json`` prints: the VMs, the processes (alive or not), the namespaces."""
         present = set(lab_namespaces(self.plan.prefix))
+        paths = self.plan.paths
+        tcp = self._tcp()
         return {
             "name": self.name,
             "state_dir": str(self.plan.config.directory),
             "status": self._state.status,
             "error": self._state.error,
-            "registry": self.plan.paths.registry_url,
-            "vms": [describe_vm(vm) for vm in self.plan.vms],
+            "registry": paths.registry_url,
+            "serve_socket": str(paths.serve_socket),
+            "listeners": str(paths.listeners),
+            "upstream": lp.upstream(self.plan, tcp),
+            "proxy_secret_file": str(tcp.proxy_secret) if tcp is not None else None,
+            "faults": [
+                {**f.to_json(), "description": lf.describe(f), "affects": [v.name for v in lf.affected(self.plan, f)]}
+                for f in self._state.faults
+            ],
+            "host_doctor": self.host_doctor_argv(),
+            "vms": [
+                {**describe_vm(vm), "lease": str(paths.dhclient(vm.name).lease), "doctor": self.doctor_argv(vm.name)}
+                for vm in self.plan.vms
+            ],
             "processes": [
                 {
                     "role": p.role,
@@ -257,6 +279,192 @@ class Lab:
         self.exec(vm, ["ip", "-4", "route", "del", *ZEROCONF_ROUTE, "dev", plan.iface, *ZEROCONF_ATTRS], check=False)
         self.exec(vm, ["ip", "-4", "neigh", "flush", "dev", plan.iface, "to", str(lp.METADATA_V4)], check=False)
 
+    def remove_host_route(self, vm: str) -> None:
+        """A guest whose DHCP client ignored option 121: its 169.254.169.254/32 is gone."""
+        self.exec(vm, ["ip", "-4", "route", "del", f"{lp.METADATA_V4}/32"], check=False)
+
+    def ensure_proxy(self) -> None:
+        """Start the proxy unless it runs (heal: idempotent)."""
+        if not self._running("proxy"):
+            self.start_proxy()
+
+    def ensure_server(self) -> None:
+        """Start serve unless it runs (heal: idempotent)."""
+        if not self._running("serve"):
+            self.start_server()
+
+    def use_tcp_upstream(self, port: int, *, serve_secret: bytes, proxy_secret: bytes) -> None:
+        """Restart serve with a second proxy listener on 127.0.0.1:``port`` (HMAC with
+        ``serve_secret``) and the proxy against it, signing with ``proxy_secret``."""
+        paths = self.plan.paths
+        _write_secret(paths.secret("serve"), serve_secret)
+        _write_secret(paths.secret("proxy"), proxy_secret)
+        self._state = replace(self._state, tcp_port=port)
+        self._save()
+        self._restart_servers()
+
+    def use_unix_upstream(self) -> None:
+        """The lab's normal wiring: the proxy talks to serve on its Unix socket; secrets removed."""
+        self._state = replace(self._state, tcp_port=None)
+        self._save()
+        self._restart_servers()
+        for role in ("serve", "proxy"):
+            self.plan.paths.secret(role).unlink(missing_ok=True)
+
+    def unregister(self, vm: str) -> None:
+        """Delete VM ``vm``'s instance from the lab's registry (serve then answers it 404)."""
+        with self._registry() as registry, contextlib.suppress(NotFound):  # already gone: the fault holds
+            registry.delete_instance(self.plan.vm(vm).uuid)
+
+    def register(self, vm: str) -> None:
+        """Put VM ``vm``'s instance back as ``lab up`` made it."""
+        with self._registry() as registry:
+            registry.put_instance(lp.instance(self.plan, self.plan.vm(vm)))
+
+    def metadata(
+        self, vm: str, path: str = "/latest/meta-data/instance-id", *, timeout: float = 2.0
+    ) -> tuple[int, bytes]:
+        """One GET of http://169.254.169.254``path`` from inside ``vm``: (status, body).
+
+        The socket is opened by a thread inside the VM's namespace, so the request
+        takes the guest's routes; OSError (refused, timed out) propagates.
+        """
+
+        def get() -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection(str(lp.METADATA_V4), 80, timeout=timeout)
+            try:
+                conn.request("GET", path)
+                reply = conn.getresponse()
+                return reply.status, reply.read()
+            finally:
+                conn.close()
+
+        return self.call(vm, get)
+
+    def await_metadata(self, vm: str, *, status: int = 200, timeout: float = _SETTLE_TIMEOUT) -> None:
+        """Wait until ``vm`` gets ``status`` for its instance-id (and, for 200, its own uuid)."""
+        want = self.plan.vm(vm).uuid.encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got, body = self.metadata(vm, timeout=min(2.0, timeout))
+                seen = f"HTTP {got} {body[:80]!r}"
+                if got == status and (status != 200 or body == want):
+                    return
+            except OSError as exc:
+                seen = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise LabError(f"{vm}: GET http://{lp.METADATA_V4}/latest/meta-data/instance-id gave {seen} "
+                               f"after {timeout:g}s, not HTTP {status}")  # fmt: skip
+            time.sleep(0.1)
+
+    # -- lab break / lab heal --------------------------------------------------------------------
+
+    @property
+    def faults(self) -> tuple[FaultRecord, ...]:
+        return self._state.faults
+
+    def break_fault(self, name: str, vm: str | None = None) -> FaultRecord:
+        """``lab break NAME [VM]``: inflict fault ``name`` and record it.
+
+        ConfigError for an unknown fault or a VM it cannot break; LabError when
+        something it would change is already broken, or when inflicting fails (what
+        it had changed is then healed again).
+        """
+        self._refresh()
+        if self._state.status != "up":
+            raise LabError(f"lab {self.name} is {self._state.status}, not up: nothing to break")
+        row = lf.fault(name)
+        target = lf.target_of(self.plan, row, vm)
+        busy = lf.conflict(self._state.faults, row, target)
+        if busy is not None:
+            again = "is already active" if busy.key == (row.name, target) else "already changes what it would change"
+            hint = lf.heal_command(busy) + ("" if self.name == DEFAULT_NAME else f" --name {self.name}")
+            raise LabError(f"fault {lf.describe(busy)} {again}; heal it first: {hint}")
+        record = FaultRecord(row.name, target, vm, time.time())
+        # Recorded first: a break killed halfway is still known to heal.
+        self._state = self._state.with_fault(record)
+        self._save()
+        try:
+            row.inflict(self, record)
+        except BaseException as exc:
+            self._state = self._state.without_fault(record)
+            self._save()
+            problem = ""
+            try:
+                row.heal(self, record)
+            except Exception as undo:  # the original failure must still be reported
+                problem = f"; undoing it failed too: {undo}"
+            if not isinstance(exc, Exception):
+                raise
+            raise LabError(f"lab break {name}: {exc}{problem}") from exc
+        return record
+
+    def heal(self, vm: str | None = None, *, everything: bool = False) -> tuple[FaultRecord, ...]:
+        """``lab heal [VM] [--all]``: undo recorded faults (see :func:`faults.to_heal`), last first.
+
+        Then waits until every VM they broke, and no other fault still breaks, gets
+        its own instance id again (LabError when one does not). A no-op returning ()
+        when nothing is broken.
+        """
+        self._refresh()
+        chosen = lf.to_heal(self.plan, self._state.faults, vm, everything=everything)
+        for record in chosen:
+            self._state = self._state.without_fault(record)
+            self._save()
+            try:
+                lf.fault(record.fault).heal(self, record)
+            except BaseException:
+                self._state = self._state.with_fault(record)  # still broken: heal can be retried
+                self._save()
+                raise
+        touched = {v.name: v for r in chosen for v in lf.affected(self.plan, r)}
+        broken = set(v.name for v in lf.still_broken(self.plan, self._state.faults, list(touched.values())))
+        for name in touched:
+            if name not in broken:
+                self.await_metadata(name)
+        return chosen
+
+    # -- doctor command lines --------------------------------------------------------------------
+
+    def doctor_argv(self, vm: str, *extra: str, files_root: Path | None = None) -> list[str]:
+        """``meta169 doctor`` inside VM ``vm``: its lease, and ``files_root`` for the guest's
+        config files, by default an empty directory (a VM shares the host's filesystem,
+        whose /etc says nothing about the guest)."""
+        plan = self.plan.vm(vm)
+        paths = self.plan.paths
+        root = files_root if files_root is not None else paths.guest_root
+        argv = [self.plan.config.python, "-m", "meta169", "doctor", "--files-root", str(root),
+                "--lease", str(paths.dhclient(vm).lease), *extra]  # fmt: skip
+        return netns.in_netns(plan.netns, argv)
+
+    def host_doctor_argv(self, vm: str | None = None, *extra: str) -> list[str]:
+        """``meta169 doctor --host`` for this lab only: its namespaces, listener file,
+        upstream (and secret), registry; with ``vm``, that VM as the caller to resolve."""
+        paths = self.plan.paths
+        tcp = self._tcp()
+        argv = [self.plan.config.python, "-m", "meta169", "--registry", paths.registry_url, "doctor", "--host",
+                "--proxy-listeners", str(paths.listeners), "--upstream", lp.upstream(self.plan, tcp)]  # fmt: skip
+        if tcp is not None:
+            argv += ["--secret-file", str(tcp.proxy_secret)]
+        for tenant in self.plan.tenants:
+            if tenant.router_ns is not None:
+                argv += ["--netns", f"{tenant.router_ns}=router"]
+            argv += ["--netns", f"{tenant.dhcp_ns}=dhcp"]
+        if vm is not None:
+            plan = self.plan.vm(vm)
+            argv += ["--network", plan.network_id, "--ip", str(plan.ip)]
+        return argv + list(extra)
+
+    def prepare_guest_root(self) -> Path:
+        """Create the empty directory :meth:`doctor_argv` points ``--files-root`` at."""
+        root = self.plan.paths.guest_root
+        try:
+            root.mkdir(mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise LabError(f"cannot create {root}: {exc}") from exc
+        return root
+
     # -- teardown -------------------------------------------------------------------------------
 
     def down(self, *, keep_files: bool = False) -> TeardownReport:
@@ -265,6 +473,7 @@ class Lab:
         LabError when something could not be removed (the state file then stays, so
         ``lab down`` can be run again).
         """
+        self._refresh()
         report = self._teardown()
         if report.problems:
             self._state = replace(self._state, status="failed", error="; ".join(report.problems))
@@ -433,7 +642,7 @@ class Lab:
 
     def _launch_server(self) -> tuple[processes.Background, int]:
         offset = _size(self.plan.paths.log("serve"))
-        return self._start_background("serve", lp.serve_argv(self.plan)), offset
+        return self._start_background("serve", lp.serve_argv(self.plan, self._tcp())), offset
 
     def _await_server(self, bg: processes.Background, offset: int) -> None:
         processes.wait_for_line(bg, _SERVE_READY, timeout=self.plan.config.ready_timeout, offset=offset)
@@ -442,7 +651,7 @@ class Lab:
         paths = self.plan.paths
         _write_text(paths.listeners, json.dumps(lp.listeners_document(self.plan), indent=2) + "\n")
         offset = _size(paths.log("proxy"))
-        return self._start_background("proxy", lp.proxy_argv(self.plan)), offset
+        return self._start_background("proxy", lp.proxy_argv(self.plan, self._tcp())), offset
 
     def _await_proxy(self, bg: processes.Background, offset: int) -> None:
         match = processes.wait_for_line(bg, _PROXY_READY, timeout=self.plan.config.ready_timeout, offset=offset)
@@ -475,6 +684,44 @@ class Lab:
         if kind == "dhclient":
             return str(paths.dhclient(key).lease)
         raise LabError(f"unknown lab process role {role!r}")
+
+    def _tcp(self) -> TcpUpstream | None:
+        port = self._state.tcp_port
+        if port is None:
+            return None
+        paths = self.plan.paths
+        return TcpUpstream(port, paths.secret("serve"), paths.secret("proxy"))
+
+    def _running(self, role: str) -> bool:
+        record = self._state.process(role)
+        return record is not None and processes.is_ours(record.pid, self._marker(role))
+
+    def _restart_servers(self) -> None:
+        self.stop_proxy()
+        self.stop_server()
+        self._start_servers()
+
+    @contextlib.contextmanager
+    def _registry(self) -> Iterator[Registry]:
+        from meta169.registry import open_registry
+
+        registry = open_registry(self.plan.paths.registry_url)
+        try:
+            yield registry
+        finally:
+            registry.close()
+
+    def _refresh(self) -> None:
+        """Adopt what another process (``meta169 lab break``/``heal``) recorded since."""
+        found = state.load(self.plan.paths.state) if self._persist else None
+        if found is None or found.config.name != self.name:
+            return
+        self._state = found
+        for role, child in list(self._children.items()):
+            record = found.process(role)
+            if record is None or record.pid != child.pid:
+                child.poll()  # reaps it when another process stopped it
+                del self._children[role]
 
     def _router_ns(self, tenant: str) -> str:
         ns = self.plan.tenant(tenant).router_ns
@@ -565,7 +812,7 @@ class Lab:
         """Delete the files this lab writes (only those: the directory may hold others)."""
         paths = self.plan.paths
         roles = ("serve", "proxy")
-        files = [paths.state, paths.listeners, paths.serve_socket]
+        files = [paths.state, paths.listeners, paths.serve_socket, paths.secret("serve"), paths.secret("proxy")]
         files += [paths.registry.with_name(paths.registry.name + sfx) for sfx in ("", "-wal", "-shm", "-journal")]
         files += [paths.pid_file(r) for r in roles] + [paths.log(r) for r in roles]
         for path in files:
@@ -574,6 +821,8 @@ class Lab:
         dirs = [paths.dnsmasq_dir(t.key) for t in self.plan.tenants] + [paths.vm_dir(v.name) for v in self.plan.vms]
         for directory in dirs:
             shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            paths.guest_root.rmdir()  # only when empty: the doctor's --files-root
         if not keep_root:
             with contextlib.suppress(OSError):
                 paths.root.rmdir()  # only when empty
@@ -627,6 +876,17 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _write_secret(path: Path, secret: bytes) -> None:
+    # Mode 0600 from the start: serve and the proxy refuse a secret others can read.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secret + b"\n")
+        path.chmod(0o600)
+    except OSError as exc:
+        raise LabError(f"cannot write {path}: {exc}") from exc
 
 
 def _write_text(path: Path, text: str) -> None:
