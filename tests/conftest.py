@@ -66,3 +66,10 @@ def require(capability: str, ok: bool, why: str) -> None:
     if os.environ.get("META169_REQUIRE_E2E") == "1":
         pytest.fail(message + " (META169_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
     pytest.skip(message)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.counters import SUMMARY
+
+    for key, value in sorted(SUMMARY.items()):
+        terminalreporter.write_line(f"meta169 {key}: {value}")

@@ -28,6 +28,7 @@ import pytest
 from meta169.lab import Lab
 from meta169.lab import plan as lp
 from meta169.model import MetadataOptions
+from tests.counters import SUMMARY
 from tests.e2e import hostile_cases as hc
 from tests.e2e.lab_fixture import METADATA_V4, vm_connect, vm_request
 from tests.integration.serving import ServeProcess, get, start_serve
@@ -300,5 +301,5 @@ def _count_cases() -> int:
 def test_hostile_case_count(record_property: Callable[[str, object], None]) -> None:
     count = _count_cases()
     record_property("hostile_cases", count)
-    print(f"\nhostile cases: {count}")
+    SUMMARY["hostile cases against the lab"] = str(count)
     assert count >= 30

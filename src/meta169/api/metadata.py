@@ -195,22 +195,14 @@ class MetadataApp:
         # rules below (neither is ever a document), only the token check.
         doc = entry.documents.get(path)
         if doc is not None and method in _READ_METHODS:
-            token = req.headers.get(TOKEN_HEADER)
-            if token is not None:
-                if not tokens.is_valid(self._ring, token, instance.uuid):
-                    return error_response(401)
-            elif options.http_tokens == "required":
+            if self._unauthorized(req, options, instance.uuid):
                 return error_response(401)
             body = doc.body if doc.fresh is None else doc.fresh()
             return (document_head(doc.content_type, len(body)), body)
         token_path = _token_path_kind(path)
         if token_path:
             return self._token(req, instance.uuid, options, dated=token_path == "dated")
-        token = req.headers.get(TOKEN_HEADER)
-        if token is not None:
-            if not tokens.is_valid(self._ring, token, instance.uuid):
-                return error_response(401)
-        elif options.http_tokens == "required":
+        if self._unauthorized(req, options, instance.uuid):
             return error_response(401)
         if is_password_path(path):
             return self._password(req, entry)
@@ -223,6 +215,13 @@ class MetadataApp:
             return error_response(404)
         body = doc.fresh() if doc.fresh is not None else doc.body
         return Response(200, body, doc.content_type)
+
+    def _unauthorized(self, req: Request, options: MetadataOptions, uuid: str) -> bool:
+        """IMDSv2: a token that is sent must be valid; with ``required`` one must be sent."""
+        token = req.headers.get(TOKEN_HEADER)
+        if token is None:
+            return options.http_tokens == "required"
+        return not tokens.is_valid(self._ring, token, uuid)
 
     def _token(self, req: Request, uuid: str, options: MetadataOptions, *, dated: bool) -> Response:
         if req.method != "PUT":
