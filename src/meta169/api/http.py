@@ -15,6 +15,7 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -218,6 +219,51 @@ def _header_name(raw: bytes) -> str:
     return name
 
 
+# RFC 9110 token characters for header names; a request target of visible ASCII.
+_TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET_RE = re.compile(rb"/[\x21-\x7e]*")
+# Bytes a request head may hold at all (RFC 9110 field-value: HTAB, SP, VCHAR, obs-text).
+_HEAD_BYTES_RE = re.compile(rb"[\t\r\n\x20-\x7e\x80-\xff]*")
+_SLOW_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "upgrade", "expect"))
+
+
+def _simple_get(data: bytes, peer_key: str, max_headers: int) -> Request | None:
+    """Parse one complete, body-less ``GET ... HTTP/1.1`` request by hand, or None.
+
+    This is the shape of nearly every metadata request (cloud-init, SDKs, curl), so
+    it skips httptools' per-header callbacks. Anything unusual (pipelining, a body
+    or its headers, Connection/Upgrade/Expect, duplicate or odd headers, HTTP/1.0,
+    bytes outside the grammar) returns None and goes through httptools instead,
+    which keeps one strict parser in charge of every edge case.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end != len(data) - 4 or not _HEAD_BYTES_RE.fullmatch(data):
+        return None
+    lines = data[:end].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not _TARGET_RE.fullmatch(parts[1]):
+        return None
+    if len(lines) - 1 > max_headers:
+        return None
+    headers: dict[str, str] = {}
+    identity = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or b"\n" in line:
+            return None
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            if not _TOKEN_RE.fullmatch(name):
+                return None
+            key = _header_name(name)
+        if key in headers or key in _SLOW_HEADERS:
+            return None
+        if key.startswith(_IDENTITY_PREFIX):
+            identity = True
+        headers[key] = value.strip(b" \t").decode("latin-1")
+    return Request("GET", parts[1], headers, b"", peer_key, True, identity)
+
+
 class HTTPProtocol(asyncio.Protocol):
     """One connection. Requests are answered strictly in arrival order.
 
@@ -311,6 +357,19 @@ class HTTPProtocol(asyncio.Protocol):
         parser = self._parser
         if parser is None:
             return
+        if (
+            data[:4] == b"GET "
+            and data[-4:] == b"\r\n\r\n"
+            and not self._begun
+            and not self._busy
+            and not self._queue
+            and len(data) <= self._limits.max_header_bytes
+        ):
+            req = _simple_get(data, self._peer_key, self._limits.max_headers)
+            if req is not None:
+                self._progress += 1
+                self._dispatch(req)
+                return
         try:
             parser.feed_data(data)
         except _Reject as rej:
@@ -348,12 +407,14 @@ class HTTPProtocol(asyncio.Protocol):
         key = _HEADER_NAMES.get(name) or _header_name(name)
         if key.startswith(_IDENTITY_PREFIX):
             self._identity = True
+        # httptools drops leading whitespace only; RFC 9110 5.5 excludes trailing too.
+        text = value.decode("latin-1").rstrip(" \t")
         if key in headers:
             # Duplicate identity or token headers are a smuggling vector; keep them
             # visible as one comma-joined value so handlers can refuse them.
-            headers[key] = headers[key] + "," + value.decode("latin-1")
+            headers[key] = headers[key] + "," + text
         else:
-            headers[key] = value.decode("latin-1")
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         length = self._cur_headers.get("content-length")

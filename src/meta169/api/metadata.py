@@ -101,7 +101,7 @@ class MetadataApp:
 
     def __call__(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
         direct = self._direct
-        if direct is not None and req.peer is not None:
+        if direct is not None and req.peer_key:
             # Hot path for a network/router listener: the cache key needs no Caller.
             if req.identity_header:
                 return error_response(403, "identity headers are accepted only from the trusted proxy")
