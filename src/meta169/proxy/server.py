@@ -124,7 +124,11 @@ async def open_in_namespace(listener: ProxyListener) -> socket.socket:
             backlog=1024,
         )
 
-    return await asyncio.to_thread(opener)
+    sock = await asyncio.to_thread(opener)
+    # A blocking listener would make the loop's accept() wait for the next client
+    # once the backlog is drained: every accept must fail fast with EAGAIN.
+    sock.setblocking(False)
+    return sock
 
 
 class ProxyApp:
