@@ -150,7 +150,7 @@ class ProxyApp:
             self._scope_text = f"router:{binding.id}"
 
     def __call__(self, req: Request) -> Response | asyncio.Future[Response]:
-        if req.peer is None:
+        if not req.peer_key:
             return error_response(400, "no peer address")
         # Listener sockets are AF_INET or v6-only AF_INET6, so the peer text is the
         # caller's address as the registry knows it (never an IPv4-mapped form).
