@@ -535,6 +535,7 @@ class HTTPProtocol(asyncio.Protocol):
         if req.keep_alive:
             transport.write(b"".join((head, _date_header(), b"\r\n", body)))
         else:
+            _cork(transport)
             transport.write(b"".join((head, _date_header(), b"Connection: close\r\n\r\n", body)))
             transport.close()
             self._transport = None
@@ -548,6 +549,8 @@ class HTTPProtocol(asyncio.Protocol):
         keep = req.keep_alive and not resp.close
         if resp.ip_ttl is not None:
             self._set_ttl(transport, resp.ip_ttl)
+        if not keep:
+            _cork(transport)
         if resp.raw is None:
             transport.write(encode_response(resp, keep_alive=keep))
         elif keep:
@@ -607,6 +610,23 @@ class HTTPProtocol(asyncio.Protocol):
                 self._transport = None
                 return
         self._timer = self._loop.call_later(self._tick, self._on_tick)
+
+
+def _cork(transport: asyncio.Transport) -> None:
+    """Hold the last reply of a connection until close() so it leaves with the FIN.
+
+    Then this side is the first to close and keeps the TIME_WAIT state; when the
+    client closes first, every connection parks an ephemeral port of the guest in
+    TIME_WAIT for a minute, and a guest (or a benchmark) that opens connections fast
+    runs out of ports and stalls in connect().
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    except OSError as exc:
+        log.debug("cannot cork: %s", exc)
 
 
 def _consume_exception(task: asyncio.Task[None]) -> None:
