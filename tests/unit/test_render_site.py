@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import deque
 from datetime import UTC, datetime
@@ -243,3 +244,13 @@ def test_site_document_payload_uses_fresh_when_set() -> None:
     assert Document("text/plain", b"old").payload() == b"old"
     assert Document("text/plain", b"old", fresh).payload() == b"new"
     assert calls == [1]
+
+
+def test_render_random_seed_never_repeats_across_pool_refills() -> None:
+    from meta169.render.document import RANDOM_SEED_BYTES, seeded_json_document
+
+    doc = seeded_json_document({"uuid": "x"}, {})
+    assert doc.fresh is not None
+    seeds = [json.loads(doc.fresh())["random_seed"] for _ in range(200)]
+    assert len(set(seeds)) == 200
+    assert all(len(base64.b64decode(s)) == RANDOM_SEED_BYTES for s in seeds)
