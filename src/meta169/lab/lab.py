@@ -45,7 +45,7 @@ from meta169.lab import plan as lp
 from meta169.lab.plan import LabConfig, LabPlan, TcpUpstream, TenantPlan, VMPlan
 from meta169.lab.state import FaultRecord, LabState, ProcessRecord
 from meta169.plumbing import dhclient, dnsmasq, iptables, netns
-from meta169.plumbing.command import CommandResult, Runner, run
+from meta169.plumbing.command import CommandResult, Runner, kill_checked, run
 
 if TYPE_CHECKING:
     from meta169.registry.base import Registry
@@ -769,7 +769,7 @@ class Lab:
         # Anything of ours not (yet) recorded: a crash between start and record.
         markers = set(lp.process_markers(self.plan))
         stray = processes.find_marked(markers, exclude={os.getpid()})
-        processes.kill_checked(stray, lambda pid: bool(markers.intersection(processes.cmdline(pid))))
+        kill_checked(stray, lambda pid: bool(markers.intersection(processes.cmdline(pid))))
         stopped += [f"PID {pid}" for pid in stray]
         removed: list[str] = []
         for ns in lab_namespaces(self.plan.prefix):
@@ -802,7 +802,7 @@ class Lab:
         except OSError:
             return
         pids = netns.pids(ns, runner=self._runner)
-        processes.kill_checked(pids, lambda pid: _netns_inode(pid) == inode)
+        kill_checked(pids, lambda pid: _netns_inode(pid) == inode)
 
     def _save(self) -> None:
         if self._persist and self.plan.paths.root.is_dir():

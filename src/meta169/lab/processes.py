@@ -10,17 +10,16 @@ namespaces or of what the processes do.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.errors import LabError
+from meta169.plumbing.command import stop_ours
 
 _TAIL = 3000
 
@@ -106,32 +105,7 @@ def wait_for_line(bg: Background, pattern: re.Pattern[str], *, timeout: float, o
 
 def stop(bg: Background, *, timeout: float = 5.0) -> None:
     """SIGTERM (then SIGKILL) ``bg`` if it is still ours; reap it when it is our child."""
-    if bg.process is not None:
-        if bg.process.poll() is None:
-            bg.process.terminate()
-            try:
-                bg.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                bg.process.kill()
-                bg.process.wait()
-        return
-    kill_checked([bg.pid], lambda pid: is_ours(pid, bg.marker), timeout=timeout)
-
-
-def kill_checked(pids: Iterable[int], still_ours: Callable[[int], bool], *, timeout: float = 5.0) -> None:
-    """SIGTERM every PID that ``still_ours``, wait, then SIGKILL the ones left."""
-    pending = [p for p in pids if still_ours(p)]
-    for pid in pending:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        pending = [p for p in pending if still_ours(p)]
-        time.sleep(0.02)
-    for pid in pending:
-        if still_ours(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    stop_ours(bg.process, bg.pid, lambda pid: is_ours(pid, bg.marker), timeout=timeout)
 
 
 def find_marked(markers: Collection[str], *, exclude: Collection[int] = ()) -> list[int]:

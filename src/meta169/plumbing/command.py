@@ -7,10 +7,14 @@ own; no command is ever built by string formatting or run through a shell.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from meta169.errors import CommandFailed
 
@@ -60,3 +64,40 @@ def run(argv: Sequence[str], *, input: str | None = None, check: bool = True) ->
     if check and proc.returncode != 0:
         raise CommandFailed(args, proc.returncode, proc.stderr)
     return result
+
+
+def kill_checked(pids: Iterable[int], still_ours: Callable[[int], bool], *, timeout: float = 5.0) -> None:
+    """SIGTERM every PID that ``still_ours``, wait, then SIGKILL the ones left.
+
+    ``still_ours`` is checked before every signal (by command line, lease or pid
+    file), so a PID reused by someone else's process is never signalled.
+    """
+    pending = [p for p in pids if still_ours(p)]
+    for pid in pending:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending = [p for p in pending if still_ours(p)]
+        time.sleep(0.02)
+    for pid in pending:
+        if still_ours(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def stop_ours(
+    process: subprocess.Popen[Any] | None, pid: int, still_ours: Callable[[int], bool], *, timeout: float = 5.0
+) -> None:
+    """Stop a daemon we started: terminate and reap it when it is our child, else by
+    PID while it is still ours; SIGKILL after ``timeout``. A no-op when it is gone."""
+    if process is not None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return
+    kill_checked([pid], still_ours, timeout=timeout)

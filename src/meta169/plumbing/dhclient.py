@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import stat
 import subprocess
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from meta169.errors import CommandFailed, PlumbingError, ValidationError
 from meta169.plumbing import dhcp_options, netns
+from meta169.plumbing.command import stop_ours
 
 RFC3442_OPTION = "rfc3442-classless-static-routes"
 MS_ROUTES_OPTION = "ms-classless-static-routes"
@@ -197,24 +197,7 @@ def is_ours(pid: int, paths: DhclientPaths) -> bool:
 
 def stop(handle: DhclientHandle, *, timeout: float = 5.0) -> None:
     """SIGTERM our dhclient (no release: the address stays); a no-op when it is gone."""
-    if handle.process is not None:
-        if handle.process.poll() is None:
-            handle.process.terminate()
-            try:
-                handle.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                handle.process.kill()
-                handle.process.wait()
-        return
-    if not is_ours(handle.pid, handle.paths):
-        return
-    os.kill(handle.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while is_ours(handle.pid, handle.paths):
-        if time.monotonic() > deadline:
-            os.kill(handle.pid, signal.SIGKILL)
-            return
-        time.sleep(0.02)
+    stop_ours(handle.process, handle.pid, lambda pid: is_ours(pid, handle.paths), timeout=timeout)
 
 
 # --- lease file (pure) -------------------------------------------------------------

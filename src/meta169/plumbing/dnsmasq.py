@@ -38,6 +38,7 @@ from typing import TypeAlias
 from meta169.errors import CommandFailed, PlumbingError, ValidationError
 from meta169.model import Instance, Network, Subnet, normalize_mac
 from meta169.plumbing import dhcp_options, netns
+from meta169.plumbing.command import stop_ours
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -415,19 +416,4 @@ def running(handle: DnsmasqHandle) -> bool:
 
 def stop(handle: DnsmasqHandle, *, timeout: float = 5.0) -> None:
     """SIGTERM our dnsmasq (SIGKILL after ``timeout``); a no-op when it is already gone."""
-    if not running(handle):
-        return
-    os.kill(handle.pid, signal.SIGTERM)
-    if handle.process is not None:
-        try:
-            handle.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            handle.process.kill()
-            handle.process.wait()
-        return
-    deadline = time.monotonic() + timeout
-    while is_ours(handle.pid, handle.paths):
-        if time.monotonic() > deadline:
-            os.kill(handle.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    stop_ours(handle.process, handle.pid, lambda pid: is_ours(pid, handle.paths), timeout=timeout)
