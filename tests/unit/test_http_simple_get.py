@@ -69,7 +69,7 @@ def test_simple_get_parses_common_requests(data: bytes) -> None:
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n",  # pipelined
         b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",  # a body
         b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: close, upgrade\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # duplicate
         b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
         b"GET / HTTP/1.1\r\n folded: x\r\n\r\n",
@@ -83,6 +83,25 @@ def test_simple_get_parses_common_requests(data: bytes) -> None:
 )
 def test_simple_get_steps_aside_for_anything_unusual(data: bytes) -> None:
     assert _simple_get(data, "10.0.0.11", 64) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "keep"), [(b"close", False), (b"Close", False), (b"keep-alive", True), (b"Keep-Alive", True)]
+)
+def test_simple_get_connection_header(value: bytes, keep: bool) -> None:
+    data = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: " + value + b"\r\n\r\n"
+    req = _simple_get(data, "", 64)
+    assert req is not None and req.keep_alive is keep
+    # httptools agrees (it answers should_keep_alive() truthfully only in the callback).
+    seen: list[bool] = []
+
+    class Keep(_Capture):
+        def on_message_complete(self) -> None:
+            seen.append(bool(parser.should_keep_alive()))
+
+    parser = httptools.HttpRequestParser(Keep())
+    parser.feed_data(data)
+    assert seen == [keep]
 
 
 def test_simple_get_flags_identity_headers() -> None:

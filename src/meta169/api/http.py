@@ -224,7 +224,7 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET_RE = re.compile(rb"/[\x21-\x7e]*")
 # Bytes a request head may hold at all (RFC 9110 field-value: HTAB, SP, VCHAR, obs-text).
 _HEAD_BYTES_RE = re.compile(rb"[\t\r\n\x20-\x7e\x80-\xff]*")
-_SLOW_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "upgrade", "expect"))
+_SLOW_HEADERS = frozenset(("content-length", "transfer-encoding", "upgrade", "expect"))
 
 
 def _simple_get(data: bytes, peer_key: str, max_headers: int) -> Request | None:
@@ -247,6 +247,7 @@ def _simple_get(data: bytes, peer_key: str, max_headers: int) -> Request | None:
         return None
     headers: dict[str, str] = {}
     identity = False
+    keep_alive = True
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or b"\n" in line:
@@ -260,8 +261,17 @@ def _simple_get(data: bytes, peer_key: str, max_headers: int) -> Request | None:
             return None
         if key.startswith(_IDENTITY_PREFIX):
             identity = True
-        headers[key] = value.strip(b" \t").decode("latin-1")
-    return Request("GET", parts[1], headers, b"", peer_key, True, identity)
+        text = value.strip(b" \t")
+        if key == "connection":
+            # python-requests (cloud-init) sends "keep-alive", wrk and curl may send
+            # "close"; any other token list goes to httptools.
+            token = text.lower()
+            if token == b"close":
+                keep_alive = False
+            elif token != b"keep-alive":
+                return None
+        headers[key] = text.decode("latin-1")
+    return Request("GET", parts[1], headers, b"", peer_key, keep_alive, identity)
 
 
 class HTTPProtocol(asyncio.Protocol):
