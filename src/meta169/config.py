@@ -56,7 +56,6 @@ class ServeConfig:
     # How often serve asks the registry whether anything changed; an import in
     # another process shows within this interval (plus one query).
     poll_interval: float = 0.5
-    access_log: bool = False
     # Shared with meta169 proxy for TCP proxy listeners (per-request HMAC). Never
     # printed: repr=False keeps it out of logs and tracebacks.
     proxy_secret: bytes | None = field(default=None, repr=False)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from meta169.api import vendordata
 from meta169.api.identity import NeutronIdentity
@@ -24,6 +25,7 @@ from meta169.registry import Registry
 from meta169.render import RenderOptions, Site, build_site
 
 log = logging.getLogger("meta169.cache")
+T = TypeVar("T")
 
 # A caller the registry could not resolve, remembered until the next change so an
 # unknown or misconfigured guest retrying in a loop costs one dict lookup per try.
@@ -58,7 +60,6 @@ class SiteCache:
         self._max = max_entries
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meta169-registry")
         self.by_caller: dict[Hashable, Entry] = {}
-        self._caller_uuid: dict[Hashable, str] = {}
         self._sites: dict[str, Site] = {}
         self._revision = -1
         self._inflight: dict[Hashable, asyncio.Future[Entry]] = {}
@@ -94,10 +95,8 @@ class SiteCache:
         if revision == self._revision:
             if len(self.by_caller) >= self._max:
                 self.by_caller.clear()
-                self._caller_uuid.clear()
             self.by_caller[key] = entry
             if isinstance(entry, Site):
-                self._caller_uuid[key] = entry.instance.uuid
                 self._sites[entry.instance.uuid] = entry
         return entry
 
@@ -137,11 +136,9 @@ class SiteCache:
                     log.warning("instance %s has a port on unknown network %s", instance.uuid, port.network_id)
         return networks
 
-    async def run_blocking(self, fn: object, *args: object) -> object:
+    async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
         """Run a registry call on the registry thread (password writes and reads)."""
-        loop = asyncio.get_running_loop()
-        assert callable(fn)
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- invalidation ------------------------------------------------------------------------
     async def poll_forever(self, interval: float) -> None:
@@ -166,17 +163,14 @@ class SiteCache:
     def invalidate(self, uuids: frozenset[str], *, topology: bool) -> None:
         if topology:
             self.by_caller.clear()
-            self._caller_uuid.clear()
             self._sites.clear()
             return
         for uuid in uuids:
             self._sites.pop(uuid, None)
-        stale = [k for k, u in self._caller_uuid.items() if u in uuids]
+        # Drop the changed instances' entries, and every negative one: a new
+        # instance may have taken an IP that had none.
+        stale = [k for k, e in self.by_caller.items() if isinstance(e, Miss) or e.instance.uuid in uuids]
         for k in stale:
-            self.by_caller.pop(k, None)
-            self._caller_uuid.pop(k, None)
-        # Negative entries may now resolve (a new instance took the IP).
-        for k in [k for k, e in self.by_caller.items() if isinstance(e, Miss)]:
             del self.by_caller[k]
 
     def close(self) -> None:

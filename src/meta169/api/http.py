@@ -26,6 +26,7 @@ from typing import cast
 
 import httptools
 
+from meta169.api.identity import IDENTITY_PREFIX
 from meta169.errors import HTTPError
 from meta169.model import IPAddress
 
@@ -54,8 +55,7 @@ class Request:
     it (canonical text: a cheap, cached hash for cache keys); ``peer`` parses it only
     when something needs the address itself."""
 
-    __slots__ = ("_peer", "body", "headers", "http_version", "identity_header", "keep_alive", "method",
-                 "peer_key", "raw_path")
+    __slots__ = ("_peer", "body", "headers", "identity_header", "keep_alive", "method", "peer_key", "raw_path")
 
     def __init__(
         self,
@@ -66,7 +66,6 @@ class Request:
         peer_key: str = "",
         keep_alive: bool = True,
         identity_header: bool = False,
-        http_version: str = "1.1",
     ) -> None:
         self.method = method
         self.raw_path = raw_path
@@ -76,7 +75,6 @@ class Request:
         self.keep_alive = keep_alive
         # Whether any X-Meta169-* header came with the request (set while parsing).
         self.identity_header = identity_header
-        self.http_version = http_version
         self._peer: IPAddress | bool | None = False  # False: not parsed yet
 
     @property
@@ -88,9 +86,6 @@ class Request:
                 self._peer = None
         assert self._peer is not True
         return self._peer
-
-    def header(self, name: str) -> str | None:
-        return self.headers.get(name)
 
 
 @dataclass(slots=True)
@@ -145,18 +140,24 @@ class ConnectionTracker:
             self.per_ip.pop(peer, None)
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
-# [second, header line]: the Date header changes once a second, not per request.
-_date_cache: list[object] = [0, b""]
+class _DateLine:
+    """The Date header changes once a second, not per request."""
+
+    __slots__ = ("line", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.line = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.line = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self.line
 
 
-def _date_header() -> bytes:
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
-    line = _date_cache[1]
-    assert isinstance(line, bytes)
-    return line
+_date_header = _DateLine()
 
 
 # Status line and fixed headers per (status, type, length): a metadata site has few
@@ -209,7 +210,6 @@ class _Reject(Exception):
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH")}
 _HEADER_NAMES: dict[bytes, str] = {}
-_IDENTITY_PREFIX = "x-meta169-"
 
 
 def _header_name(raw: bytes) -> str:
@@ -259,7 +259,7 @@ def _simple_get(data: bytes, peer_key: str, max_headers: int) -> Request | None:
             key = _header_name(name)
         if key in headers or key in _SLOW_HEADERS:
             return None
-        if key.startswith(_IDENTITY_PREFIX):
+        if key.startswith(IDENTITY_PREFIX):
             identity = True
         text = value.strip(b" \t")
         if key == "connection":
@@ -415,7 +415,7 @@ class HTTPProtocol(asyncio.Protocol):
         if size > limits.max_header_bytes or len(headers) >= limits.max_headers:
             raise _Reject(431)
         key = _HEADER_NAMES.get(name) or _header_name(name)
-        if key.startswith(_IDENTITY_PREFIX):
+        if key.startswith(IDENTITY_PREFIX):
             self._identity = True
         # httptools drops leading whitespace only; RFC 9110 5.5 excludes trailing too.
         text = value.decode("latin-1").rstrip(" \t")

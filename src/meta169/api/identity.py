@@ -52,9 +52,6 @@ class Binding:
         return f"{self.kind} {self.id}" if self.id else self.kind
 
 
-def has_identity_headers(headers: dict[str, str]) -> bool:
-    return any(name.startswith(IDENTITY_PREFIX) for name in headers)
-
 
 def caller_from_proxy_headers(headers: dict[str, str]) -> Caller:
     """Parse the identity the trusted proxy stamped. Malformed -> 400."""

@@ -19,7 +19,6 @@ from meta169.api.identity import (
     Binding,
     NeutronIdentity,
     caller_from_proxy_headers,
-    has_identity_headers,
     neutron_identity,
 )
 from meta169.api.ratelimit import Buckets, retry_after
@@ -137,7 +136,7 @@ class MetadataApp:
                 assert self._guard is not None
                 verify(self._secret, headers, req.method, req.raw_path.decode("latin-1"), self._guard)
             return caller_from_proxy_headers(headers)
-        if has_identity_headers(headers):
+        if req.identity_header:
             raise HTTPError(403, "identity headers are accepted only from the trusted proxy")
         if req.peer is None:
             raise HTTPError(400, "no peer address")
@@ -259,7 +258,6 @@ class MetadataApp:
         try:
             if req.method in _READ_METHODS:
                 password = await self._cache.run_blocking(self._cache.registry.get_password, uuid)
-                assert isinstance(password, str)
                 return Response(200, password.encode(), "text/plain; charset=utf-8")
             # Nova: anything but GET and POST is a bad request, not 405.
             if req.method != "POST":
