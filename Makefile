@@ -13,7 +13,7 @@ CACHE ?= $(CURDIR)/.cache
 
 venv: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py src/meta169/api/_wire.c
 	@scripts/install-system-deps python
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "meta169 needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)

@@ -54,7 +54,7 @@ def _httptools(data: bytes) -> _Capture | None:
     ],
 )
 def test_simple_get_parses_common_requests(data: bytes) -> None:
-    req = _simple_get(data, "10.0.0.11", 64)
+    req = _simple_get(data, "10.0.0.11", 64, 2048)
     assert req is not None
     cap = _httptools(data)
     assert cap is not None
@@ -82,7 +82,7 @@ def test_simple_get_parses_common_requests(data: bytes) -> None:
     ],
 )
 def test_simple_get_steps_aside_for_anything_unusual(data: bytes) -> None:
-    assert _simple_get(data, "10.0.0.11", 64) is None
+    assert _simple_get(data, "10.0.0.11", 64, 2048) is None
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_simple_get_steps_aside_for_anything_unusual(data: bytes) -> None:
 )
 def test_simple_get_connection_header(value: bytes, keep: bool) -> None:
     data = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: " + value + b"\r\n\r\n"
-    req = _simple_get(data, "", 64)
+    req = _simple_get(data, "", 64, 2048)
     assert req is not None and req.keep_alive is keep
     # httptools agrees (it answers should_keep_alive() truthfully only in the callback).
     seen: list[bool] = []
@@ -105,14 +105,14 @@ def test_simple_get_connection_header(value: bytes, keep: bool) -> None:
 
 
 def test_simple_get_flags_identity_headers() -> None:
-    req = _simple_get(b"GET / HTTP/1.1\r\nX-Meta169-Caller-IP: 10.0.0.12\r\n\r\n", "10.0.0.11", 64)
+    req = _simple_get(b"GET / HTTP/1.1\r\nX-Meta169-Caller-IP: 10.0.0.12\r\n\r\n", "10.0.0.11", 64, 2048)
     assert req is not None and req.identity_header
 
 
 def test_simple_get_respects_header_count_limit() -> None:
     data = b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(10)) + b"\r\n"
-    assert _simple_get(data, "", 9) is None
-    assert _simple_get(data, "", 10) is not None
+    assert _simple_get(data, "", 9, 2048) is None
+    assert _simple_get(data, "", 10, 2048) is not None
 
 
 NAME = st.text(
@@ -126,7 +126,7 @@ TARGET = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E),
 @given(target=TARGET, headers=st.lists(st.tuples(NAME, VALUE), max_size=8))
 def test_simple_get_agrees_with_httptools(target: str, headers: list[tuple[str, str]]) -> None:
     data = (f"GET {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode("latin-1")
-    fast = _simple_get(data, "", 64)
+    fast = _simple_get(data, "", 64, 2048)
     slow = _httptools(data)
     if fast is None:
         return  # stepping aside is always allowed: httptools handles it
@@ -137,5 +137,5 @@ def test_simple_get_agrees_with_httptools(target: str, headers: list[tuple[str, 
 
 
 def test_simple_get_request_is_a_request() -> None:
-    assert isinstance(_simple_get(b"GET / HTTP/1.1\r\n\r\n", "", 8), Request)
+    assert isinstance(_simple_get(b"GET / HTTP/1.1\r\n\r\n", "", 8, 2048), Request)
     assert asyncio.iscoroutinefunction(_simple_get) is False

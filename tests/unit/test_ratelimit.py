@@ -39,7 +39,7 @@ def test_ratelimit_memory_is_bounded() -> None:
     for i in range(1000):
         buckets.take(str(i))
         clock.now += 0.001
-    assert len(buckets._state) <= 10
+    assert len(buckets.table) <= 10
 
 
 def test_ratelimit_cloud_init_crawl_never_limited() -> None:

@@ -19,6 +19,7 @@ from typing import TypeVar
 from meta169.api import vendordata
 from meta169.api.identity import NeutronIdentity
 from meta169.api.vendordata import DynamicTarget
+from meta169.api.wire import SiteSlots, WireEntry
 from meta169.errors import AmbiguousCaller, NotFound, RegistryError, UnknownCaller
 from meta169.model import Caller, Instance, Network
 from meta169.registry import Registry
@@ -42,6 +43,10 @@ class Miss:
 
 Entry = Site | Miss
 
+# Distinct request paths remembered per caller for the fast path: a site has a few
+# hundred documents at most, each asked with and without a trailing slash.
+MAX_WIRE_PATHS = 4096
+
 
 class SiteCache:
     def __init__(
@@ -63,6 +68,9 @@ class SiteCache:
         self._sites: dict[str, Site] = {}
         self._revision = -1
         self._inflight: dict[Hashable, asyncio.Future[Entry]] = {}
+        # Per direct scope (network id, router id): the fast path's tables (api.wire).
+        # Handed out once and then only changed in place: compiled code holds them.
+        self._wire: dict[tuple[str, str], SiteSlots] = {}
 
     @property
     def registry(self) -> Registry:
@@ -95,6 +103,7 @@ class SiteCache:
         if revision == self._revision:
             if len(self.by_caller) >= self._max:
                 self.by_caller.clear()
+                self._forget_wire(None)
             self.by_caller[key] = entry
             if isinstance(entry, Site):
                 self._sites[entry.instance.uuid] = entry
@@ -136,6 +145,35 @@ class SiteCache:
                     log.warning("instance %s has a port on unknown network %s", instance.uuid, port.network_id)
         return networks
 
+    def wire_sites(self, scope: tuple[str, str]) -> SiteSlots:
+        """The fast path's table for one direct scope (a network or a router)."""
+        return self._wire.setdefault(scope, {})
+
+    def remember_wire(self, key: tuple[str, str, str], site: Site, path: bytes, entry: WireEntry) -> None:
+        """Let the fast path repeat a reply the Python path just gave ``key``.
+
+        Only while ``site`` is still what the cache holds for the caller: a site
+        loaded across a registry change is served once but never remembered.
+        """
+        if self.by_caller.get(key) is not site:
+            return
+        sites = self._wire.get((key[0], key[1]))
+        if sites is None:
+            return
+        slot = sites.get(key[2])
+        if slot is None or slot[1] != site.instance.uuid:
+            slot = sites[key[2]] = ({}, site.instance.uuid)
+        if len(slot[0]) < MAX_WIRE_PATHS:
+            slot[0][path] = entry
+
+    def _forget_wire(self, uuids: frozenset[str] | None) -> None:
+        for sites in self._wire.values():
+            if uuids is None:
+                sites.clear()
+                continue
+            for peer in [p for p, (_, uuid) in sites.items() if uuid in uuids]:
+                del sites[peer]
+
     async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
         """Run a registry call on the registry thread (password writes and reads)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -164,9 +202,11 @@ class SiteCache:
         if topology:
             self.by_caller.clear()
             self._sites.clear()
+            self._forget_wire(None)
             return
         for uuid in uuids:
             self._sites.pop(uuid, None)
+        self._forget_wire(uuids)
         # Drop the changed instances' entries, and every negative one: a new
         # instance may have taken an IP that had none.
         stale = [k for k, e in self.by_caller.items() if isinstance(e, Miss) or e.instance.uuid in uuids]

@@ -27,6 +27,7 @@ from typing import cast
 import httptools
 
 from meta169.api.identity import IDENTITY_PREFIX
+from meta169.api.wire import Answer
 from meta169.errors import HTTPError
 from meta169.model import IPAddress
 
@@ -227,7 +228,7 @@ _HEAD_BYTES_RE = re.compile(rb"[\t\r\n\x20-\x7e\x80-\xff]*")
 _SLOW_HEADERS = frozenset(("content-length", "transfer-encoding", "upgrade", "expect"))
 
 
-def _simple_get(data: bytes, peer_key: str, max_headers: int) -> Request | None:
+def _simple_get(data: bytes, peer_key: str, max_headers: int, max_url_bytes: int) -> Request | None:
     """Parse one complete, body-less ``GET ... HTTP/1.1`` request by hand, or None.
 
     This is the shape of nearly every metadata request (cloud-init, SDKs, curl), so
@@ -243,6 +244,8 @@ def _simple_get(data: bytes, peer_key: str, max_headers: int) -> Request | None:
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not _TARGET_RE.fullmatch(parts[1]):
         return None
+    if len(parts[1]) > max_url_bytes:
+        return None  # httptools answers 414
     if len(lines) - 1 > max_headers:
         return None
     headers: dict[str, str] = {}
@@ -287,6 +290,7 @@ class HTTPProtocol(asyncio.Protocol):
         "_body_bytes",
         "_busy",
         "_cur_headers",
+        "_fast",
         "_handler",
         "_header_bytes",
         "_identity",
@@ -308,13 +312,22 @@ class HTTPProtocol(asyncio.Protocol):
         "_url_bytes",
     )
 
-    def __init__(self, handler: Handler, limits: Limits, tracker: ConnectionTracker | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits,
+        tracker: ConnectionTracker | None = None,
+        fast: Answer | None = None,
+    ) -> None:
         self._handler = handler
         self._tracker = tracker
         self._tracked = False
         self._limits = limits
+        # The compiled answer for repeated document requests (api.wire), if any.
+        self._fast = fast
         self._loop = asyncio.get_running_loop()
-        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        # Made on the first request the fast paths decline; most connections need none.
+        self._parser: httptools.HttpRequestParser | None = None
         self._transport: asyncio.Transport | None = None
         self._peer_key = ""
         self._identity = False
@@ -364,22 +377,32 @@ class HTTPProtocol(asyncio.Protocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if not (self._begun or self._busy or self._queue):
+            fast = self._fast
+            if fast is not None:
+                reply = fast(data, self._peer_key)
+                if reply is not None:
+                    self._progress += 1
+                    if reply[1]:
+                        transport.write(reply[0])
+                    else:
+                        _cork(transport)
+                        transport.write(reply[0])
+                        transport.close()
+                        self._transport = None
+                    return
+            if data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" and len(data) <= self._limits.max_header_bytes:
+                req = _simple_get(data, self._peer_key, self._limits.max_headers, self._limits.max_url_bytes)
+                if req is not None:
+                    self._progress += 1
+                    self._dispatch(req)
+                    return
         parser = self._parser
         if parser is None:
-            return
-        if (
-            data[:4] == b"GET "
-            and data[-4:] == b"\r\n\r\n"
-            and not self._begun
-            and not self._busy
-            and not self._queue
-            and len(data) <= self._limits.max_header_bytes
-        ):
-            req = _simple_get(data, self._peer_key, self._limits.max_headers)
-            if req is not None:
-                self._progress += 1
-                self._dispatch(req)
-                return
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(data)
         except _Reject as rej:

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Awaitable
 from urllib.parse import unquote
 
-from meta169.api import tokens
+from meta169.api import tokens, wire
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
-from meta169.api.http import Fast, Request, Response, document_head, error_response
+from meta169.api.http import Fast, Limits, Request, Response, document_head, error_response
 from meta169.api.identity import (
     HDR_HOP_LIMIT,
     Binding,
@@ -27,6 +27,7 @@ from meta169.errors import ConfigError, Conflict, HTTPError, NotFound, RegistryE
 from meta169.model import Caller, MetadataOptions
 from meta169.proxy.stamp import ReplayGuard, verify
 from meta169.render import Site, is_password_path
+from meta169.render.document import SEED_TEXT_BYTES, Document, SeededJSON
 
 log = logging.getLogger("meta169.api")
 
@@ -67,6 +68,7 @@ class MetadataApp:
         "_ring",
         "_scope",
         "_secret",
+        "_wire",
     )
 
     def __init__(
@@ -97,6 +99,20 @@ class MetadataApp:
         if binding.kind == "neutron" and not neutron_secret:
             raise ConfigError("a neutron listener needs a non-empty shared secret (--neutron-secret-file)")
         self._neutron = neutron_secret
+        self._wire = cache.wire_sites(self._direct) if self._direct is not None else None
+
+    def fast_path(self, limits: Limits) -> wire.Answer | None:
+        """The compiled answer for repeated document requests (network and router
+        listeners; None elsewhere or without the extension)."""
+        if self._wire is None:
+            return None
+        return wire.fast_path(
+            self._wire,
+            self._buckets.table if self._buckets is not None else None,
+            max_header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            max_url_bytes=limits.max_url_bytes,
+        )
 
     def __call__(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
         direct = self._direct
@@ -200,7 +216,11 @@ class MetadataApp:
             if self._unauthorized(req, options, instance.uuid):
                 return error_response(401)
             body = doc.body if doc.fresh is None else doc.fresh()
-            return (document_head(doc.content_type, len(body)), body)
+            reply = (document_head(doc.content_type, len(body)), body)
+            if self._wire is not None and options.http_tokens != "required" and b"%" not in raw:
+                # Without a token this caller gets this same reply: let the fast path repeat it.
+                self._remember(req, entry, raw, doc, reply)
+            return reply
         token_path = _token_path_kind(path)
         if token_path:
             return self._token(req, instance.uuid, options, dated=token_path == "dated")
@@ -217,6 +237,19 @@ class MetadataApp:
             return error_response(404)
         body = doc.fresh() if doc.fresh is not None else doc.body
         return Response(200, body, doc.content_type)
+
+    def _remember(self, req: Request, site: Site, raw: bytes, doc: Document, reply: Fast) -> None:
+        assert self._direct is not None
+        if doc.fresh is None:
+            entry: wire.WireEntry = reply
+        elif isinstance(doc.fresh, SeededJSON):
+            fresh = doc.fresh
+            entry = (reply[0], fresh.head, fresh.tail)
+            if len(fresh.head) + SEED_TEXT_BYTES + len(fresh.tail) != len(reply[1]):
+                return
+        else:
+            return
+        self._cache.remember_wire((self._direct[0], self._direct[1], req.peer_key), site, raw, entry)
 
     def _unauthorized(self, req: Request, options: MetadataOptions, uuid: str) -> bool:
         """IMDSv2: a token that is sent must be valid; with ``required`` one must be sent."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from meta169.api.wire import Bucket, BucketLike
 from meta169.errors import ConfigError
 
 
@@ -28,38 +29,35 @@ class RateLimit:
 
 
 class Buckets:
-    __slots__ = ("_burst", "_clock", "_max", "_rate", "_state")
+    """Buckets by instance uuid. ``table`` is shared with the compiled fast path
+    (``api.wire``), which takes from the same bucket objects: one budget per
+    instance whichever path answers. It is only ever changed in place."""
+
+    __slots__ = ("_burst", "_clock", "_max", "_rate", "table")
 
     def __init__(self, limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = limit.rate
         self._burst = float(limit.burst)
         self._max = limit.max_buckets
         self._clock = clock
-        self._state: dict[str, list[float]] = {}
+        self.table: dict[str, BucketLike] = {}
 
     def take(self, key: str) -> float:
         """0.0 when allowed; else the seconds until the next request would be."""
         now = self._clock()
-        state = self._state.get(key)
-        if state is None:
-            if len(self._state) >= self._max:
+        bucket = self.table.get(key)
+        if bucket is None:
+            if len(self.table) >= self._max:
                 self._sweep(now)
-            self._state[key] = [self._burst - 1.0, now]
-            return 0.0
-        tokens = min(self._burst, state[0] + (now - state[1]) * self._rate)
-        state[1] = now
-        if tokens >= 1.0 - 1e-9:  # float refill must not lose a token to rounding
-            state[0] = tokens - 1.0
-            return 0.0
-        state[0] = tokens
-        return (1.0 - tokens) / self._rate
+            bucket = self.table[key] = Bucket(self._rate, self._burst, now)
+        return bucket.take(now)
 
     def _sweep(self, now: float) -> None:
-        full = [k for k, (tok, last) in self._state.items() if tok + (now - last) * self._rate >= self._burst]
+        full = [k for k, bucket in self.table.items() if bucket.full(now)]
         for k in full:
-            del self._state[k]
-        if len(self._state) >= self._max:
-            self._state.clear()
+            del self.table[k]
+        if len(self.table) >= self._max:
+            self.table.clear()
 
 
 def retry_after(seconds: float) -> str:

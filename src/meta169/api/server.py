@@ -165,8 +165,10 @@ async def start(
 
 
 def _protocol_factory(app: MetadataApp, limits: Limits, tracker: ConnectionTracker) -> Callable[[], HTTPProtocol]:
+    fast = app.fast_path(limits)
+
     def factory() -> HTTPProtocol:
-        return HTTPProtocol(app, limits, tracker)
+        return HTTPProtocol(app, limits, tracker, fast)
 
     return factory
 

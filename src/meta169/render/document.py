@@ -14,6 +14,8 @@ JSON: Final = "application/json"
 OCTETS: Final = "application/octet-stream"
 
 RANDOM_SEED_BYTES: Final = 512
+# Its base64 text, spliced into meta_data.json.
+SEED_TEXT_BYTES: Final = (RANDOM_SEED_BYTES + 2) // 3 * 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,10 @@ class _SeedPool:
         self._buffer = b""
         self._offset = 0
 
+    def forget(self) -> None:
+        self._buffer = b""
+        self._offset = 0
+
     def take(self) -> bytes:
         if self._offset + RANDOM_SEED_BYTES > len(self._buffer):
             self._buffer = os.urandom(RANDOM_SEED_BYTES * 64)
@@ -69,7 +75,10 @@ class _SeedPool:
         return self._buffer[start : start + RANDOM_SEED_BYTES]
 
 
-_random_seed = _SeedPool().take
+_seed_pool = _SeedPool()
+_random_seed = _seed_pool.take
+# A forked worker must not hand out the seeds its parent still holds.
+os.register_at_fork(after_in_child=_seed_pool.forget)
 
 
 def listing(entries: Iterable[str]) -> Document:

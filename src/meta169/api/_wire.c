@@ -1,0 +1,652 @@
+/*
+ * meta169.api._wire: serve's compiled fast path (see wire.py for the contract).
+ *
+ * One call turns a complete, simple GET or HEAD for a document already answered
+ * once into the bytes of its reply: it recognises the request, finds the caller's
+ * table and the path in it, takes a token from the instance's rate-limit bucket and
+ * assembles status line, headers, Date and body. Whatever it does not recognise it
+ * declines (returns None), and the Python path answers as before; it never answers
+ * differently from that path, only faster.
+ *
+ * Everything here runs with the GIL held, so the static Date and seed state needs
+ * no lock; the seed pool is emptied in a forked child so workers never share seeds.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+/* Nova's random_seed: 512 bytes, base64 [openstack/nova api/metadata/base.py]. */
+#define SEED_BYTES 512
+#define SEED_TEXT (((SEED_BYTES + 2) / 3) * 4)
+#define SEED_POOL 64
+
+/* ------------------------------------------------------------------ Bucket */
+
+typedef struct {
+    PyObject_HEAD
+    double rate;
+    double burst;
+    double tokens;
+    double last;
+} BucketObject;
+
+static PyTypeObject BucketType;
+
+/* The same arithmetic as the pure-Python Bucket in wire.py, step for step. */
+static double
+bucket_take(BucketObject *b, double now)
+{
+    double tokens = b->tokens + (now - b->last) * b->rate;
+    if (tokens > b->burst) {
+        tokens = b->burst;
+    }
+    b->last = now;
+    /* A float refill must not lose a token to rounding. */
+    if (tokens >= 1.0 - 1e-9) {
+        b->tokens = tokens - 1.0;
+        return 0.0;
+    }
+    b->tokens = tokens;
+    return (1.0 - tokens) / b->rate;
+}
+
+static PyObject *
+Bucket_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"rate", "burst", "now", NULL};
+    double rate, burst, now;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ddd", kwlist, &rate, &burst, &now)) {
+        return NULL;
+    }
+    if (!(rate > 0.0) || !(burst >= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "a bucket needs rate > 0 and burst >= 1");
+        return NULL;
+    }
+    BucketObject *self = (BucketObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->rate = rate;
+    self->burst = burst;
+    self->tokens = burst;
+    self->last = now;
+    return (PyObject *)self;
+}
+
+static PyObject *
+Bucket_take(BucketObject *self, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyFloat_FromDouble(bucket_take(self, now));
+}
+
+static PyObject *
+Bucket_full(BucketObject *self, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyBool_FromLong(self->tokens + (now - self->last) * self->rate >= self->burst);
+}
+
+static PyMethodDef Bucket_methods[] = {
+    {"take", (PyCFunction)Bucket_take, METH_O,
+     "take(now) -> 0.0 when allowed, else the seconds until a token is back."},
+    {"full", (PyCFunction)Bucket_full, METH_O, "full(now) -> whether the bucket has refilled."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Bucket_members[] = {
+    {"rate", T_DOUBLE, offsetof(BucketObject, rate), READONLY, NULL},
+    {"burst", T_DOUBLE, offsetof(BucketObject, burst), READONLY, NULL},
+    {"tokens", T_DOUBLE, offsetof(BucketObject, tokens), READONLY, NULL},
+    {"last", T_DOUBLE, offsetof(BucketObject, last), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject BucketType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "meta169.api._wire.Bucket",
+    .tp_basicsize = sizeof(BucketObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Bucket(rate, burst, now): one instance's token bucket.",
+    .tp_new = Bucket_new,
+    .tp_methods = Bucket_methods,
+    .tp_members = Bucket_members,
+};
+
+/* -------------------------------------------------------------- Date line */
+
+static time_t date_second = (time_t)-1;
+static char date_line[64];
+static Py_ssize_t date_len;
+
+/* RFC 9110 5.6.7 IMF-fixdate, as email.utils.formatdate(usegmt=True) writes it;
+ * names are spelled out because strftime's follow the locale. */
+static void
+date_refresh(void)
+{
+    static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+    static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                         "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+    time_t now = time(NULL);
+    if (now == date_second) {
+        return;
+    }
+    struct tm tm;
+    if (gmtime_r(&now, &tm) == NULL) {
+        return; /* keep the previous line; time() beyond gmtime's range is not real */
+    }
+    int n = snprintf(date_line, sizeof date_line, "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
+                     days[tm.tm_wday], tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour,
+                     tm.tm_min, tm.tm_sec);
+    if (n > 0 && (size_t)n < sizeof date_line) {
+        date_len = n;
+        date_second = now;
+    }
+}
+
+/* -------------------------------------------------------------- Seed pool */
+
+static unsigned char seed_pool[SEED_BYTES * SEED_POOL];
+static size_t seed_offset = sizeof seed_pool; /* empty */
+
+static void
+seed_forget(void)
+{
+    seed_offset = sizeof seed_pool;
+}
+
+/* One getrandom(2) per SEED_POOL seeds; every seed is used once. */
+static const unsigned char *
+seed_take(void)
+{
+    if (seed_offset + SEED_BYTES > sizeof seed_pool) {
+        size_t got = 0;
+        while (got < sizeof seed_pool) {
+            ssize_t n = getrandom(seed_pool + got, sizeof seed_pool - got, 0);
+            if (n < 0) {
+                if (errno == EINTR) {
+                    continue;
+                }
+                PyErr_SetFromErrno(PyExc_OSError);
+                return NULL;
+            }
+            got += (size_t)n;
+        }
+        seed_offset = 0;
+    }
+    const unsigned char *seed = seed_pool + seed_offset;
+    seed_offset += SEED_BYTES;
+    return seed;
+}
+
+static void
+base64_encode(const unsigned char *in, size_t n, char *out)
+{
+    static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t i = 0;
+    for (; i + 3 <= n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        *out++ = alphabet[v >> 18 & 63];
+        *out++ = alphabet[v >> 12 & 63];
+        *out++ = alphabet[v >> 6 & 63];
+        *out++ = alphabet[v & 63];
+    }
+    if (n - i == 1) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        *out++ = alphabet[v >> 18 & 63];
+        *out++ = alphabet[v >> 12 & 63];
+        *out++ = '=';
+        *out++ = '=';
+    } else if (n - i == 2) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8;
+        *out++ = alphabet[v >> 18 & 63];
+        *out++ = alphabet[v >> 12 & 63];
+        *out++ = alphabet[v >> 6 & 63];
+        *out++ = '=';
+    }
+}
+
+/* ----------------------------------------------------------- Recogniser */
+
+typedef struct {
+    int head;           /* HEAD rather than GET */
+    const char *path;   /* the request target up to '?' */
+    Py_ssize_t path_len;
+    int keep_alive;
+} Simple;
+
+/* RFC 9110 5.6.2 tchar. */
+static unsigned char tchar[256];
+
+static void
+tchar_init(void)
+{
+    const char *extra = "!#$%&'*+-.^_`|~";
+    for (int c = '0'; c <= '9'; c++) tchar[c] = 1;
+    for (int c = 'a'; c <= 'z'; c++) tchar[c] = 1;
+    for (int c = 'A'; c <= 'Z'; c++) tchar[c] = 1;
+    for (const char *p = extra; *p; p++) tchar[(unsigned char)*p] = 1;
+}
+
+static int
+name_is(const char *name, Py_ssize_t len, const char *lower, Py_ssize_t want)
+{
+    if (len != want) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        char c = name[i];
+        if (c >= 'A' && c <= 'Z') {
+            c = (char)(c + 32);
+        }
+        if (c != lower[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+#define NAME_IS(name, len, lit) name_is((name), (len), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+/*
+ * Accept exactly one complete "GET|HEAD <target> HTTP/1.1" request with no body,
+ * or decline. Declined, among others: pipelined or partial data, bytes outside
+ * the grammar (controls, lone CR or LF, obs-fold), a target that is not origin-form
+ * visible ASCII or holds '%', headers that frame a body or change the protocol
+ * (Content-Length, Transfer-Encoding, Upgrade, Expect), a Connection header other
+ * than one "close" or "keep-alive", and the headers whose meaning the Python path
+ * owns: IMDSv2 tokens and X-Meta169-* identity.
+ */
+static int
+recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_url, Simple *r)
+{
+    const char *end = d + n;
+    if (n < 18 || memcmp(end - 4, "\r\n\r\n", 4) != 0) {
+        return 0;
+    }
+    const char *p;
+    if (memcmp(d, "GET ", 4) == 0) {
+        r->head = 0;
+        p = d + 4;
+    } else if (memcmp(d, "HEAD ", 5) == 0) {
+        r->head = 1;
+        p = d + 5;
+    } else {
+        return 0;
+    }
+    if (*p != '/') {
+        return 0;
+    }
+    const char *target = p;
+    const char *query = NULL;
+    for (; p < end && *p != ' '; p++) {
+        unsigned char c = (unsigned char)*p;
+        if (c < 0x21 || c > 0x7e || c == '%') {
+            return 0;
+        }
+        if (c == '?' && query == NULL) {
+            query = p;
+        }
+    }
+    if (p - target > max_url) {
+        return 0;
+    }
+    r->path = target;
+    r->path_len = (query != NULL ? query : p) - target;
+    if (end - p < 11 || memcmp(p, " HTTP/1.1\r\n", 11) != 0) {
+        return 0;
+    }
+    p += 11;
+    Py_ssize_t count = 0;
+    int connection = 0;
+    r->keep_alive = 1;
+    while (p < end - 2) {
+        if (++count > max_headers) {
+            return 0;
+        }
+        const char *name = p;
+        while (p < end && tchar[(unsigned char)*p]) {
+            p++;
+        }
+        if (p == name || p >= end || *p != ':') {
+            return 0;
+        }
+        Py_ssize_t name_len = p - name;
+        p++;
+        const char *value = p;
+        for (; p < end; p++) {
+            unsigned char c = (unsigned char)*p;
+            if (c == '\r') {
+                break;
+            }
+            if ((c < 0x20 && c != '\t') || c == 0x7f) {
+                return 0;
+            }
+        }
+        if (end - p < 2 || p[1] != '\n') {
+            return 0;
+        }
+        const char *value_end = p;
+        p += 2;
+        while (value < value_end && (*value == ' ' || *value == '\t')) value++;
+        while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
+        Py_ssize_t value_len = value_end - value;
+        switch (name_len) {
+        case 6:
+            if (NAME_IS(name, name_len, "expect")) return 0;
+            break;
+        case 7:
+            if (NAME_IS(name, name_len, "upgrade")) return 0;
+            break;
+        case 10:
+            if (NAME_IS(name, name_len, "connection")) {
+                if (connection++) {
+                    return 0;
+                }
+                if (NAME_IS(value, value_len, "close")) {
+                    r->keep_alive = 0;
+                } else if (!NAME_IS(value, value_len, "keep-alive")) {
+                    return 0;
+                }
+            }
+            break;
+        case 14:
+            if (NAME_IS(name, name_len, "content-length")) return 0;
+            break;
+        case 17:
+            if (NAME_IS(name, name_len, "transfer-encoding")) return 0;
+            break;
+        case 24:
+            if (NAME_IS(name, name_len, "x-aws-ec2-metadata-token")) return 0;
+            break;
+        default:
+            break;
+        }
+        if (name_len >= 10 && NAME_IS(name, 10, "x-meta169-")) {
+            return 0;
+        }
+    }
+    return p == end - 2;
+}
+
+/* -------------------------------------------------------------- FastPath */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *sites;   /* dict: peer text -> (wire dict, instance uuid) */
+    PyObject *buckets; /* dict: instance uuid -> Bucket, or NULL without rate limit */
+    Py_ssize_t max_header_bytes;
+    Py_ssize_t max_headers;
+    Py_ssize_t max_url_bytes;
+} FastPathObject;
+
+static PyObject *
+FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"sites", "buckets", "max_header_bytes", "max_headers", "max_url_bytes", NULL};
+    PyObject *sites, *buckets;
+    Py_ssize_t max_header_bytes, max_headers, max_url_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!Onnn", kwlist, &PyDict_Type, &sites, &buckets,
+                                     &max_header_bytes, &max_headers, &max_url_bytes)) {
+        return NULL;
+    }
+    if (buckets != Py_None && !PyDict_Check(buckets)) {
+        PyErr_SetString(PyExc_TypeError, "buckets must be a dict or None");
+        return NULL;
+    }
+    FastPathObject *self = (FastPathObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    Py_INCREF(sites);
+    self->sites = sites;
+    if (buckets != Py_None) {
+        Py_INCREF(buckets);
+        self->buckets = buckets;
+    }
+    self->max_header_bytes = max_header_bytes;
+    self->max_headers = max_headers;
+    self->max_url_bytes = max_url_bytes;
+    return (PyObject *)self;
+}
+
+static void
+FastPath_dealloc(FastPathObject *self)
+{
+    Py_XDECREF(self->sites);
+    Py_XDECREF(self->buckets);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *
+FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "answer(data, peer) takes two arguments");
+        return NULL;
+    }
+    PyObject *data = args[0], *peer = args[1];
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "data must be bytes");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Simple req;
+    if (n > self->max_header_bytes ||
+        !recognise(PyBytes_AS_STRING(data), n, self->max_headers, self->max_url_bytes, &req)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *slot = PyDict_GetItemWithError(self->sites, peer);
+    if (slot == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_CheckExact(slot) || PyTuple_GET_SIZE(slot) != 2 || !PyDict_CheckExact(PyTuple_GET_ITEM(slot, 0))) {
+        PyErr_SetString(PyExc_TypeError, "a site slot must be (dict, uuid)");
+        return NULL;
+    }
+    PyObject *key = PyBytes_FromStringAndSize(req.path, req.path_len);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *entry = PyDict_GetItemWithError(PyTuple_GET_ITEM(slot, 0), key);
+    Py_DECREF(key);
+    if (entry == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t parts = PyTuple_CheckExact(entry) ? PyTuple_GET_SIZE(entry) : 0;
+    if (parts != 2 && parts != 3) {
+        PyErr_SetString(PyExc_TypeError, "a wire entry must be (head, body) or (head, prefix, suffix)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < parts; i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(entry, i))) {
+            PyErr_SetString(PyExc_TypeError, "wire entries hold bytes");
+            return NULL;
+        }
+    }
+    if (self->buckets != NULL) {
+        /* A uuid without a bucket yet is the Python path's to create. */
+        PyObject *bucket = PyDict_GetItemWithError(self->buckets, PyTuple_GET_ITEM(slot, 1));
+        if (bucket == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        if (Py_TYPE(bucket) != &BucketType) {
+            PyErr_SetString(PyExc_TypeError, "buckets must hold Bucket objects");
+            return NULL;
+        }
+        if (bucket_take((BucketObject *)bucket, monotonic_now()) > 0.0) {
+            Py_RETURN_NONE; /* the Python path answers 429 with Retry-After */
+        }
+    }
+    PyObject *head = PyTuple_GET_ITEM(entry, 0);
+    Py_ssize_t head_len = PyBytes_GET_SIZE(head);
+    Py_ssize_t body_len = 0;
+    if (!req.head) {
+        body_len = parts == 2 ? PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1))
+                              : PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) + SEED_TEXT +
+                                    PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 2));
+    }
+    static const char keep[] = "\r\n";
+    static const char close[] = "Connection: close\r\n\r\n";
+    const char *tail = req.keep_alive ? keep : close;
+    Py_ssize_t tail_len = req.keep_alive ? (Py_ssize_t)sizeof keep - 1 : (Py_ssize_t)sizeof close - 1;
+    const unsigned char *seed = NULL;
+    if (!req.head && parts == 3) {
+        seed = seed_take();
+        if (seed == NULL) {
+            return NULL;
+        }
+    }
+    date_refresh();
+    PyObject *out = PyBytes_FromStringAndSize(NULL, head_len + date_len + tail_len + body_len);
+    if (out == NULL) {
+        return NULL;
+    }
+    char *w = PyBytes_AS_STRING(out);
+    memcpy(w, PyBytes_AS_STRING(head), (size_t)head_len);
+    w += head_len;
+    memcpy(w, date_line, (size_t)date_len);
+    w += date_len;
+    memcpy(w, tail, (size_t)tail_len);
+    w += tail_len;
+    if (!req.head) {
+        for (Py_ssize_t i = 1; i < parts; i++) {
+            PyObject *part = PyTuple_GET_ITEM(entry, i);
+            memcpy(w, PyBytes_AS_STRING(part), (size_t)PyBytes_GET_SIZE(part));
+            w += PyBytes_GET_SIZE(part);
+            if (seed != NULL && i == 1) {
+                base64_encode(seed, SEED_BYTES, w);
+                w += SEED_TEXT;
+            }
+        }
+    }
+    PyObject *result = PyTuple_Pack(2, out, req.keep_alive ? Py_True : Py_False);
+    Py_DECREF(out);
+    return result;
+}
+
+static PyMethodDef FastPath_methods[] = {
+    {"answer", (PyCFunction)(void (*)(void))FastPath_answer, METH_FASTCALL,
+     "answer(data, peer) -> (reply bytes, keep_alive), or None to let the Python path answer."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef FastPath_members[] = {
+    {"sites", T_OBJECT, offsetof(FastPathObject, sites), READONLY, NULL},
+    {"buckets", T_OBJECT, offsetof(FastPathObject, buckets), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject FastPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "meta169.api._wire.FastPath",
+    .tp_basicsize = sizeof(FastPathObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes)",
+    .tp_new = FastPath_new,
+    .tp_dealloc = (destructor)FastPath_dealloc,
+    .tp_methods = FastPath_methods,
+    .tp_members = FastPath_members,
+};
+
+/* ---------------------------------------------------------------- module */
+
+static PyObject *
+wire_recognise(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "recognise(data: bytes, max_headers, max_url_bytes)");
+        return NULL;
+    }
+    Py_ssize_t max_headers = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t max_url = PyLong_AsSsize_t(args[2]);
+    if ((max_headers == -1 || max_url == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    Simple req;
+    if (!recognise(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), max_headers, max_url, &req)) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(sy#O)", req.head ? "HEAD" : "GET", req.path, req.path_len,
+                         req.keep_alive ? Py_True : Py_False);
+}
+
+static PyObject *
+wire_date_line(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    date_refresh();
+    return PyBytes_FromStringAndSize(date_line, date_len);
+}
+
+static PyMethodDef wire_methods[] = {
+    {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_FASTCALL,
+     "recognise(data, max_headers, max_url_bytes) -> (method, path, keep_alive) or None."},
+    {"date_line", wire_date_line, METH_NOARGS, "The current Date header line, as the fast path writes it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef wire_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "meta169.api._wire",
+    .m_doc = "serve's compiled fast path for cached documents",
+    .m_size = -1,
+    .m_methods = wire_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__wire(void)
+{
+    tchar_init();
+    if (PyType_Ready(&BucketType) < 0 || PyType_Ready(&FastPathType) < 0) {
+        return NULL;
+    }
+    if (pthread_atfork(NULL, NULL, seed_forget) != 0) {
+        PyErr_SetString(PyExc_ImportError, "pthread_atfork failed");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&wire_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "SEED_BYTES", SEED_BYTES) < 0 ||
+        PyModule_AddObjectRef(m, "Bucket", (PyObject *)&BucketType) < 0 ||
+        PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,89 @@
+"""serve's compiled fast path, and the rate-limit bucket it shares with Python.
+
+A booting guest asks for the same few dozen documents everyone asks for; once the
+Python path has answered a document for a caller, it records the encoded reply in
+that caller's *wire table*, and the next identical request is answered by one call
+into ``_wire.c``: recognise the request, find the table and the path, take a token
+from the instance's bucket, assemble the reply. Anything else (IMDSv2 tokens,
+identity headers, percent-encoding, bodies, odd framing, misses) is declined and
+answered by the Python path, which stays the single definition of behaviour: the
+fast path only ever repeats an answer that path gave.
+
+Tables (owned by :class:`meta169.api.cache.SiteCache`, which drops them together
+with the cached site):
+
+- ``sites``: peer address text -> ``(wire, uuid)``;
+- ``wire``: request path bytes (before ``?``) -> ``(head, body)``, or
+  ``(head, prefix, suffix)`` for a document whose body is ``prefix + <fresh
+  base64 random seed> + suffix`` (meta_data.json, see ``render.document``).
+
+When the extension is not built (no C compiler), :data:`COMPILED` is False,
+:func:`fast_path` returns None and every request takes the Python path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+# (head, body), or (head, prefix, suffix) around a fresh random seed.
+WireEntry = tuple[bytes, bytes] | tuple[bytes, bytes, bytes]
+WireTable = dict[bytes, WireEntry]
+SiteSlots = dict[str, tuple[WireTable, str]]
+Answer = Callable[[bytes, str], "tuple[bytes, bool] | None"]
+
+
+class BucketLike(Protocol):
+    def take(self, now: float) -> float: ...
+    def full(self, now: float) -> bool: ...
+
+
+class PyBucket:
+    """One instance's token bucket (the C ``Bucket`` does the same arithmetic)."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if not rate > 0 or not burst >= 1:
+            raise ValueError("a bucket needs rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last = now
+
+    def take(self, now: float) -> float:
+        """0.0 when allowed; else the seconds until the next request would be."""
+        tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if tokens >= 1.0 - 1e-9:  # float refill must not lose a token to rounding
+            self.tokens = tokens - 1.0
+            return 0.0
+        self.tokens = tokens
+        return (1.0 - tokens) / self.rate
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.last) * self.rate >= self.burst
+
+
+try:
+    from meta169.api import _wire  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the Python path serves everything
+    _wire = None
+
+COMPILED: bool = _wire is not None
+Bucket: Callable[[float, float, float], BucketLike] = _wire.Bucket if _wire is not None else PyBucket
+
+
+def fast_path(
+    sites: SiteSlots,
+    buckets: dict[str, BucketLike] | None,
+    *,
+    max_header_bytes: int,
+    max_headers: int,
+    max_url_bytes: int,
+) -> Answer | None:
+    """The compiled ``answer(data, peer)`` over these tables, or None without the extension."""
+    if _wire is None:
+        return None
+    answer: Answer = _wire.FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes).answer
+    return answer

@@ -1,0 +1,298 @@
+"""The compiled fast path inside serve: it repeats exactly what the Python path
+answered, for every document of a real site, and stops the moment it must."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meta169.api import tokens, wire
+from meta169.api.cache import SiteCache
+from meta169.api.http import Limits, Request, Response, _date_header, _simple_get
+from meta169.api.identity import Binding
+from meta169.api.metadata import MetadataApp
+from meta169.api.ratelimit import Buckets, RateLimit
+from meta169.api.tokens import KeyRing
+from meta169.config import ListenAddress, ListenerSpec, ServeConfig
+from meta169.model import Instance, MetadataOptions, Network, Port, SSHKey, Subnet, parse_ip, parse_network
+from meta169.registry.memory import MemoryRegistry
+from meta169.render import RenderOptions
+from tests.conftest import require
+from tests.integration.serving import get, in_process
+
+UUID = "5e0c2d9a-8d8c-4f6e-9c1a-0d9c2b7f1a11"
+PEER = "10.0.0.11"
+
+
+@pytest.fixture(autouse=True)
+def _compiled() -> None:
+    require("compiled fast path", wire.COMPILED, "meta169.api._wire was not built (needs gcc and Python headers)")
+
+
+def _registry(options: MetadataOptions | None = None) -> MemoryRegistry:
+    reg = MemoryRegistry()
+    reg.put_network(
+        Network(
+            id="net-a",
+            project_id="proj-a",
+            subnets=(
+                Subnet(cidr=parse_network("10.0.0.0/24"), gateway=parse_ip("10.0.0.1")),
+                Subnet(cidr=parse_network("127.0.0.0/24"), gateway=parse_ip("127.0.0.254")),
+            ),
+        )
+    )
+    reg.put_instance(
+        Instance(
+            uuid=UUID,
+            name="web-1",
+            project_id="proj-a",
+            availability_zone="az-1",
+            metadata={"role": "web", "tier": "front"},
+            keys=(SSHKey(name="ops", data="ssh-ed25519 AAAAC3Nz ops@example"),),
+            user_data=b"#cloud-config\nhostname: web-1\n",
+            vendor_data={"motd": "hello"},
+            tags={"team": "blue"},
+            ports=(
+                Port(
+                    network_id="net-a",
+                    mac="fa:16:3e:00:00:05",
+                    ips=(parse_ip(PEER), parse_ip("127.0.0.1")),
+                ),
+            ),
+            metadata_options=options,
+        )
+    )
+    return reg
+
+
+def _request(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nAccept: */*\r\n{extra}\r\n".encode()
+
+
+async def _python_answer(app: MetadataApp, data: bytes) -> bytes:
+    req = _simple_get(data, PEER, 64, 2048)
+    assert req is not None
+    result: Any = app(req)
+    if isinstance(result, Awaitable):
+        result = await result
+    if isinstance(result, Response):
+        return b"HTTP/1.1 %d" % result.status
+    head, body = result
+    return b"".join((head, _date_header(), b"\r\n", body))
+
+
+def _without_date(reply: bytes) -> bytes:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return b"\r\n".join(line for line in head.split(b"\r\n") if not line.startswith(b"Date: ")) + b"\r\n\r\n" + body
+
+
+def _without_seed(reply: bytes) -> bytes:
+    start = reply.find(b'"random_seed": "')
+    if start < 0:
+        return reply
+    start += len(b'"random_seed": "')
+    return reply[:start] + reply[reply.index(b'"', start) :]
+
+
+@pytest.fixture
+def app_and_fast() -> Iterator[tuple[MetadataApp, wire.Answer, SiteCache, MemoryRegistry]]:
+    registry = _registry()
+    cache = SiteCache(registry, RenderOptions())
+    app = MetadataApp(cache, Binding("network", "net-a"))
+    fast = app.fast_path(Limits())
+    assert fast is not None
+    try:
+        yield app, fast, cache, registry
+    finally:
+        cache.close()
+
+
+def test_fastpath_repeats_every_document_byte_for_byte(
+    app_and_fast: tuple[MetadataApp, wire.Answer, SiteCache, MemoryRegistry],
+) -> None:
+    app, fast, cache, _ = app_and_fast
+
+    async def crawl() -> int:
+        first = await _python_answer(app, _request("/"))  # resolves the caller
+        assert first.startswith(b"HTTP/1.1 200")
+        site = cache.by_caller[("net-a", "", PEER)]
+        paths = [p for p in site.documents if p]  # type: ignore[union-attr]
+        assert len(paths) > 100
+        compared = 0
+        for path in paths + [p + "/" for p in paths]:
+            for query in ("", "?x=1"):
+                data = _request(path + query)
+                python = await _python_answer(app, data)
+                compiled = fast(data, PEER)
+                assert compiled is not None, path
+                reply, keep = compiled
+                assert keep is True
+                assert _without_seed(_without_date(reply)) == _without_seed(_without_date(python)), path
+                assert reply.count(b"Date: ") == 1
+                compared += 1
+        return compared
+
+    assert asyncio.run(crawl()) > 200
+
+
+def test_fastpath_declines_what_the_python_path_must_judge(
+    app_and_fast: tuple[MetadataApp, wire.Answer, SiteCache, MemoryRegistry],
+) -> None:
+    app, fast, cache, registry = app_and_fast
+
+    async def run() -> None:
+        path = "/latest/meta-data/instance-id"
+        assert (await _python_answer(app, _request(path))).endswith(UUID.encode())
+        assert fast(_request(path), PEER) is not None
+        # A token must be checked, identity headers refused, unknown paths 404'd,
+        # another peer resolved: none of that is the fast path's to answer.
+        assert fast(_request(path, "X-aws-ec2-metadata-token: forged\r\n"), PEER) is None
+        assert fast(_request(path, "X-Meta169-Caller-IP: 10.0.0.12\r\n"), PEER) is None
+        assert fast(_request("/latest/meta-data/nothing"), PEER) is None
+        assert fast(_request(path), "10.0.0.12") is None
+        assert (await _python_answer(app, _request(path, "X-aws-ec2-metadata-token: forged\r\n"))) == b"HTTP/1.1 401"
+        # A registry change drops the caller's table with its site.
+        registry.put_instance(
+            Instance(uuid=UUID, name="web-1", project_id="proj-a", ports=registry.get_instance(UUID).ports)
+        )
+        await cache.poll_once()
+        assert fast(_request(path), PEER) is None
+        assert (await _python_answer(app, _request(path))).endswith(UUID.encode())
+        assert fast(_request(path), PEER) is not None
+
+    async def main() -> None:
+        await cache.poll_once()
+        await run()
+
+    asyncio.run(main())
+
+
+def test_fastpath_never_remembers_for_tokens_required() -> None:
+    registry = _registry(MetadataOptions(http_tokens="required"))
+    cache = SiteCache(registry, RenderOptions())
+    ring = KeyRing.generate()
+    app = MetadataApp(cache, Binding("network", "net-a"), token_keys=ring)
+    fast = app.fast_path(Limits())
+    assert fast is not None
+    try:
+
+        async def run() -> None:
+            path = "/latest/meta-data/instance-id"
+            token = tokens.issue(ring, UUID, 60)
+            for _ in range(3):
+                assert await _python_answer(app, _request(path)) == b"HTTP/1.1 401"
+                # Answered with a valid token, but a tokenless repeat must still be refused.
+                with_token = await _python_answer(app, _request(path, f"X-aws-ec2-metadata-token: {token}\r\n"))
+                assert with_token.endswith(UUID.encode())
+                assert fast(_request(path), PEER) is None
+            assert cache.wire_sites(("net-a", "")) == {}
+
+        asyncio.run(run())
+    finally:
+        cache.close()
+
+
+def test_fastpath_shares_the_instance_rate_limit(tmp_path: Path) -> None:
+    registry = _registry()
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
+        rate_limit=RateLimit(rate=0.01, burst=6),
+    )
+    with in_process(config, registry) as addresses:
+        address = (addresses[0].host, addresses[0].port)
+        statuses = [get(address, "/latest/meta-data/instance-id")[0] for _ in range(6)]
+        assert statuses == [200] * 6  # the first from Python, the rest compiled
+        status, headers, _ = get(address, "/latest/meta-data/instance-id")
+        assert status == 429 and int(headers["retry-after"]) >= 1
+
+
+def test_fastpath_rate_limit_counts_both_paths() -> None:
+    buckets = Buckets(RateLimit(rate=0.01, burst=4))
+    registry = _registry()
+    cache = SiteCache(registry, RenderOptions())
+    app = MetadataApp(cache, Binding("network", "net-a"), buckets=buckets)
+    fast = app.fast_path(Limits())
+    assert fast is not None
+    try:
+
+        async def run() -> None:
+            path = "/latest/meta-data/instance-id"
+            assert (await _python_answer(app, _request(path))).endswith(UUID.encode())  # 1 (Python)
+            assert fast(_request(path), PEER) is not None  # 2 (compiled)
+            assert (await _python_answer(app, _request("/latest/meta-data/"))).startswith(b"HTTP/1.1 200")  # 3
+            assert fast(_request(path), PEER) is not None  # 4
+            assert fast(_request(path), PEER) is None  # empty: declined...
+            assert await _python_answer(app, _request(path)) == b"HTTP/1.1 429"  # ...and refused by Python
+
+        asyncio.run(run())
+    finally:
+        cache.close()
+
+
+def test_fastpath_used_by_serve_connections_keeps_keepalive_and_close(tmp_path: Path) -> None:
+    import http.client
+
+    registry = _registry()
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
+    )
+    with in_process(config, registry) as addresses:
+        conn = http.client.HTTPConnection(addresses[0].host, addresses[0].port, timeout=5)
+        try:
+            bodies = []
+            for _ in range(5):  # one socket: the first answer from Python, then compiled
+                conn.request("GET", "/openstack/latest/meta_data.json")
+                resp = conn.getresponse()
+                assert resp.status == 200 and resp.getheader("Connection") is None
+                bodies.append(resp.read())
+            seeds = {b[b.index(b'"random_seed"') :][:60] for b in bodies}
+            assert len(seeds) == 5
+            conn.request("GET", "/latest/meta-data/instance-id", headers={"Connection": "close"})
+            resp = conn.getresponse()
+            assert resp.getheader("Connection") == "close" and resp.read() == UUID.encode()
+            assert resp.will_close
+        finally:
+            conn.close()
+        t0 = time.monotonic()
+        assert get((addresses[0].host, addresses[0].port), "/latest/meta-data/instance-id")[2] == UUID.encode()
+        assert time.monotonic() - t0 < 2
+
+
+def test_fastpath_absent_for_proxy_listeners() -> None:
+    cache = SiteCache(_registry(), RenderOptions())
+    try:
+        assert MetadataApp(cache, Binding("proxy")).fast_path(Limits()) is None
+    finally:
+        cache.close()
+
+
+def test_fastpath_request_type_unchanged() -> None:
+    # The Python path still builds Requests the same way for what the fast path declines.
+    req = _simple_get(_request("/x", "X-aws-ec2-metadata-token: t\r\n"), PEER, 64, 2048)
+    assert isinstance(req, Request) and req.headers["x-aws-ec2-metadata-token"] == "t"
+
+
+def test_fastpath_remembers_only_the_site_the_cache_holds(
+    app_and_fast: tuple[MetadataApp, wire.Answer, SiteCache, MemoryRegistry],
+) -> None:
+    app, fast, cache, _ = app_and_fast
+
+    async def run() -> None:
+        await _python_answer(app, _request("/"))
+        key = ("net-a", "", PEER)
+        held = cache.by_caller[key]
+        stale = dataclasses.replace(held)  # e.g. a site loaded across a registry change
+        cache.remember_wire(key, stale, b"/stale", (b"HTTP/1.1 200 OK\r\n", b"old"))  # type: ignore[arg-type]
+        assert fast(_request("/stale"), PEER) is None
+        cache.remember_wire(key, held, b"/fresh", (b"HTTP/1.1 200 OK\r\n", b"new"))  # type: ignore[arg-type]
+        assert fast(_request("/fresh"), PEER) is not None
+
+    asyncio.run(run())

@@ -1,0 +1,370 @@
+"""The compiled fast path (api/_wire.c): what it recognises, what it declines, the
+bytes it writes, its seeds, its Date line and its buckets."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import os
+import time
+from typing import Any
+
+import httptools
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meta169.api import wire
+from meta169.api.http import _simple_get, document_head
+from meta169.render.document import RANDOM_SEED_BYTES, SEED_TEXT_BYTES
+from tests.conftest import require
+
+HEAD_200 = document_head("text/plain", 5)
+UUID = "0b5a3a52-3c1e-4a8e-9a43-5f0f8c1d2e3f"
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Any:
+    require(
+        "compiled fast path",
+        wire.COMPILED,
+        "meta169.api._wire was not built (needs gcc and the Python headers; `make venv` builds it)",
+    )
+    from meta169.api import _wire  # type: ignore[attr-defined]
+
+    return _wire
+
+
+def _fast(compiled: Any, wire_table: dict[bytes, Any], buckets: dict[str, Any] | None = None) -> Any:
+    sites = {"10.0.0.11": (wire_table, UUID)}
+    return compiled.FastPath(sites, buckets, 8192, 64, 2048)
+
+
+def _split(reply: bytes) -> tuple[bytes, list[bytes], bytes]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    return lines[0], lines[1:], body
+
+
+# -- recognising -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", ("GET", b"/", True)),
+        (b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n", ("GET", b"/latest/meta-data/", True)),
+        (b"HEAD /latest HTTP/1.1\r\nHost: x\r\n\r\n", ("HEAD", b"/latest", True)),
+        (b"GET /a?b=c&d HTTP/1.1\r\nHost: x\r\n\r\n", ("GET", b"/a", True)),
+        (b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n", ("GET", b"/a", False)),
+        (b"GET /a HTTP/1.1\r\nconnection:  Keep-Alive \t\r\n\r\n", ("GET", b"/a", True)),
+        (b"GET /a HTTP/1.1\r\nConnection: CLOSE\r\n\r\n", ("GET", b"/a", False)),
+        # python-requests as cloud-init sends it
+        (
+            b"GET /openstack HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: Cloud-Init/22.4.2\r\n"
+            b"Accept-Encoding: gzip, deflate\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n",
+            ("GET", b"/openstack", True),
+        ),
+        # the TTL header is not the token header, and duplicates of plain headers do not matter
+        (b"GET /a HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n\r\n", ("GET", b"/a", True)),
+        (b"GET /a HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", ("GET", b"/a", True)),
+        (b"GET /a HTTP/1.1\r\nX-Empty:\r\n\r\n", ("GET", b"/a", True)),
+    ],
+)
+def test_wire_recognises_simple_requests(compiled: Any, data: bytes, expected: tuple[str, bytes, bool]) -> None:
+    assert compiled.recognise(data, 64, 2048) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n",  # pipelined
+        b"GET / HTTP/1.1\r\nHost: x\r\n",  # partial
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r",
+        b"POST / HTTP/1.1\r\n\r\n",
+        b"PUT /latest/api/token HTTP/1.1\r\n\r\n",
+        b"get / HTTP/1.1\r\n\r\n",
+        b"GET  / HTTP/1.1\r\n\r\n",
+        b"GET * HTTP/1.1\r\n\r\n",
+        b"GET http://x/ HTTP/1.1\r\n\r\n",
+        b"GET /a b HTTP/1.1\r\n\r\n",
+        b"GET /a%2e HTTP/1.1\r\n\r\n",  # percent-decoding is the Python path's
+        b"GET /\x7f HTTP/1.1\r\n\r\n",
+        b"GET /\x80 HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1 \r\n\r\n",
+        b"GET / HTTP/1.1\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: close, upgrade\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: close\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection:\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-aws-ec2-metadata-token: abc\r\n\r\n",
+        b"GET / HTTP/1.1\r\nx-AWS-ec2-METADATA-token: abc\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-Meta169-Caller-IP: 10.0.0.12\r\n\r\n",
+        b"GET / HTTP/1.1\r\nx-meta169-anything: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\n folded: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n continued\r\n\r\n",
+        b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+        b"GET / HTTP/1.1\r\n: empty-name\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\nb\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\x7fb\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\nHost: x\r\n\r\n",  # an early end of head
+        b"",
+        b"\r\n\r\n",
+    ],
+)
+def test_wire_declines_anything_unusual(compiled: Any, data: bytes) -> None:
+    assert compiled.recognise(data, 64, 2048) is None
+
+
+def test_wire_respects_header_count_and_url_limits(compiled: Any) -> None:
+    data = b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(10)) + b"\r\n"
+    assert compiled.recognise(data, 9, 2048) is None
+    assert compiled.recognise(data, 10, 2048) is not None
+    long = b"GET /" + b"a" * 99 + b" HTTP/1.1\r\n\r\n"
+    assert compiled.recognise(long, 64, 99) is None
+    assert compiled.recognise(long, 64, 100) is not None
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.keep_alive: bool | None = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+
+def _httptools(data: bytes) -> _Capture | None:
+    cap = _Capture()
+
+    def complete() -> None:
+        cap.keep_alive = bool(parser.should_keep_alive())
+
+    # httptools looks its callbacks up once, when the parser is made.
+    cap.on_message_complete = complete  # type: ignore[attr-defined]
+    parser = httptools.HttpRequestParser(cap)
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserError:
+        return None
+    return cap if cap.keep_alive is not None else None
+
+
+NAME = st.sampled_from(
+    ["Host", "Accept", "Connection", "connection", "X-Forwarded-For", "User-Agent", "X-Meta169-Caller-IP",
+     "X-aws-ec2-metadata-token", "Content-Length", "Expect", "X"]
+) | st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~", min_size=1,
+            max_size=12)
+VALUE = st.sampled_from(["close", "keep-alive", "Keep-Alive", "0", ""]) | st.text(
+    alphabet=st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=20
+)
+TARGET = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).map(lambda t: "/" + t)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "HEAD"]),
+    target=TARGET,
+    headers=st.lists(st.tuples(NAME, VALUE), max_size=6),
+)
+def test_wire_recognition_agrees_with_httptools(
+    compiled: Any, method: str, target: str, headers: list[tuple[str, str]]
+) -> None:
+    data = (f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode(
+        "latin-1"
+    )
+    got = compiled.recognise(data, 64, 2048)
+    if got is None:
+        return  # declining is always allowed: the Python path answers
+    # Whatever the fast path accepts, httptools accepts and reads the same way...
+    cap = _httptools(data)
+    assert cap is not None, data
+    assert got == (method, cap.url.partition(b"?")[0], cap.keep_alive)
+    # ...and it carries nothing whose meaning the Python path owns.
+    owned = [k for k in cap.headers if k.startswith("x-meta169-") or k == "x-aws-ec2-metadata-token"]
+    assert not owned
+    assert not {"content-length", "transfer-encoding", "upgrade", "expect"} & cap.headers.keys()
+    if method == "GET" and b"%" not in data.split(b" ")[1]:
+        simple = _simple_get(data, "", 64, 2048)
+        if simple is not None:  # the hand parser also steps aside for duplicates
+            assert simple.keep_alive is got[2]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200))
+def test_wire_survives_arbitrary_bytes(compiled: Any, tail: bytes) -> None:
+    for data in (tail, b"GET /" + tail, b"GET / HTTP/1.1\r\n" + tail, b"GET / HTTP/1.1\r\n" + tail + b"\r\n\r\n"):
+        got = compiled.recognise(data, 64, 2048)
+        if got is not None:
+            assert _httptools(data) is not None, data
+
+
+# -- answering -------------------------------------------------------------------------
+
+
+def test_wire_answer_keep_alive_reply_bytes(compiled: Any) -> None:
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello")})
+    reply, keep = fast.answer(b"GET /a?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", "10.0.0.11")
+    assert keep is True
+    status, headers, body = _split(reply)
+    assert status == b"HTTP/1.1 200 OK"
+    assert reply.startswith(HEAD_200)
+    assert headers[-1].startswith(b"Date: ") and not any(h.lower().startswith(b"connection") for h in headers)
+    assert body == b"hello"
+
+
+def test_wire_answer_close_and_head(compiled: Any) -> None:
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello")})
+    reply, keep = fast.answer(b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n", "10.0.0.11")
+    assert keep is False
+    _, headers, body = _split(reply)
+    assert headers[-1] == b"Connection: close" and body == b"hello"
+    reply, keep = fast.answer(b"HEAD /a HTTP/1.1\r\n\r\n", "10.0.0.11")
+    _, headers, body = _split(reply)
+    assert keep is True and body == b"" and b"Content-Length: 5" in headers
+
+
+def test_wire_answer_declines_unknown_peer_path_or_oversized(compiled: Any) -> None:
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello")})
+    assert fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.12") is None
+    assert fast.answer(b"GET /b HTTP/1.1\r\n\r\n", "10.0.0.11") is None
+    assert fast.answer(b"GET /a/ HTTP/1.1\r\n\r\n", "10.0.0.11") is None  # only what was remembered
+    small = compiled.FastPath({"10.0.0.11": ({b"/a": (HEAD_200, b"hello")}, UUID)}, None, 20, 64, 2048)
+    assert small.answer(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", "10.0.0.11") is None
+
+
+def test_wire_answer_sees_table_changes_in_place(compiled: Any) -> None:
+    table: dict[bytes, Any] = {}
+    fast = _fast(compiled, table)
+    assert fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11") is None
+    table[b"/a"] = (HEAD_200, b"hello")
+    assert fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11") is not None
+    fast.sites.clear()
+    assert fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11") is None
+
+
+@pytest.mark.parametrize("entry", [b"not a tuple", (b"head",), (b"h", "str"), (b"h", b"a", b"b", b"c")])
+def test_wire_answer_rejects_malformed_tables(compiled: Any, entry: Any) -> None:
+    fast = _fast(compiled, {b"/a": entry})
+    with pytest.raises(TypeError):
+        fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11")
+    bad_slot = compiled.FastPath({"10.0.0.11": ({}, UUID, "extra")}, None, 8192, 64, 2048)
+    with pytest.raises(TypeError):
+        bad_slot.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11")
+
+
+def _seed_of(reply: bytes) -> bytes:
+    body = _split(reply)[2]
+    assert body.startswith(b'{"a": 1, "random_seed": "') and body.endswith(b'", "b": 2}')
+    return body[len(b'{"a": 1, "random_seed": "') : -len(b'", "b": 2}')]
+
+
+def test_wire_answer_fresh_seed_per_request(compiled: Any) -> None:
+    assert compiled.SEED_BYTES == RANDOM_SEED_BYTES
+    prefix, suffix = b'{"a": 1, "random_seed": "', b'", "b": 2}'
+    head = document_head("application/json", len(prefix) + SEED_TEXT_BYTES + len(suffix))
+    fast = _fast(compiled, {b"/m": (head, prefix, suffix)})
+    seeds = set()
+    for _ in range(200):  # crosses the 64-seed pool refill several times
+        reply, _ = fast.answer(b"GET /m HTTP/1.1\r\n\r\n", "10.0.0.11")
+        _, headers, body = _split(reply)
+        assert f"Content-Length: {len(body)}".encode() in headers
+        seed = _seed_of(reply)
+        assert len(base64.b64decode(seed, validate=True)) == RANDOM_SEED_BYTES
+        seeds.add(seed)
+    assert len(seeds) == 200
+    reply, _ = fast.answer(b"HEAD /m HTTP/1.1\r\n\r\n", "10.0.0.11")
+    assert _split(reply)[2] == b""
+
+
+def test_wire_forked_child_never_repeats_parent_seeds(compiled: Any) -> None:
+    prefix, suffix = b'{"a": 1, "random_seed": "', b'", "b": 2}'
+    head = document_head("application/json", len(prefix) + SEED_TEXT_BYTES + len(suffix))
+    fast = _fast(compiled, {b"/m": (head, prefix, suffix)})
+    request = b"GET /m HTTP/1.1\r\n\r\n"
+    fast.answer(request, "10.0.0.11")  # the pool now holds 63 unused seeds
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.write(write_end, _seed_of(fast.answer(request, "10.0.0.11")[0]))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child_seed = b""
+    while chunk := os.read(read_end, 4096):
+        child_seed += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    parent_seed = _seed_of(fast.answer(request, "10.0.0.11")[0])
+    assert len(child_seed) == SEED_TEXT_BYTES
+    assert child_seed != parent_seed
+
+
+def test_wire_date_line_is_imf_fixdate(compiled: Any) -> None:
+    for _ in range(3):  # a second boundary may fall between the two reads
+        expected = b"Date: " + email.utils.formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+        if compiled.date_line() == expected:
+            return
+    pytest.fail(f"{compiled.date_line()!r} != {expected!r}")
+
+
+# -- buckets ---------------------------------------------------------------------------
+
+
+def _bucket_types() -> list[Any]:
+    types: list[Any] = [wire.PyBucket]
+    if wire.COMPILED:
+        from meta169.api import _wire  # type: ignore[attr-defined]
+
+        types.append(_wire.Bucket)
+    return types
+
+
+@pytest.mark.parametrize("make", _bucket_types(), ids=lambda t: t.__module__)
+def test_wire_bucket_burst_refill_and_full(make: Any) -> None:
+    bucket = make(10.0, 3.0, 100.0)
+    assert [bucket.take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(100.0) == pytest.approx(0.1)
+    assert not bucket.full(100.0)
+    assert bucket.take(100.1) == 0.0
+    assert bucket.full(101.0)
+    with pytest.raises(ValueError, match="rate > 0"):
+        make(0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="burst >= 1"):
+        make(1.0, 0.5, 0.0)
+
+
+def test_wire_buckets_agree_step_for_step(compiled: Any) -> None:
+    py, c = wire.PyBucket(7.0, 4.0, 0.0), compiled.Bucket(7.0, 4.0, 0.0)
+    now = 0.0
+    for step in [0.0, 0.01, 0.0, 0.3, 0.05, 0.0, 0.0, 0.0, 2.0, 0.001] * 20:
+        now += step
+        assert py.take(now) == c.take(now)
+        assert (py.tokens, py.last) == (c.tokens, c.last)
+
+
+def test_wire_answer_takes_from_the_shared_bucket(compiled: Any) -> None:
+    buckets: dict[str, Any] = {}
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello")}, buckets)
+    request = b"GET /a HTTP/1.1\r\n\r\n"
+    assert fast.answer(request, "10.0.0.11") is None  # no bucket yet: the Python path makes it
+    buckets[UUID] = compiled.Bucket(0.001, 2.0, time.monotonic())
+    assert fast.answer(request, "10.0.0.11") is not None
+    assert fast.answer(request, "10.0.0.11") is not None
+    assert fast.answer(request, "10.0.0.11") is None  # empty: the Python path answers 429
+    with pytest.raises(TypeError):
+        _fast(compiled, {b"/a": (HEAD_200, b"hello")}, {UUID: wire.PyBucket(1.0, 1.0, 0.0)}).answer(
+            request, "10.0.0.11"
+        )
