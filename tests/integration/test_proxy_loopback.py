@@ -298,3 +298,23 @@ def test_proxy_tcp_upstream_without_secret_is_refused(registry_url: str) -> None
     )
     assert result.returncode == 2
     assert "--secret-file" in result.stderr
+
+
+def test_proxy_pipelined_requests_answered_in_order(unix_proxy: tuple[int, int]) -> None:
+    # Each answer is pending on the upstream while the next requests are already
+    # read: they wait in order, reading pauses and resumes.
+    port_a, _ = unix_proxy
+    paths = ["/latest/meta-data/instance-id", "/latest/meta-data/no-such", "/latest/user-data"] * 7
+    payload = b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths)
+    with socket.create_connection(("127.0.0.1", port_a), timeout=5, source_address=("127.0.0.5", 0)) as sock:
+        sock.sendall(payload)
+        data = b""
+        deadline = time.monotonic() + 5
+        while data.count(b"HTTP/1.1 ") < len(paths) or not data.endswith(b"alpha-secret-user-data"):
+            assert time.monotonic() < deadline, data[-300:]
+            chunk = sock.recv(65536)
+            assert chunk, data[-300:]
+            data += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+    assert statuses == [b"200", b"404", b"200"] * 7
+    assert data.count(ALPHA.encode()) == 7 and data.count(b"alpha-secret-user-data") == 7

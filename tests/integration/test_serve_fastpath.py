@@ -191,7 +191,7 @@ def test_fastpath_never_remembers_for_tokens_required() -> None:
                 with_token = await _python_answer(app, _request(path, f"X-aws-ec2-metadata-token: {token}\r\n"))
                 assert with_token.endswith(UUID.encode())
                 assert fast(_request(path), PEER) is None
-            assert cache.wire_sites(("net-a", "")) == {}
+            assert cache.wire_sites("net-a", "") == {}
 
         asyncio.run(run())
     finally:
@@ -266,10 +266,78 @@ def test_fastpath_used_by_serve_connections_keeps_keepalive_and_close(tmp_path: 
         assert time.monotonic() - t0 < 2
 
 
-def test_fastpath_absent_for_proxy_listeners() -> None:
+def test_fastpath_absent_where_python_must_check_every_request() -> None:
     cache = SiteCache(_registry(), RenderOptions())
     try:
-        assert MetadataApp(cache, Binding("proxy")).fast_path(Limits()) is None
+        # A proxy over TCP signs every request (HMAC, nonce); Neutron signs the instance id.
+        assert MetadataApp(cache, Binding("proxy"), proxy_secret=b"s" * 32).fast_path(Limits()) is None
+        assert MetadataApp(cache, Binding("neutron"), neutron_secret=b"s").fast_path(Limits()) is None
+        assert MetadataApp(cache, Binding("proxy")).fast_path(Limits()) is not None
+    finally:
+        cache.close()
+
+
+def _stamped(path: str, ip: str = PEER, scope: str = "X-Meta169-Network-ID: net-a", extra: str = "") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nhost: metadata\r\naccept: */*\r\nX-Meta169-Caller-IP: {ip}\r\n{scope}\r\n"
+        f"content-length: 0\r\n{extra}\r\n"
+    ).encode()
+
+
+async def _python_proxy_answer(app: MetadataApp, data: bytes) -> bytes:
+    cap = _parse(data)
+    req = Request("GET", cap[0], cap[1], b"", "", True, True)
+    result: Any = app(req)
+    if isinstance(result, Awaitable):
+        result = await result
+    if isinstance(result, Response):
+        return b"HTTP/1.1 %d" % result.status
+    head, body = result
+    return b"".join((head, _date_header(), b"\r\n", body))
+
+
+def _parse(data: bytes) -> tuple[bytes, dict[str, str]]:
+    lines = data.split(b"\r\n\r\n")[0].split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.decode().lower()] = value.decode().strip()
+    return lines[0].split(b" ")[1], headers
+
+
+def test_fastpath_on_the_proxy_socket_keys_by_the_stamp() -> None:
+    registry = _registry()
+    cache = SiteCache(registry, RenderOptions())
+    app = MetadataApp(cache, Binding("proxy"))
+    fast = app.fast_path(Limits())
+    assert fast is not None
+    try:
+
+        async def run() -> None:
+            await cache.poll_once()
+            site_paths = ["/latest/meta-data/instance-id", "/openstack/latest/meta_data.json", "/latest/meta-data/"]
+            for path in site_paths:
+                python = await _python_proxy_answer(app, _stamped(path))
+                assert python.startswith(b"HTTP/1.1 200 OK"), python
+                compiled = fast(_stamped(path), "")
+                assert compiled is not None, path
+                assert _without_seed(_without_date(compiled[0])) == _without_seed(_without_date(python))
+            path = site_paths[0]
+            # Another caller, another scope kind, an unknown network: not remembered.
+            assert fast(_stamped(path, ip="10.0.0.12"), "") is None
+            assert fast(_stamped(path, scope="X-Meta169-Router-ID: net-a"), "") is None
+            assert fast(_stamped(path, scope="X-Meta169-Network-ID: net-b"), "") is None
+            # The same caller spelled with an extra identity header or a token: Python's.
+            assert fast(_stamped(path, extra="X-Meta169-Guest-Forwarded: 1\r\n"), "") is None
+            assert fast(_stamped(path, extra="X-aws-ec2-metadata-token: t\r\n"), "") is None
+            # A registry change drops the slot.
+            registry.put_instance(
+                Instance(uuid=UUID, name="web-2", project_id="proj-a", ports=registry.get_instance(UUID).ports)
+            )
+            await cache.poll_once()
+            assert fast(_stamped(path), "") is None
+
+        asyncio.run(run())
     finally:
         cache.close()
 
@@ -290,9 +358,9 @@ def test_fastpath_remembers_only_the_site_the_cache_holds(
         key = ("net-a", "", PEER)
         held = cache.by_caller[key]
         stale = dataclasses.replace(held)  # e.g. a site loaded across a registry change
-        cache.remember_wire(key, stale, b"/stale", (b"HTTP/1.1 200 OK\r\n", b"old"))  # type: ignore[arg-type]
+        cache.remember_wire(key, PEER, stale, b"/stale", (b"HTTP/1.1 200 OK\r\n", b"old"))  # type: ignore[arg-type]
         assert fast(_request("/stale"), PEER) is None
-        cache.remember_wire(key, held, b"/fresh", (b"HTTP/1.1 200 OK\r\n", b"new"))  # type: ignore[arg-type]
+        cache.remember_wire(key, PEER, held, b"/fresh", (b"HTTP/1.1 200 OK\r\n", b"new"))  # type: ignore[arg-type]
         assert fast(_request("/fresh"), PEER) is not None
 
     asyncio.run(run())

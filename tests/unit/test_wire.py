@@ -69,6 +69,7 @@ def _split(reply: bytes) -> tuple[bytes, list[bytes], bytes]:
         (b"GET /a HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n\r\n", ("GET", b"/a", True)),
         (b"GET /a HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", ("GET", b"/a", True)),
         (b"GET /a HTTP/1.1\r\nX-Empty:\r\n\r\n", ("GET", b"/a", True)),
+        (b"GET /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n", ("GET", b"/a", True)),
     ],
 )
 def test_wire_recognises_simple_requests(compiled: Any, data: bytes, expected: tuple[str, bytes, bool]) -> None:
@@ -94,7 +95,9 @@ def test_wire_recognises_simple_requests(compiled: Any, data: bytes, expected: t
         b"GET /\x80 HTTP/1.1\r\n\r\n",
         b"GET / HTTP/1.1 \r\n\r\n",
         b"GET / HTTP/1.1\n\r\n",
-        b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 00\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
         b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
         b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
@@ -121,6 +124,57 @@ def test_wire_recognises_simple_requests(compiled: Any, data: bytes, expected: t
 )
 def test_wire_declines_anything_unusual(compiled: Any, data: bytes) -> None:
     assert compiled.recognise(data, 64, 2048) is None
+
+
+STAMP = b"X-Meta169-Caller-IP: 10.0.0.11\r\nX-Meta169-Network-ID: net-a\r\n"
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        (STAMP, (b"10.0.0.11", "network", b"net-a")),
+        (b"x-meta169-caller-ip:  fd00::11 \r\nx-meta169-router-id: r-1\r\n", (b"fd00::11", "router", b"r-1")),
+    ],
+)
+def test_wire_reads_the_proxy_stamp_on_a_proxy_socket(
+    compiled: Any, stamp: bytes, expected: tuple[bytes, str, bytes]
+) -> None:
+    data = b"GET /a HTTP/1.1\r\nhost: metadata\r\n" + stamp + b"content-length: 0\r\n\r\n"
+    assert compiled.recognise(data, 64, 2048, True) == ("GET", b"/a", True, *expected)
+    assert compiled.recognise(data, 64, 2048) is None  # never on a direct listener
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        b"",
+        b"X-Meta169-Caller-IP: 10.0.0.11\r\n",
+        b"X-Meta169-Network-ID: net-a\r\n",
+        STAMP + b"X-Meta169-Router-ID: r-1\r\n",
+        STAMP + b"X-Meta169-Caller-IP: 10.0.0.12\r\n",
+        STAMP + b"X-Meta169-Network-ID: net-b\r\n",
+        STAMP + b"X-Meta169-Signature: abc\r\n",
+        STAMP + b"X-Meta169-Guest-Forwarded: 1\r\n",
+        b"X-Meta169-Caller-IP:\r\nX-Meta169-Network-ID: net-a\r\n",
+        STAMP + b"X-aws-ec2-metadata-token: t\r\n",
+    ],
+)
+def test_wire_declines_incomplete_or_extra_stamps(compiled: Any, stamp: bytes) -> None:
+    data = b"GET /a HTTP/1.1\r\n" + stamp + b"\r\n"
+    assert compiled.recognise(data, 64, 2048, True) is None
+
+
+def test_wire_proxy_answer_looks_up_scope_then_caller(compiled: Any) -> None:
+    table = {b"/a": (HEAD_200, b"hello")}
+    networks = {"net-a": {"10.0.0.11": (table, UUID)}}
+    routers = {"r-1": {"10.0.0.12": (table, UUID)}}
+    fast = compiled.FastPath(networks, None, 8192, 64, 2048, routers)
+    assert fast.answer(b"GET /a HTTP/1.1\r\n" + STAMP + b"\r\n", "")[0].endswith(b"hello")
+    by_router = b"X-Meta169-Caller-IP: 10.0.0.12\r\nX-Meta169-Router-ID: r-1\r\n"
+    assert fast.answer(b"GET /a HTTP/1.1\r\n" + by_router + b"\r\n", "")[0].endswith(b"hello")
+    swapped = b"X-Meta169-Caller-IP: 10.0.0.11\r\nX-Meta169-Router-ID: r-1\r\n"
+    assert fast.answer(b"GET /a HTTP/1.1\r\n" + swapped + b"\r\n", "") is None
+    assert fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11") is None  # the TCP peer means nothing here
 
 
 def test_wire_respects_header_count_and_url_limits(compiled: Any) -> None:
@@ -194,7 +248,8 @@ def test_wire_recognition_agrees_with_httptools(
     # ...and it carries nothing whose meaning the Python path owns.
     owned = [k for k in cap.headers if k.startswith("x-meta169-") or k == "x-aws-ec2-metadata-token"]
     assert not owned
-    assert not {"content-length", "transfer-encoding", "upgrade", "expect"} & cap.headers.keys()
+    assert not {"transfer-encoding", "upgrade", "expect"} & cap.headers.keys()
+    assert cap.headers.get("content-length", "0").strip(" \t") == "0"
     if method == "GET" and b"%" not in data.split(b" ")[1]:
         simple = _simple_get(data, "", 64, 2048)
         if simple is not None:  # the hand parser also steps aside for duplicates

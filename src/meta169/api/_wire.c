@@ -227,6 +227,12 @@ typedef struct {
     const char *path;   /* the request target up to '?' */
     Py_ssize_t path_len;
     int keep_alive;
+    /* On a proxy listener: the stamp of the trusted meta169 proxy (values trimmed). */
+    const char *caller;
+    Py_ssize_t caller_len;
+    const char *scope;
+    Py_ssize_t scope_len;
+    int scope_is_router;
 } Simple;
 
 /* RFC 9110 5.6.2 tchar. */
@@ -267,12 +273,14 @@ name_is(const char *name, Py_ssize_t len, const char *lower, Py_ssize_t want)
  * or decline. Declined, among others: pipelined or partial data, bytes outside
  * the grammar (controls, lone CR or LF, obs-fold), a target that is not origin-form
  * visible ASCII or holds '%', headers that frame a body or change the protocol
- * (Content-Length, Transfer-Encoding, Upgrade, Expect), a Connection header other
- * than one "close" or "keep-alive", and the headers whose meaning the Python path
- * owns: IMDSv2 tokens and X-Meta169-* identity.
+ * (Content-Length other than 0, Transfer-Encoding, Upgrade, Expect), a Connection
+ * header other than one "close" or "keep-alive", and the headers whose meaning the
+ * Python path owns: IMDSv2 tokens and X-Meta169-* identity. With ``proxy`` set (a
+ * trusted proxy's Unix socket) the proxy's stamp is read instead: one caller IP and
+ * one network or router id, and no other X-Meta169-* header.
  */
 static int
-recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_url, Simple *r)
+recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_url, int proxy, Simple *r)
 {
     const char *end = d + n;
     if (n < 18 || memcmp(end - 4, "\r\n\r\n", 4) != 0) {
@@ -312,8 +320,12 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
     }
     p += 11;
     Py_ssize_t count = 0;
-    int connection = 0;
+    int connection = 0, length = 0;
     r->keep_alive = 1;
+    r->caller = NULL;
+    r->scope = NULL;
+    r->caller_len = r->scope_len = 0;
+    r->scope_is_router = 0;
     while (p < end - 2) {
         if (++count > max_headers) {
             return 0;
@@ -365,7 +377,10 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
             }
             break;
         case 14:
-            if (NAME_IS(name, name_len, "content-length")) return 0;
+            /* A bodiless request may still say so, once (a repeated one is a smuggling tell). */
+            if (NAME_IS(name, name_len, "content-length") && (length++ || !(value_len == 1 && value[0] == '0'))) {
+                return 0;
+            }
             break;
         case 17:
             if (NAME_IS(name, name_len, "transfer-encoding")) return 0;
@@ -377,8 +392,26 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
             break;
         }
         if (name_len >= 10 && NAME_IS(name, 10, "x-meta169-")) {
-            return 0;
+            if (!proxy || value_len == 0) {
+                return 0;
+            }
+            if (NAME_IS(name, name_len, "x-meta169-caller-ip")) {
+                if (r->caller != NULL) return 0;
+                r->caller = value;
+                r->caller_len = value_len;
+            } else if (NAME_IS(name, name_len, "x-meta169-network-id") ||
+                       NAME_IS(name, name_len, "x-meta169-router-id")) {
+                if (r->scope != NULL) return 0;
+                r->scope = value;
+                r->scope_len = value_len;
+                r->scope_is_router = name_len == 19;
+            } else {
+                return 0;
+            }
         }
+    }
+    if (proxy && (r->caller == NULL || r->scope == NULL)) {
+        return 0;
     }
     return p == end - 2;
 }
@@ -387,7 +420,10 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
 
 typedef struct {
     PyObject_HEAD
-    PyObject *sites;   /* dict: peer text -> (wire dict, instance uuid) */
+    /* Direct listener: dict peer text -> (wire dict, instance uuid).
+     * Proxy listener: dict network id -> that dict; ``routers`` the same by router id. */
+    PyObject *sites;
+    PyObject *routers; /* NULL on a direct listener */
     PyObject *buckets; /* dict: instance uuid -> Bucket, or NULL without rate limit */
     Py_ssize_t max_header_bytes;
     Py_ssize_t max_headers;
@@ -397,15 +433,20 @@ typedef struct {
 static PyObject *
 FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"sites", "buckets", "max_header_bytes", "max_headers", "max_url_bytes", NULL};
-    PyObject *sites, *buckets;
+    static char *kwlist[] = {"sites", "buckets", "max_header_bytes", "max_headers", "max_url_bytes", "routers",
+                             NULL};
+    PyObject *sites, *buckets, *routers = Py_None;
     Py_ssize_t max_header_bytes, max_headers, max_url_bytes;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!Onnn", kwlist, &PyDict_Type, &sites, &buckets,
-                                     &max_header_bytes, &max_headers, &max_url_bytes)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!Onnn|O", kwlist, &PyDict_Type, &sites, &buckets,
+                                     &max_header_bytes, &max_headers, &max_url_bytes, &routers)) {
         return NULL;
     }
     if (buckets != Py_None && !PyDict_Check(buckets)) {
         PyErr_SetString(PyExc_TypeError, "buckets must be a dict or None");
+        return NULL;
+    }
+    if (routers != Py_None && !PyDict_Check(routers)) {
+        PyErr_SetString(PyExc_TypeError, "routers must be a dict or None");
         return NULL;
     }
     FastPathObject *self = (FastPathObject *)type->tp_alloc(type, 0);
@@ -418,6 +459,10 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_INCREF(buckets);
         self->buckets = buckets;
     }
+    if (routers != Py_None) {
+        Py_INCREF(routers);
+        self->routers = routers;
+    }
     self->max_header_bytes = max_header_bytes;
     self->max_headers = max_headers;
     self->max_url_bytes = max_url_bytes;
@@ -428,6 +473,7 @@ static void
 FastPath_dealloc(FastPathObject *self)
 {
     Py_XDECREF(self->sites);
+    Py_XDECREF(self->routers);
     Py_XDECREF(self->buckets);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -438,6 +484,32 @@ monotonic_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The slot of the caller a proxy stamped, borrowed; NULL (maybe with an error set) if none. */
+static PyObject *
+lookup_stamped(FastPathObject *self, const Simple *req)
+{
+    PyObject *scope = PyUnicode_DecodeLatin1(req->scope, req->scope_len, NULL);
+    if (scope == NULL) {
+        return NULL;
+    }
+    PyObject *by_peer = PyDict_GetItemWithError(req->scope_is_router ? self->routers : self->sites, scope);
+    Py_DECREF(scope);
+    if (by_peer == NULL) {
+        return NULL;
+    }
+    if (!PyDict_CheckExact(by_peer)) {
+        PyErr_SetString(PyExc_TypeError, "a scope maps to a dict of site slots");
+        return NULL;
+    }
+    PyObject *caller = PyUnicode_DecodeLatin1(req->caller, req->caller_len, NULL);
+    if (caller == NULL) {
+        return NULL;
+    }
+    PyObject *slot = PyDict_GetItemWithError(by_peer, caller);
+    Py_DECREF(caller);
+    return slot;
 }
 
 static PyObject *
@@ -454,11 +526,17 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     Simple req;
+    int proxy = self->routers != NULL;
     if (n > self->max_header_bytes ||
-        !recognise(PyBytes_AS_STRING(data), n, self->max_headers, self->max_url_bytes, &req)) {
+        !recognise(PyBytes_AS_STRING(data), n, self->max_headers, self->max_url_bytes, proxy, &req)) {
         Py_RETURN_NONE;
     }
-    PyObject *slot = PyDict_GetItemWithError(self->sites, peer);
+    PyObject *slot;
+    if (!proxy) {
+        slot = PyDict_GetItemWithError(self->sites, peer);
+    } else {
+        slot = lookup_stamped(self, &req);
+    }
     if (slot == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
@@ -564,6 +642,7 @@ static PyMethodDef FastPath_methods[] = {
 
 static PyMemberDef FastPath_members[] = {
     {"sites", T_OBJECT, offsetof(FastPathObject, sites), READONLY, NULL},
+    {"routers", T_OBJECT, offsetof(FastPathObject, routers), READONLY, NULL},
     {"buckets", T_OBJECT, offsetof(FastPathObject, buckets), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -573,7 +652,7 @@ static PyTypeObject FastPathType = {
     .tp_name = "meta169.api._wire.FastPath",
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes)",
+    .tp_doc = "FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, routers=None)",
     .tp_new = FastPath_new,
     .tp_dealloc = (destructor)FastPath_dealloc,
     .tp_methods = FastPath_methods,
@@ -586,8 +665,8 @@ static PyObject *
 wire_recognise(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyBytes_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "recognise(data: bytes, max_headers, max_url_bytes)");
+    if ((nargs != 3 && nargs != 4) || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "recognise(data: bytes, max_headers, max_url_bytes, proxy=False)");
         return NULL;
     }
     Py_ssize_t max_headers = PyLong_AsSsize_t(args[1]);
@@ -595,12 +674,21 @@ wire_recognise(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if ((max_headers == -1 || max_url == -1) && PyErr_Occurred()) {
         return NULL;
     }
+    int proxy = nargs == 4 ? PyObject_IsTrue(args[3]) : 0;
+    if (proxy < 0) {
+        return NULL;
+    }
     Simple req;
-    if (!recognise(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), max_headers, max_url, &req)) {
+    if (!recognise(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), max_headers, max_url, proxy, &req)) {
         Py_RETURN_NONE;
     }
-    return Py_BuildValue("(sy#O)", req.head ? "HEAD" : "GET", req.path, req.path_len,
-                         req.keep_alive ? Py_True : Py_False);
+    if (!proxy) {
+        return Py_BuildValue("(sy#O)", req.head ? "HEAD" : "GET", req.path, req.path_len,
+                             req.keep_alive ? Py_True : Py_False);
+    }
+    return Py_BuildValue("(sy#Oy#sy#)", req.head ? "HEAD" : "GET", req.path, req.path_len,
+                         req.keep_alive ? Py_True : Py_False, req.caller, req.caller_len,
+                         req.scope_is_router ? "router" : "network", req.scope, req.scope_len);
 }
 
 static PyObject *
@@ -614,7 +702,8 @@ wire_date_line(PyObject *module, PyObject *unused)
 
 static PyMethodDef wire_methods[] = {
     {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_FASTCALL,
-     "recognise(data, max_headers, max_url_bytes) -> (method, path, keep_alive) or None."},
+     "recognise(data, max_headers, max_url_bytes, proxy=False) -> (method, path, keep_alive[, caller, kind, "
+     "scope]) or None."},
     {"date_line", wire_date_line, METH_NOARGS, "The current Date header line, as the fast path writes it."},
     {NULL, NULL, 0, NULL},
 };

@@ -68,9 +68,11 @@ class SiteCache:
         self._sites: dict[str, Site] = {}
         self._revision = -1
         self._inflight: dict[Hashable, asyncio.Future[Entry]] = {}
-        # Per direct scope (network id, router id): the fast path's tables (api.wire).
-        # Handed out once and then only changed in place: compiled code holds them.
-        self._wire: dict[tuple[str, str], SiteSlots] = {}
+        # The fast path's tables (api.wire) by network id and by router id, each
+        # mapping caller address text to a slot. Only ever changed in place:
+        # compiled code holds them.
+        self._wire_networks: dict[str, SiteSlots] = {}
+        self._wire_routers: dict[str, SiteSlots] = {}
 
     @property
     def registry(self) -> Registry:
@@ -145,34 +147,44 @@ class SiteCache:
                     log.warning("instance %s has a port on unknown network %s", instance.uuid, port.network_id)
         return networks
 
-    def wire_sites(self, scope: tuple[str, str]) -> SiteSlots:
-        """The fast path's table for one direct scope (a network or a router)."""
-        return self._wire.setdefault(scope, {})
+    @property
+    def wire_scopes(self) -> tuple[dict[str, SiteSlots], dict[str, SiteSlots]]:
+        """The fast path's tables by network id and by router id (proxy listeners)."""
+        return self._wire_networks, self._wire_routers
 
-    def remember_wire(self, key: tuple[str, str, str], site: Site, path: bytes, entry: WireEntry) -> None:
-        """Let the fast path repeat a reply the Python path just gave ``key``.
+    def wire_sites(self, network_id: str, router_id: str) -> SiteSlots:
+        """The fast path's table for one scope (a network listener or a router listener)."""
+        if network_id:
+            return self._wire_networks.setdefault(network_id, {})
+        return self._wire_routers.setdefault(router_id, {})
+
+    def remember_wire(
+        self, key: tuple[str, str, object], peer: str, site: Site, path: bytes, entry: WireEntry
+    ) -> None:
+        """Let the fast path repeat a reply the Python path just gave the caller
+        cached under ``key`` (network id, router id, address), whose address the
+        request spelled ``peer``.
 
         Only while ``site`` is still what the cache holds for the caller: a site
         loaded across a registry change is served once but never remembered.
         """
         if self.by_caller.get(key) is not site:
             return
-        sites = self._wire.get((key[0], key[1]))
-        if sites is None:
-            return
-        slot = sites.get(key[2])
+        sites = self.wire_sites(key[0], key[1])
+        slot = sites.get(peer)
         if slot is None or slot[1] != site.instance.uuid:
-            slot = sites[key[2]] = ({}, site.instance.uuid)
+            slot = sites[peer] = ({}, site.instance.uuid)
         if len(slot[0]) < MAX_WIRE_PATHS:
             slot[0][path] = entry
 
     def _forget_wire(self, uuids: frozenset[str] | None) -> None:
-        for sites in self._wire.values():
-            if uuids is None:
-                sites.clear()
-                continue
-            for peer in [p for p, (_, uuid) in sites.items() if uuid in uuids]:
-                del sites[peer]
+        for tables in (self._wire_networks, self._wire_routers):
+            for sites in tables.values():
+                if uuids is None:
+                    sites.clear()
+                    continue
+                for peer in [p for p, (_, uuid) in sites.items() if uuid in uuids]:
+                    del sites[peer]
 
     async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
         """Run a registry call on the registry thread (password writes and reads)."""

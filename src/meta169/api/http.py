@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import ClassVar, cast
 
 import httptools
 
@@ -104,11 +104,47 @@ class Response:
     raw: bytes | None = None
 
 
-# A handler answers with a Response, an awaitable of one, or, on the hot path, a
-# ``(head, body)`` pair from :func:`document_head` (status line and fixed headers
-# already encoded; the Date line and the blank line are added when writing).
+# A handler answers with a Response, an awaitable of one, a Later, or, on the hot
+# path, a ``(head, body)`` pair from :func:`document_head` (status line and fixed
+# headers already encoded; the Date line and the blank line are added when writing).
 Fast = tuple[bytes, bytes]
-Handler = Callable[[Request], "Response | Fast | Awaitable[Response | Fast]"]
+Handler = Callable[[Request], "Response | Fast | Later | Awaitable[Response | Fast]"]
+
+
+class Later:
+    """A reply another protocol will hand over (the proxy's upstream connection):
+    by a direct call when it arrives, with no future, task or loop round trip.
+    ``deliver`` or ``fail`` is called once, possibly before the connection binds."""
+
+    __slots__ = ("_outcome", "_request", "_target")
+
+    def __init__(self) -> None:
+        self._target: HTTPProtocol | None = None
+        self._request: Request | None = None
+        self._outcome: Response | Fast | BaseException | None = None
+
+    def deliver(self, value: Response | Fast) -> None:
+        self._settle(value)
+
+    def fail(self, error: BaseException) -> None:
+        self._settle(error)
+
+    def _settle(self, outcome: Response | Fast | BaseException) -> None:
+        target, req = self._target, self._request
+        if target is None or req is None:
+            self._outcome = outcome
+            return
+        self._target = self._request = None
+        target._settled(req, outcome)
+
+    def _bind(self, target: HTTPProtocol, req: Request) -> None:
+        outcome = self._outcome
+        if outcome is not None:
+            self._outcome = None
+            target._settled(req, outcome)
+            return
+        self._target = target
+        self._request = req
 
 
 class ConnectionTracker:
@@ -298,13 +334,13 @@ class HTTPProtocol(asyncio.Protocol):
         "_limits",
         "_loop",
         "_parser",
+        "_paused",
         "_peer_key",
         "_progress",
         "_queue",
         "_seen_progress",
         "_stall_ticks",
-        "_tick",
-        "_timer",
+        "_ticker",
         "_tracked",
         "_tracker",
         "_transport",
@@ -318,6 +354,7 @@ class HTTPProtocol(asyncio.Protocol):
         limits: Limits,
         tracker: ConnectionTracker | None = None,
         fast: Answer | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._handler = handler
         self._tracker = tracker
@@ -325,7 +362,8 @@ class HTTPProtocol(asyncio.Protocol):
         self._limits = limits
         # The compiled answer for repeated document requests (api.wire), if any.
         self._fast = fast
-        self._loop = asyncio.get_running_loop()
+        # Given by the server: asking asyncio costs a getpid() per call on Python 3.11.
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         # Made on the first request the fast paths decline; most connections need none.
         self._parser: httptools.HttpRequestParser | None = None
         self._transport: asyncio.Transport | None = None
@@ -333,8 +371,8 @@ class HTTPProtocol(asyncio.Protocol):
         self._identity = False
         self._queue: deque[Request] = deque()
         self._busy = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._tick = max(0.05, min(limits.request_timeout, limits.keepalive_timeout) / 4)
+        self._paused = False  # reading paused while pipelined requests wait
+        self._ticker: _Ticker | None = None
         self._progress = 0  # bumped by every completed request
         self._seen_progress = 0
         self._idle_ticks = 0
@@ -362,7 +400,7 @@ class HTTPProtocol(asyncio.Protocol):
                 self._fail(503)
                 return
             self._tracked = True
-        self._timer = self._loop.call_later(self._tick, self._on_tick)
+        self._ticker = _Ticker.join(self._loop, self._limits, self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -372,9 +410,9 @@ class HTTPProtocol(asyncio.Protocol):
         if self._tracked and self._tracker is not None:
             self._tracked = False
             self._tracker.release(self._peer_key)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._ticker is not None:
+            self._ticker.leave(self)
+            self._ticker = None
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
@@ -489,6 +527,11 @@ class HTTPProtocol(asyncio.Protocol):
             if len(self._queue) >= self._limits.max_pipelined:
                 raise _Reject(503)
             self._queue.append(req)
+            # Backpressure only once a request waits behind another: a client that
+            # asks one thing at a time costs no pause/resume per request.
+            if not self._paused and self._transport is not None:
+                self._paused = True
+                self._transport.pause_reading()
             return
         self._dispatch(req)
 
@@ -507,8 +550,9 @@ class HTTPProtocol(asyncio.Protocol):
             self._write(req, result)
             return True
         self._busy = True
-        if self._transport is not None:
-            self._transport.pause_reading()
+        if type(result) is Later:
+            result._bind(self, req)
+            return not self._busy
         if isinstance(result, asyncio.Future):
             # A plain future (the proxy's upstream reply): a callback, not a task.
             result.add_done_callback(lambda fut: self._resolved(req, fut))
@@ -532,18 +576,19 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _resolved(self, req: Request, fut: asyncio.Future[Response | Fast]) -> None:
         if fut.cancelled():
-            resp: Response | Fast = error_response(503)
-        elif isinstance(fut.exception(), HTTPError):
-            err = fut.exception()
-            assert isinstance(err, HTTPError)
-            log.warning("%s %r from %s: %s", req.method, req.raw_path, req.peer, err)
-            resp = error_response(err.status, "metadata service unavailable")
-        elif fut.exception() is not None:
-            log.error("handler failed for %s %r", req.method, req.raw_path, exc_info=fut.exception())
-            resp = error_response(500)
-        else:
-            resp = fut.result()
-        self._finish(req, resp)
+            self._finish(req, error_response(503))
+            return
+        error = fut.exception()
+        self._settled(req, error if error is not None else fut.result())
+
+    def _settled(self, req: Request, outcome: Response | Fast | BaseException) -> None:
+        if isinstance(outcome, HTTPError):
+            log.warning("%s %r from %s: %s", req.method, req.raw_path, req.peer, outcome)
+            outcome = error_response(outcome.status, "metadata service unavailable")
+        elif isinstance(outcome, BaseException):
+            log.error("handler failed for %s %r", req.method, req.raw_path, exc_info=outcome)
+            outcome = error_response(500)
+        self._finish(req, outcome)
 
     def _finish(self, req: Request, resp: Response | Fast) -> None:
         """Write a reply that was pending, then go on with the pipeline."""
@@ -555,8 +600,10 @@ class HTTPProtocol(asyncio.Protocol):
         else:
             self._write(req, resp)
         if self._transport is not None:
-            self._transport.resume_reading()
             self._drain()
+            if self._paused and not self._queue and self._transport is not None:
+                self._paused = False
+                self._transport.resume_reading()
 
     def _write_fast(self, req: Request, reply: Fast) -> None:
         transport = self._transport
@@ -619,8 +666,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._transport = None
 
     # -- timeouts --------------------------------------------------------------------------
-    def _on_tick(self) -> None:
-        self._timer = None
+    def _on_tick(self, tick: float) -> None:
         transport = self._transport
         if transport is None:
             return
@@ -630,19 +676,61 @@ class HTTPProtocol(asyncio.Protocol):
         elif self._begun:
             # Slowloris: a request started and has not completed in time -> 408.
             self._stall_ticks += 1
-            if self._stall_ticks * self._tick >= limits.request_timeout:
+            if self._stall_ticks * tick >= limits.request_timeout:
                 self._fail(408)
-                return
         elif self._progress != self._seen_progress:
             self._seen_progress = self._progress
             self._idle_ticks = 0
         else:
             self._idle_ticks += 1
-            if self._idle_ticks * self._tick >= limits.keepalive_timeout:
+            if self._idle_ticks * tick >= limits.keepalive_timeout:
                 transport.close()
                 self._transport = None
-                return
-        self._timer = self._loop.call_later(self._tick, self._on_tick)
+
+
+class _Ticker:
+    """One timer for the timeouts of every open connection sharing a loop and limits,
+    instead of a timer per connection (its creation and cancellation cost as much
+    as the rest of a short connection's Python work). Timeouts are checked every
+    ``tick`` (a quarter of the shorter timeout), so they fire within one tick."""
+
+    __slots__ = ("_conns", "_handle", "_key", "_loop", "tick")
+    _active: ClassVar[dict[tuple[asyncio.AbstractEventLoop, float, float], _Ticker]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[asyncio.AbstractEventLoop, float, float]) -> None:
+        self._loop = loop
+        self._key = key
+        self.tick = max(0.05, min(key[1], key[2]) / 4)
+        self._conns: set[HTTPProtocol] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def join(cls, loop: asyncio.AbstractEventLoop, limits: Limits, conn: HTTPProtocol) -> _Ticker:
+        key = (loop, limits.request_timeout, limits.keepalive_timeout)
+        ticker = cls._active.get(key)
+        if ticker is None:
+            ticker = cls._active[key] = cls(loop, key)
+        ticker._conns.add(conn)
+        if ticker._handle is None:
+            ticker._handle = loop.call_later(ticker.tick, ticker._run)
+        return ticker
+
+    def leave(self, conn: HTTPProtocol) -> None:
+        self._conns.discard(conn)
+        if not self._conns:
+            # Nothing left to watch: drop the timer and the loop reference with it.
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            if self._active.get(self._key) is self:
+                del self._active[self._key]
+
+    def _run(self) -> None:
+        self._handle = None
+        for conn in list(self._conns):
+            conn._on_tick(self.tick)
+        if self._conns:
+            self._handle = self._loop.call_later(self.tick, self._run)
 
 
 def _cork(transport: asyncio.Transport) -> None:

@@ -15,6 +15,7 @@ from meta169.api import tokens, wire
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
 from meta169.api.http import Fast, Limits, Request, Response, document_head, error_response
 from meta169.api.identity import (
+    HDR_CALLER_IP,
     HDR_HOP_LIMIT,
     Binding,
     NeutronIdentity,
@@ -99,19 +100,31 @@ class MetadataApp:
         if binding.kind == "neutron" and not neutron_secret:
             raise ConfigError("a neutron listener needs a non-empty shared secret (--neutron-secret-file)")
         self._neutron = neutron_secret
-        self._wire = cache.wire_sites(self._direct) if self._direct is not None else None
+        # Whether replies may be remembered for the compiled fast path: on network and
+        # router listeners, and on a proxy's Unix socket, where the stamp is trusted
+        # as sent (over TCP every request's HMAC must be checked in Python).
+        self._wire = self._direct is not None or (binding.kind == "proxy" and proxy_secret is None)
 
     def fast_path(self, limits: Limits) -> wire.Answer | None:
-        """The compiled answer for repeated document requests (network and router
-        listeners; None elsewhere or without the extension)."""
-        if self._wire is None:
+        """The compiled answer for repeated document requests, or None (Neutron and
+        HMAC listeners, or no extension)."""
+        if not self._wire:
             return None
+        buckets = self._buckets.table if self._buckets is not None else None
+        sites: wire.SiteSlots | dict[str, wire.SiteSlots]
+        routers: dict[str, wire.SiteSlots] | None
+        if self._direct is not None:
+            sites = self._cache.wire_sites(*self._direct)
+            routers = None
+        else:
+            sites, routers = self._cache.wire_scopes
         return wire.fast_path(
-            self._wire,
-            self._buckets.table if self._buckets is not None else None,
+            sites,
+            buckets,
             max_header_bytes=limits.max_header_bytes,
             max_headers=limits.max_headers,
             max_url_bytes=limits.max_url_bytes,
+            routers=routers,
         )
 
     def __call__(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
@@ -217,9 +230,9 @@ class MetadataApp:
                 return error_response(401)
             body = doc.body if doc.fresh is None else doc.fresh()
             reply = (document_head(doc.content_type, len(body)), body)
-            if self._wire is not None and options.http_tokens != "required" and b"%" not in raw:
+            if self._wire and options.http_tokens != "required" and b"%" not in raw:
                 # Without a token this caller gets this same reply: let the fast path repeat it.
-                self._remember(req, entry, raw, doc, reply)
+                self._remember(req, caller, entry, raw, doc, reply)
             return reply
         token_path = _token_path_kind(path)
         if token_path:
@@ -238,8 +251,19 @@ class MetadataApp:
         body = doc.fresh() if doc.fresh is not None else doc.body
         return Response(200, body, doc.content_type)
 
-    def _remember(self, req: Request, site: Site, raw: bytes, doc: Document, reply: Fast) -> None:
-        assert self._direct is not None
+    def _remember(
+        self, req: Request, caller: Caller | NeutronIdentity | None, site: Site, raw: bytes, doc: Document, reply: Fast
+    ) -> None:
+        key: tuple[str, str, object]
+        if self._direct is not None:
+            peer = req.peer_key
+            key = (self._direct[0], self._direct[1], peer)
+        elif isinstance(caller, Caller):
+            # The fast path finds the caller by the stamp's text as sent.
+            peer = req.headers[HDR_CALLER_IP].strip()
+            key = (caller.network_id or "", caller.router_id or "", caller.ip)
+        else:
+            return
         if doc.fresh is None:
             entry: wire.WireEntry = reply
         elif isinstance(doc.fresh, SeededJSON):
@@ -249,7 +273,7 @@ class MetadataApp:
                 return
         else:
             return
-        self._cache.remember_wire((self._direct[0], self._direct[1], req.peer_key), site, raw, entry)
+        self._cache.remember_wire(key, peer, site, raw, entry)
 
     def _unauthorized(self, req: Request, options: MetadataOptions, uuid: str) -> bool:
         """IMDSv2: a token that is sent must be valid; with ``required`` one must be sent."""

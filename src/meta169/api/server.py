@@ -141,7 +141,7 @@ async def start(
                 buckets=buckets,
                 neutron_secret=config.neutron_secret if spec.binding.kind == "neutron" else None,
             )
-            factory = _protocol_factory(app, config.limits, tracker)
+            factory = _protocol_factory(app, config.limits, tracker, loop)
             srv: asyncio.AbstractServer
             if sock.family == socket.AF_UNIX:
                 srv = await loop.create_unix_server(factory, sock=sock)
@@ -164,11 +164,13 @@ async def start(
     return running
 
 
-def _protocol_factory(app: MetadataApp, limits: Limits, tracker: ConnectionTracker) -> Callable[[], HTTPProtocol]:
+def _protocol_factory(
+    app: MetadataApp, limits: Limits, tracker: ConnectionTracker, loop: asyncio.AbstractEventLoop
+) -> Callable[[], HTTPProtocol]:
     fast = app.fast_path(limits)
 
     def factory() -> HTTPProtocol:
-        return HTTPProtocol(app, limits, tracker, fast)
+        return HTTPProtocol(app, limits, tracker, fast, loop)
 
     return factory
 

@@ -12,7 +12,10 @@ fast path only ever repeats an answer that path gave.
 Tables (owned by :class:`meta169.api.cache.SiteCache`, which drops them together
 with the cached site):
 
-- ``sites``: peer address text -> ``(wire, uuid)``;
+- ``sites``: caller address text -> ``(wire, uuid)``, for one network or router
+  (a direct listener, keyed by the TCP peer); a proxy listener gets two maps of
+  these, by network id and by router id, and keys by the stamp the trusted proxy
+  sent (``X-Meta169-Caller-IP`` with ``X-Meta169-Network-ID`` or ``-Router-ID``);
 - ``wire``: request path bytes (before ``?``) -> ``(head, body)``, or
   ``(head, prefix, suffix)`` for a document whose body is ``prefix + <fresh
   base64 random seed> + suffix`` (meta_data.json, see ``render.document``).
@@ -75,15 +78,19 @@ Bucket: Callable[[float, float, float], BucketLike] = _wire.Bucket if _wire is n
 
 
 def fast_path(
-    sites: SiteSlots,
+    sites: SiteSlots | dict[str, SiteSlots],
     buckets: dict[str, BucketLike] | None,
     *,
     max_header_bytes: int,
     max_headers: int,
     max_url_bytes: int,
+    routers: dict[str, SiteSlots] | None = None,
 ) -> Answer | None:
-    """The compiled ``answer(data, peer)`` over these tables, or None without the extension."""
+    """The compiled ``answer(data, peer)`` over these tables, or None without the
+    extension. With ``routers`` it serves a proxy listener: ``sites`` is then the
+    network-id map and ``peer`` is ignored in favour of the stamp."""
     if _wire is None:
         return None
-    answer: Answer = _wire.FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes).answer
+    fast = _wire.FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, routers)
+    answer: Answer = fast.answer
     return answer

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meta169.api.http import HTTPProtocol, Limits, Request, Response, error_response
+from meta169.api.http import HTTPProtocol, Later, Limits, Request, Response, error_response
 from meta169.api.identity import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER, Binding
 from meta169.api.identity import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
 from meta169.errors import ConfigError, PlumbingError, ValidationError
@@ -133,7 +133,8 @@ async def open_in_namespace(listener: ProxyListener) -> socket.socket:
 
 class ProxyApp:
     """The per-listener request handler: synchronous up to the upstream write; the
-    reply completes a future (no task per request)."""
+    upstream connection hands the reply to the guest's connection (no task, no
+    future per request)."""
 
     __slots__ = ("_binding", "_scope_header", "_scope_text", "_secret", "_upstream")
 
@@ -149,7 +150,7 @@ class ProxyApp:
             self._scope_header = f"{HDR_ROUTER}: {binding.id}"
             self._scope_text = f"router:{binding.id}"
 
-    def __call__(self, req: Request) -> Response | asyncio.Future[Response]:
+    def __call__(self, req: Request) -> Response | Later:
         if not req.peer_key:
             return error_response(400, "no peer address")
         # Listener sockets are AF_INET or v6-only AF_INET6, so the peer text is the
@@ -176,9 +177,12 @@ class ProxyApp:
         lines.append(self._scope_header)
         if self._secret is not None:
             lines.append(f"{HDR_SIGNATURE}: {sign_stamp(self._secret, peer, self._scope_text, upstream_method, path)}")
-        lines.append(f"content-length: {len(req.body)}")
+        if req.body or upstream_method != "GET":
+            lines.append(f"content-length: {len(req.body)}")
         payload = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + req.body
-        return self._upstream.request(payload, _relay_head if method == "HEAD" else _relay)
+        later = Later()
+        self._upstream.request(payload, _relay_head if method == "HEAD" else _relay, later)
+        return later
 
 
 _NOT_FORWARDED = frozenset(("content-length", "host"))
@@ -243,7 +247,7 @@ class ProxyServer:
                 log.error("cannot open listener %s: %s", lst, exc)
                 continue
             app = ProxyApp(lst.binding, self.upstream, self.secret)
-            srv = await loop.create_server(_factory(app, self.limits), sock=sock)
+            srv = await loop.create_server(_factory(app, self.limits, loop), sock=sock)
             self._servers[key] = (lst, srv)
             log.info("listening %s", lst)
         return errors
@@ -255,8 +259,8 @@ class ProxyServer:
         await self.upstream.close()
 
 
-def _factory(app: ProxyApp, limits: Limits) -> Callable[[], HTTPProtocol]:
-    return lambda: HTTPProtocol(app, limits)
+def _factory(app: ProxyApp, limits: Limits, loop: asyncio.AbstractEventLoop) -> Callable[[], HTTPProtocol]:
+    return lambda: HTTPProtocol(app, limits, loop=loop)
 
 
 def load_listener_file(path: Path) -> list[ProxyListener]:
