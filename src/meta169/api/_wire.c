@@ -162,6 +162,40 @@ date_refresh(void)
 
 static unsigned char seed_pool[SEED_BYTES * SEED_POOL];
 static size_t seed_offset = sizeof seed_pool; /* empty */
+/* Python callable giving a whole pool of CSPRNG bytes (see set_seed_source), or NULL. */
+static PyObject *seed_source = NULL;
+
+static int
+seed_refill(void)
+{
+    if (seed_source != NULL) {
+        PyObject *fresh = PyObject_CallNoArgs(seed_source);
+        if (fresh == NULL) {
+            return -1;
+        }
+        if (!PyBytes_CheckExact(fresh) || (size_t)PyBytes_GET_SIZE(fresh) != sizeof seed_pool) {
+            Py_DECREF(fresh);
+            PyErr_SetString(PyExc_ValueError, "the seed source must return SEED_BYTES * SEED_POOL bytes");
+            return -1;
+        }
+        memcpy(seed_pool, PyBytes_AS_STRING(fresh), sizeof seed_pool);
+        Py_DECREF(fresh);
+        return 0;
+    }
+    size_t got = 0;
+    while (got < sizeof seed_pool) {
+        ssize_t n = getrandom(seed_pool + got, sizeof seed_pool - got, 0);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        got += (size_t)n;
+    }
+    return 0;
+}
 
 static void
 seed_forget(void)
@@ -169,22 +203,13 @@ seed_forget(void)
     seed_offset = sizeof seed_pool;
 }
 
-/* One getrandom(2) per SEED_POOL seeds; every seed is used once. */
+/* One refill per SEED_POOL seeds; every seed is used once. */
 static const unsigned char *
 seed_take(void)
 {
     if (seed_offset + SEED_BYTES > sizeof seed_pool) {
-        size_t got = 0;
-        while (got < sizeof seed_pool) {
-            ssize_t n = getrandom(seed_pool + got, sizeof seed_pool - got, 0);
-            if (n < 0) {
-                if (errno == EINTR) {
-                    continue;
-                }
-                PyErr_SetFromErrno(PyExc_OSError);
-                return NULL;
-            }
-            got += (size_t)n;
+        if (seed_refill() < 0) {
+            return NULL;
         }
         seed_offset = 0;
     }
@@ -222,8 +247,17 @@ base64_encode(const unsigned char *in, size_t n, char *out)
 
 /* ----------------------------------------------------------- Recogniser */
 
+/* Who sent the request, and so which headers recognise() lets through. */
+enum {
+    MODE_DIRECT = 0,  /* a guest, straight to serve: no identity or token header */
+    MODE_STAMPED = 1, /* the trusted proxy on serve's Unix socket: its stamp is read */
+    MODE_GUEST = 2,   /* a guest at the proxy: anything goes through the stamper's filter */
+};
+
 typedef struct {
     int head;           /* HEAD rather than GET */
+    const char *target; /* the whole request target */
+    Py_ssize_t target_len;
     const char *path;   /* the request target up to '?' */
     Py_ssize_t path_len;
     int keep_alive;
@@ -280,7 +314,7 @@ name_is(const char *name, Py_ssize_t len, const char *lower, Py_ssize_t want)
  * one network or router id, and no other X-Meta169-* header.
  */
 static int
-recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_url, int proxy, Simple *r)
+recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_url, int mode, Simple *r)
 {
     const char *end = d + n;
     if (n < 18 || memcmp(end - 4, "\r\n\r\n", 4) != 0) {
@@ -313,6 +347,8 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
     if (p - target > max_url) {
         return 0;
     }
+    r->target = target;
+    r->target_len = p - target;
     r->path = target;
     r->path_len = (query != NULL ? query : p) - target;
     if (end - p < 11 || memcmp(p, " HTTP/1.1\r\n", 11) != 0) {
@@ -386,13 +422,13 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
             if (NAME_IS(name, name_len, "transfer-encoding")) return 0;
             break;
         case 24:
-            if (NAME_IS(name, name_len, "x-aws-ec2-metadata-token")) return 0;
+            if (NAME_IS(name, name_len, "x-aws-ec2-metadata-token") && mode != MODE_GUEST) return 0;
             break;
         default:
             break;
         }
-        if (name_len >= 10 && NAME_IS(name, 10, "x-meta169-")) {
-            if (!proxy || value_len == 0) {
+        if (name_len >= 10 && NAME_IS(name, 10, "x-meta169-") && mode != MODE_GUEST) {
+            if (mode != MODE_STAMPED || value_len == 0) {
                 return 0;
             }
             if (NAME_IS(name, name_len, "x-meta169-caller-ip")) {
@@ -410,7 +446,7 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
             }
         }
     }
-    if (proxy && (r->caller == NULL || r->scope == NULL)) {
+    if (mode == MODE_STAMPED && (r->caller == NULL || r->scope == NULL)) {
         return 0;
     }
     return p == end - 2;
@@ -527,8 +563,8 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     Simple req;
     int proxy = self->routers != NULL;
-    if (n > self->max_header_bytes ||
-        !recognise(PyBytes_AS_STRING(data), n, self->max_headers, self->max_url_bytes, proxy, &req)) {
+    if (n > self->max_header_bytes || !recognise(PyBytes_AS_STRING(data), n, self->max_headers, self->max_url_bytes,
+                                                 proxy ? MODE_STAMPED : MODE_DIRECT, &req)) {
         Py_RETURN_NONE;
     }
     PyObject *slot;
@@ -659,6 +695,241 @@ static PyTypeObject FastPathType = {
     .tp_members = FastPath_members,
 };
 
+/* --------------------------------------------------------------- Stamper */
+
+/*
+ * The proxy's compiled path: a simple GET or HEAD from a guest becomes the request
+ * the Python ProxyApp would send upstream, byte for byte: request line (HEAD asked
+ * as GET), the guest's headers in order with names lower-cased and values trimmed,
+ * less the ones the proxy never forwards (given by Python, which owns the lists),
+ * one marker line where the dropped X-Forwarded-For stood, then Host and the stamp.
+ * Repeated header names are declined: Python joins them, which this does not do.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *drop;       /* tuple of lower-case names never forwarded */
+    PyObject *prefixes;   /* tuple of lower-case name prefixes never forwarded */
+    PyObject *marker_for; /* the dropped name that leaves a marker line */
+    PyObject *marker;     /* that line, without CRLF */
+    PyObject *before;     /* lines after the guest's headers, up to the caller IP value */
+    PyObject *after;      /* from after the caller IP value to the end of the head */
+    Py_ssize_t max_header_bytes;
+    Py_ssize_t max_headers;
+    Py_ssize_t max_url_bytes;
+} StamperObject;
+
+static int
+all_bytes(PyObject *tuple)
+{
+    if (!PyTuple_CheckExact(tuple)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(tuple, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+Stamper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"drop", "prefixes", "marker_for", "marker", "before", "after",
+                             "max_header_bytes", "max_headers", "max_url_bytes", NULL};
+    PyObject *drop, *prefixes, *marker_for, *marker, *before, *after;
+    Py_ssize_t max_header_bytes, max_headers, max_url_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOSSSSnnn", kwlist, &drop, &prefixes, &marker_for, &marker,
+                                     &before, &after, &max_header_bytes, &max_headers, &max_url_bytes)) {
+        return NULL;
+    }
+    if (!all_bytes(drop) || !all_bytes(prefixes)) {
+        PyErr_SetString(PyExc_TypeError, "drop and prefixes must be tuples of bytes");
+        return NULL;
+    }
+    StamperObject *self = (StamperObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    PyObject **slots[] = {&self->drop, &self->prefixes, &self->marker_for, &self->marker, &self->before, &self->after};
+    PyObject *values[] = {drop, prefixes, marker_for, marker, before, after};
+    for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
+        Py_INCREF(values[i]);
+        *slots[i] = values[i];
+    }
+    self->max_header_bytes = max_header_bytes;
+    self->max_headers = max_headers;
+    self->max_url_bytes = max_url_bytes;
+    return (PyObject *)self;
+}
+
+static void
+Stamper_dealloc(StamperObject *self)
+{
+    Py_XDECREF(self->drop);
+    Py_XDECREF(self->prefixes);
+    Py_XDECREF(self->marker_for);
+    Py_XDECREF(self->marker);
+    Py_XDECREF(self->before);
+    Py_XDECREF(self->after);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+bytes_equal(PyObject *b, const char *s, Py_ssize_t n)
+{
+    return PyBytes_GET_SIZE(b) == n && memcmp(PyBytes_AS_STRING(b), s, (size_t)n) == 0;
+}
+
+static int
+dropped(StamperObject *self, const char *lname, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->drop); i++) {
+        if (bytes_equal(PyTuple_GET_ITEM(self->drop, i), lname, n)) {
+            return 1;
+        }
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->prefixes); i++) {
+        PyObject *prefix = PyTuple_GET_ITEM(self->prefixes, i);
+        Py_ssize_t len = PyBytes_GET_SIZE(prefix);
+        if (n >= len && memcmp(PyBytes_AS_STRING(prefix), lname, (size_t)len) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+#define MAX_NAMES 64
+
+static PyObject *
+Stamper_forward(StamperObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || !PyUnicode_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "forward(data: bytes, peer: str)");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    Py_ssize_t peer_len;
+    const char *peer = PyUnicode_AsUTF8AndSize(args[1], &peer_len);
+    if (peer == NULL) {
+        return NULL;
+    }
+    const char *d = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Simple req;
+    if (peer_len == 0 || n > self->max_header_bytes ||
+        !recognise(d, n, self->max_headers < MAX_NAMES ? self->max_headers : MAX_NAMES, self->max_url_bytes,
+                   MODE_GUEST, &req)) {
+        Py_RETURN_NONE;
+    }
+    /* Output head <= input head + ' ' per header (name:value -> name: value) + the marker. */
+    Py_ssize_t cap = n + MAX_NAMES + PyBytes_GET_SIZE(self->marker) + PyBytes_GET_SIZE(self->before) + peer_len +
+                     PyBytes_GET_SIZE(self->after) + 16;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    char *scratch = PyMem_Malloc((size_t)n); /* lower-cased names, to refuse repeats */
+    if (out == NULL || scratch == NULL) {
+        Py_XDECREF(out);
+        PyMem_Free(scratch);
+        return PyErr_NoMemory();
+    }
+    char *w = PyBytes_AS_STRING(out);
+    memcpy(w, "GET ", 4);
+    w += 4;
+    memcpy(w, req.target, (size_t)req.target_len);
+    w += req.target_len;
+    memcpy(w, " HTTP/1.1\r\n", 11);
+    w += 11;
+    const char *names[MAX_NAMES];
+    Py_ssize_t name_lens[MAX_NAMES];
+    int seen = 0;
+    char *sp = scratch;
+    /* recognise() checked the grammar: every line below is "name:value\r\n". */
+    const char *p = (const char *)memchr(d, '\n', (size_t)n) + 1;
+    const char *end = d + n - 2;
+    while (p < end) {
+        const char *colon = memchr(p, ':', (size_t)(end - p));
+        const char *eol = memchr(colon, '\r', (size_t)(end + 2 - colon));
+        Py_ssize_t name_len = colon - p;
+        char *lname = sp;
+        for (Py_ssize_t i = 0; i < name_len; i++) {
+            char c = p[i];
+            lname[i] = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+        }
+        sp += name_len;
+        for (int i = 0; i < seen; i++) {
+            if (name_lens[i] == name_len && memcmp(names[i], lname, (size_t)name_len) == 0) {
+                goto decline;
+            }
+        }
+        if (seen == MAX_NAMES) {
+            goto decline;
+        }
+        names[seen] = lname;
+        name_lens[seen++] = name_len;
+        const char *value = colon + 1;
+        const char *value_end = eol;
+        p = eol + 2;
+        while (value < value_end && (*value == ' ' || *value == '\t')) value++;
+        while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
+        if (dropped(self, lname, name_len)) {
+            if (bytes_equal(self->marker_for, lname, name_len)) {
+                memcpy(w, PyBytes_AS_STRING(self->marker), (size_t)PyBytes_GET_SIZE(self->marker));
+                w += PyBytes_GET_SIZE(self->marker);
+                memcpy(w, "\r\n", 2);
+                w += 2;
+            }
+            continue;
+        }
+        memcpy(w, lname, (size_t)name_len);
+        w += name_len;
+        memcpy(w, ": ", 2);
+        w += 2;
+        memcpy(w, value, (size_t)(value_end - value));
+        w += value_end - value;
+        memcpy(w, "\r\n", 2);
+        w += 2;
+    }
+    PyMem_Free(scratch);
+    memcpy(w, PyBytes_AS_STRING(self->before), (size_t)PyBytes_GET_SIZE(self->before));
+    w += PyBytes_GET_SIZE(self->before);
+    memcpy(w, peer, (size_t)peer_len);
+    w += peer_len;
+    memcpy(w, PyBytes_AS_STRING(self->after), (size_t)PyBytes_GET_SIZE(self->after));
+    w += PyBytes_GET_SIZE(self->after);
+    if (_PyBytes_Resize(&out, w - PyBytes_AS_STRING(out)) < 0) {
+        return NULL;
+    }
+    PyObject *target = PyBytes_FromStringAndSize(req.target, req.target_len);
+    if (target == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("(NOON)", out, req.head ? Py_True : Py_False, req.keep_alive ? Py_True : Py_False, target);
+
+decline:
+    PyMem_Free(scratch);
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Stamper_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))Stamper_forward, METH_FASTCALL,
+     "forward(data, peer) -> (upstream request, head, keep_alive, target), or None for the Python path."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StamperType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "meta169.api._wire.Stamper",
+    .tp_basicsize = sizeof(StamperObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Stamper(drop, prefixes, marker_for, marker, before, after, max_header_bytes, max_headers, "
+              "max_url_bytes)",
+    .tp_new = Stamper_new,
+    .tp_dealloc = (destructor)Stamper_dealloc,
+    .tp_methods = Stamper_methods,
+};
+
 /* ---------------------------------------------------------------- module */
 
 static PyObject *
@@ -666,7 +937,7 @@ wire_recognise(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
     if ((nargs != 3 && nargs != 4) || !PyBytes_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "recognise(data: bytes, max_headers, max_url_bytes, proxy=False)");
+        PyErr_SetString(PyExc_TypeError, "recognise(data: bytes, max_headers, max_url_bytes, mode=0)");
         return NULL;
     }
     Py_ssize_t max_headers = PyLong_AsSsize_t(args[1]);
@@ -674,15 +945,19 @@ wire_recognise(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if ((max_headers == -1 || max_url == -1) && PyErr_Occurred()) {
         return NULL;
     }
-    int proxy = nargs == 4 ? PyObject_IsTrue(args[3]) : 0;
-    if (proxy < 0) {
+    long mode = nargs == 4 ? PyLong_AsLong(args[3]) : MODE_DIRECT;
+    if (mode == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (mode < MODE_DIRECT || mode > MODE_GUEST) {
+        PyErr_SetString(PyExc_ValueError, "mode is 0 (direct), 1 (stamped) or 2 (guest)");
         return NULL;
     }
     Simple req;
-    if (!recognise(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), max_headers, max_url, proxy, &req)) {
+    if (!recognise(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), max_headers, max_url, (int)mode, &req)) {
         Py_RETURN_NONE;
     }
-    if (!proxy) {
+    if (mode != MODE_STAMPED) {
         return Py_BuildValue("(sy#O)", req.head ? "HEAD" : "GET", req.path, req.path_len,
                              req.keep_alive ? Py_True : Py_False);
     }
@@ -700,9 +975,24 @@ wire_date_line(PyObject *module, PyObject *unused)
     return PyBytes_FromStringAndSize(date_line, date_len);
 }
 
+static PyObject *
+wire_set_seed_source(PyObject *module, PyObject *source)
+{
+    (void)module;
+    if (source != Py_None && !PyCallable_Check(source)) {
+        PyErr_SetString(PyExc_TypeError, "the seed source must be callable or None");
+        return NULL;
+    }
+    Py_XSETREF(seed_source, source == Py_None ? NULL : Py_NewRef(source));
+    seed_forget();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef wire_methods[] = {
+    {"set_seed_source", wire_set_seed_source, METH_O,
+     "set_seed_source(callable | None): where pools of random seed bytes come from (None: getrandom)."},
     {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_FASTCALL,
-     "recognise(data, max_headers, max_url_bytes, proxy=False) -> (method, path, keep_alive[, caller, kind, "
+     "recognise(data, max_headers, max_url_bytes, mode=0) -> (method, path, keep_alive[, caller, kind, "
      "scope]) or None."},
     {"date_line", wire_date_line, METH_NOARGS, "The current Date header line, as the fast path writes it."},
     {NULL, NULL, 0, NULL},
@@ -720,7 +1010,7 @@ PyMODINIT_FUNC
 PyInit__wire(void)
 {
     tchar_init();
-    if (PyType_Ready(&BucketType) < 0 || PyType_Ready(&FastPathType) < 0) {
+    if (PyType_Ready(&BucketType) < 0 || PyType_Ready(&FastPathType) < 0 || PyType_Ready(&StamperType) < 0) {
         return NULL;
     }
     if (pthread_atfork(NULL, NULL, seed_forget) != 0) {
@@ -732,8 +1022,10 @@ PyInit__wire(void)
         return NULL;
     }
     if (PyModule_AddIntConstant(m, "SEED_BYTES", SEED_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "SEED_POOL", SEED_POOL) < 0 ||
         PyModule_AddObjectRef(m, "Bucket", (PyObject *)&BucketType) < 0 ||
-        PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0) {
+        PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
+        PyModule_AddObjectRef(m, "Stamper", (PyObject *)&StamperType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -27,7 +27,6 @@ from typing import ClassVar, cast
 import httptools
 
 from meta169.api.identity import IDENTITY_PREFIX
-from meta169.api.wire import Answer
 from meta169.errors import HTTPError
 from meta169.model import IPAddress
 
@@ -56,7 +55,17 @@ class Request:
     it (canonical text: a cheap, cached hash for cache keys); ``peer`` parses it only
     when something needs the address itself."""
 
-    __slots__ = ("_peer", "body", "headers", "identity_header", "keep_alive", "method", "peer_key", "raw_path")
+    __slots__ = (
+        "_peer",
+        "body",
+        "forward",
+        "headers",
+        "identity_header",
+        "keep_alive",
+        "method",
+        "peer_key",
+        "raw_path",
+    )
 
     def __init__(
         self,
@@ -76,6 +85,8 @@ class Request:
         self.keep_alive = keep_alive
         # Whether any X-Meta169-* header came with the request (set while parsing).
         self.identity_header = identity_header
+        # The proxy's upstream request, when its compiled path already wrote it.
+        self.forward: bytes | None = None
         self._peer: IPAddress | bool | None = False  # False: not parsed yet
 
     @property
@@ -145,6 +156,12 @@ class Later:
             return
         self._target = target
         self._request = req
+
+
+# A compiled first look at a connection's data (api.wire): a finished reply and
+# whether to keep the connection, a Request already prepared for the handler, or
+# None to parse as usual.
+FastHook = Callable[[bytes, str], "tuple[bytes, bool] | Request | None"]
 
 
 class ConnectionTracker:
@@ -353,7 +370,7 @@ class HTTPProtocol(asyncio.Protocol):
         handler: Handler,
         limits: Limits,
         tracker: ConnectionTracker | None = None,
-        fast: Answer | None = None,
+        fast: FastHook | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._handler = handler
@@ -424,7 +441,9 @@ class HTTPProtocol(asyncio.Protocol):
                 reply = fast(data, self._peer_key)
                 if reply is not None:
                     self._progress += 1
-                    if reply[1]:
+                    if isinstance(reply, Request):
+                        self._dispatch(reply)
+                    elif reply[1]:
                         transport.write(reply[0])
                     else:
                         _cork(transport)

@@ -20,8 +20,12 @@ with the cached site):
   ``(head, prefix, suffix)`` for a document whose body is ``prefix + <fresh
   base64 random seed> + suffix`` (meta_data.json, see ``render.document``).
 
+The proxy has its own compiled step, :func:`stamper`: a simple guest request becomes
+the stamped upstream request the Python ``ProxyApp`` would have written.
+
 When the extension is not built (no C compiler), :data:`COMPILED` is False,
-:func:`fast_path` returns None and every request takes the Python path.
+:func:`fast_path` and :func:`stamper` return None and every request takes the
+Python path.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ WireEntry = tuple[bytes, bytes] | tuple[bytes, bytes, bytes]
 WireTable = dict[bytes, WireEntry]
 SiteSlots = dict[str, tuple[WireTable, str]]
 Answer = Callable[[bytes, str], "tuple[bytes, bool] | None"]
+# (upstream request, HEAD asked, keep-alive, request target)
+Forward = Callable[[bytes, str], "tuple[bytes, bool, bool, bytes] | None"]
 
 
 class BucketLike(Protocol):
@@ -77,6 +83,12 @@ COMPILED: bool = _wire is not None
 Bucket: Callable[[float, float, float], BucketLike] = _wire.Bucket if _wire is not None else PyBucket
 
 
+def set_seed_source(source: Callable[[], bytes] | None) -> None:
+    """Where the compiled path gets pools of random seed bytes (None: getrandom)."""
+    if _wire is not None:
+        _wire.set_seed_source(source)
+
+
 def fast_path(
     sites: SiteSlots | dict[str, SiteSlots],
     buckets: dict[str, BucketLike] | None,
@@ -94,3 +106,38 @@ def fast_path(
     fast = _wire.FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, routers)
     answer: Answer = fast.answer
     return answer
+
+
+def stamper(
+    *,
+    drop: frozenset[str],
+    prefixes: tuple[str, ...],
+    marker_for: str,
+    marker: str,
+    before: str,
+    after: str,
+    max_header_bytes: int,
+    max_headers: int,
+    max_url_bytes: int,
+) -> Forward | None:
+    """The compiled ``forward(data, peer)`` of the proxy, or None without the extension.
+
+    ``drop`` and ``prefixes`` name (lower case) the headers never forwarded; the one
+    named ``marker_for`` leaves the line ``marker`` in its place; ``before`` and
+    ``after`` surround the caller's address at the end of the head.
+    """
+    if _wire is None:
+        return None
+    fast = _wire.Stamper(
+        tuple(sorted(n.encode("latin-1") for n in drop)),
+        tuple(p.encode("latin-1") for p in prefixes),
+        marker_for.encode("latin-1"),
+        marker.encode("latin-1"),
+        before.encode("latin-1"),
+        after.encode("latin-1"),
+        max_header_bytes,
+        max_headers,
+        max_url_bytes,
+    )
+    forward: Forward = fast.forward
+    return forward

@@ -21,12 +21,20 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meta169.api.http import HTTPProtocol, Later, Limits, Request, Response, error_response
+from meta169.api import wire
+from meta169.api.http import FastHook, HTTPProtocol, Later, Limits, Request, Response, error_response
 from meta169.api.identity import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER, Binding
 from meta169.api.identity import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
 from meta169.errors import ConfigError, PlumbingError, ValidationError
 from meta169.model import IPAddress, check_id, parse_ip
-from meta169.proxy.stamp import HDR_SIGNATURE, HOP_BY_HOP, is_identity_header, sign_stamp
+from meta169.proxy.stamp import (
+    HDR_SIGNATURE,
+    HOP_BY_HOP,
+    IDENTITY_HEADER_PREFIXES,
+    IDENTITY_HEADERS,
+    is_identity_header,
+    sign_stamp,
+)
 from meta169.proxy.upstream import Reply, Upstream
 
 log = logging.getLogger("meta169.proxy")
@@ -150,9 +158,43 @@ class ProxyApp:
             self._scope_header = f"{HDR_ROUTER}: {binding.id}"
             self._scope_text = f"router:{binding.id}"
 
+    def fast_path(self, limits: Limits) -> FastHook | None:
+        """The compiled stamping of simple GET/HEAD requests (api.wire), or None: over
+        TCP every request is signed here in Python, and without the extension."""
+        if self._secret is not None:
+            return None
+        forward = wire.stamper(
+            drop=HOP_BY_HOP | _NOT_FORWARDED | IDENTITY_HEADERS,
+            prefixes=IDENTITY_HEADER_PREFIXES,
+            marker_for="x-forwarded-for",
+            marker=_GUEST_FORWARDED,
+            before=f"host: metadata\r\n{HDR_CALLER_IP}: ",
+            after=f"\r\n{self._scope_header}\r\n\r\n",
+            max_header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            max_url_bytes=limits.max_url_bytes,
+        )
+        if forward is None:
+            return None
+
+        def fast(data: bytes, peer: str) -> Request | None:
+            stamped = forward(data, peer)
+            if stamped is None:
+                return None
+            payload, head, keep_alive, target = stamped
+            req = Request("HEAD" if head else "GET", target, {}, b"", peer, keep_alive)
+            req.forward = payload
+            return req
+
+        return fast
+
     def __call__(self, req: Request) -> Response | Later:
         if not req.peer_key:
             return error_response(400, "no peer address")
+        if req.forward is not None:
+            later = Later()
+            self._upstream.request(req.forward, _relay_head if req.method == "HEAD" else _relay, later)
+            return later
         # Listener sockets are AF_INET or v6-only AF_INET6, so the peer text is the
         # caller's address as the registry knows it (never an IPv4-mapped form).
         peer = req.peer_key
@@ -169,7 +211,7 @@ class ProxyApp:
                 # The one bit of guest-sent forwarding the server must still see:
                 # IMDSv2 refuses a token PUT that came through a proxy in the guest.
                 if name == "x-forwarded-for":
-                    lines.append("X-Meta169-Guest-Forwarded: 1")
+                    lines.append(_GUEST_FORWARDED)
                 continue
             lines.append(f"{name}: {value}")
         lines.append("host: metadata")
@@ -186,6 +228,7 @@ class ProxyApp:
 
 
 _NOT_FORWARDED = frozenset(("content-length", "host"))
+_GUEST_FORWARDED = "X-Meta169-Guest-Forwarded: 1"
 _HOP_PREFIX = HDR_HOP_LIMIT.encode()
 
 
@@ -260,7 +303,8 @@ class ProxyServer:
 
 
 def _factory(app: ProxyApp, limits: Limits, loop: asyncio.AbstractEventLoop) -> Callable[[], HTTPProtocol]:
-    return lambda: HTTPProtocol(app, limits, loop=loop)
+    fast = app.fast_path(limits)
+    return lambda: HTTPProtocol(app, limits, fast=fast, loop=loop)
 
 
 def load_listener_file(path: Path) -> list[ProxyListener]:
