@@ -318,3 +318,18 @@ def test_proxy_pipelined_requests_answered_in_order(unix_proxy: tuple[int, int])
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
     assert statuses == [b"200", b"404", b"200"] * 7
     assert data.count(ALPHA.encode()) == 7 and data.count(b"alpha-secret-user-data") == 7
+
+
+@pytest.mark.parametrize("extra", ["", "X-Unusual: 1\r\nX-Unusual: 2\r\n"], ids=["compiled", "python"])
+def test_proxy_connection_close_relays_then_closes(unix_proxy: tuple[int, int], extra: str) -> None:
+    # A repeated header makes the compiled stamping step aside: both paths are covered.
+    port_a, _ = unix_proxy
+    request = f"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port_a), timeout=5, source_address=("127.0.0.5", 0)) as sock:
+        sock.sendall(request.encode())
+        data = b""
+        while chunk := sock.recv(65536):  # ends when the proxy closes
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and head.count(b"Connection: close") == 1
+    assert body == ALPHA.encode()

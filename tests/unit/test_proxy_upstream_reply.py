@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httptools
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from meta169.proxy.upstream import _whole_reply
+from meta169.api import wire
+from meta169.proxy.upstream import _py_whole_reply
+
+READERS: list[Callable[[bytes], int]] = [_py_whole_reply] + ([wire.whole_reply] if wire.whole_reply else [])
+
+
+@pytest.fixture(params=READERS, ids=lambda f: f.__module__ or "compiled")
+def _whole_reply(request: pytest.FixtureRequest) -> Callable[[bytes], int]:
+    return request.param  # type: ignore[no-any-return]
 
 
 def _head(*lines: str) -> bytes:
@@ -23,7 +35,7 @@ PLAIN = _head("HTTP/1.1 200 OK", "Server: meta169", "Content-Type: text/plain", 
         (_head("HTTP/1.1 200 OK", "Content-Length: 0"), 200),
     ],
 )
-def test_upstream_reads_whole_plain_replies(data: bytes, status: int) -> None:
+def test_upstream_reads_whole_plain_replies(_whole_reply: Callable[[bytes], int], data: bytes, status: int) -> None:
     assert _whole_reply(data) == status
     # httptools reads the same message, ending exactly where the data ends.
     seen: list[int] = []
@@ -50,7 +62,27 @@ def test_upstream_reads_whole_plain_replies(data: bytes, status: int) -> None:
         _head("HTTP/1.1 2x0 OK", "Content-Length: 5") + b"hello",
         _head("HTTP/1.1 200 OK", "Content-Length: 5x") + b"hello",
         _head("HTTP/1.1 200 OK") + b"hello",
+        _head("HTTP/1.1 200 OK", "Content-Length: 5", "content-length: 5") + b"hello",
+        _head("HTTP/1.1 200 OK", "Connection-Extra: x", "Content-Length: 5") + b"hello",
+        _head("HTTP/1.1 200 OK", "Content-Length: 1234567890") + b"hello",
     ],
 )
-def test_upstream_leaves_anything_else_to_httptools(data: bytes) -> None:
+def test_upstream_leaves_anything_else_to_httptools(_whole_reply: Callable[[bytes], int], data: bytes) -> None:
     assert _whole_reply(data) == 0
+
+
+LINE = st.sampled_from(
+    ["Content-Length: 5", "content-length:5", "Content-Length: 4", "Connection: close", "X-Meta169-Hop-Limit: 1",
+     "Server: meta169", "Content-Type: text/plain", "Transfer-Encoding: chunked", "X: y", "Content-Length : 5"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    status=st.sampled_from(["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found", "HTTP/1.0 200 OK", "HTTP/1.1 20 OK"]),
+    lines=st.lists(LINE, max_size=5),
+    body=st.sampled_from([b"hello", b"", b"hell", b"hello!"]),
+)
+def test_upstream_readers_agree(status: str, lines: list[str], body: bytes) -> None:
+    data = _head(status, *lines) + body
+    assert len({reader(data) for reader in READERS}) == 1, data

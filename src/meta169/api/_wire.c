@@ -975,6 +975,89 @@ wire_date_line(PyObject *module, PyObject *unused)
     return PyBytes_FromStringAndSize(date_line, date_len);
 }
 
+/*
+ * The status of ``d`` if it is exactly one complete, plain reply as serve writes
+ * them (HTTP/1.1, one Content-Length of at most 9 digits, no header whose name
+ * starts with Connection, Transfer-Encoding or X-Meta169-), else 0: the proxy's
+ * upstream then reads it with httptools. Mirrors proxy.upstream._py_whole_reply.
+ */
+static long
+whole_reply(const char *d, Py_ssize_t n)
+{
+    if (n < 16 || memcmp(d, "HTTP/1.1 ", 9) != 0) {
+        return 0;
+    }
+    for (int i = 9; i < 12; i++) {
+        if (d[i] < '0' || d[i] > '9') {
+            return 0;
+        }
+    }
+    if (d[12] != ' ' && d[12] != '\r') {
+        return 0;
+    }
+    const char *head_end = NULL;
+    for (const char *q = d; q + 4 <= d + n; q++) {
+        if (q[0] == '\r' && q[1] == '\n' && q[2] == '\r' && q[3] == '\n') {
+            head_end = q;
+            break;
+        }
+    }
+    if (head_end == NULL) {
+        return 0;
+    }
+    long length = -1;
+    const char *p = memchr(d, '\n', (size_t)(head_end - d + 2));
+    p = p == NULL ? head_end : p + 1;
+    while (p < head_end) {
+        const char *eol = p;
+        while (eol < head_end && !(eol[0] == '\r' && eol[1] == '\n')) eol++;
+        const char *colon = memchr(p, ':', (size_t)(eol - p));
+        Py_ssize_t name_len = colon != NULL ? colon - p : eol - p;
+        if ((name_len >= 10 && NAME_IS(p, 10, "connection")) ||
+            (name_len >= 17 && NAME_IS(p, 17, "transfer-encoding")) ||
+            (name_len >= 10 && NAME_IS(p, 10, "x-meta169-"))) {
+            return 0;
+        }
+        if (colon != NULL && NAME_IS(p, name_len, "content-length")) {
+            if (length >= 0) {
+                return 0;
+            }
+            const char *v = colon + 1, *v_end = eol;
+            while (v < v_end && (*v == ' ' || *v == '\t')) v++;
+            while (v_end > v && (v_end[-1] == ' ' || v_end[-1] == '\t')) v_end--;
+            if (v_end == v || v_end - v > 9) {
+                return 0;
+            }
+            length = 0;
+            for (const char *c = v; c < v_end; c++) {
+                if (*c < '0' || *c > '9') {
+                    return 0;
+                }
+                length = length * 10 + (*c - '0');
+            }
+        }
+        if (eol >= head_end) {
+            break;
+        }
+        p = eol + 2;
+    }
+    if (length < 0 || (head_end - d) + 4 + length != n) {
+        return 0;
+    }
+    return (d[9] - '0') * 100 + (d[10] - '0') * 10 + (d[11] - '0');
+}
+
+static PyObject *
+wire_whole_reply(PyObject *module, PyObject *data)
+{
+    (void)module;
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "whole_reply(data: bytes)");
+        return NULL;
+    }
+    return PyLong_FromLong(whole_reply(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)));
+}
+
 static PyObject *
 wire_set_seed_source(PyObject *module, PyObject *source)
 {
@@ -989,6 +1072,8 @@ wire_set_seed_source(PyObject *module, PyObject *source)
 }
 
 static PyMethodDef wire_methods[] = {
+    {"whole_reply", wire_whole_reply, METH_O,
+     "whole_reply(data) -> the status of one complete plain reply, else 0."},
     {"set_seed_source", wire_set_seed_source, METH_O,
      "set_seed_source(callable | None): where pools of random seed bytes come from (None: getrandom)."},
     {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_FASTCALL,

@@ -132,15 +132,16 @@ class Later:
     def __init__(self) -> None:
         self._target: HTTPProtocol | None = None
         self._request: Request | None = None
-        self._outcome: Response | Fast | BaseException | None = None
+        self._outcome: Response | Fast | bytes | BaseException | None = None
 
-    def deliver(self, value: Response | Fast) -> None:
+    def deliver(self, value: Response | Fast | bytes) -> None:
+        """``bytes`` are a complete reply to relay as it is (the proxy's upstream's)."""
         self._settle(value)
 
     def fail(self, error: BaseException) -> None:
         self._settle(error)
 
-    def _settle(self, outcome: Response | Fast | BaseException) -> None:
+    def _settle(self, outcome: Response | Fast | bytes | BaseException) -> None:
         target, req = self._target, self._request
         if target is None or req is None:
             self._outcome = outcome
@@ -385,8 +386,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._parser: httptools.HttpRequestParser | None = None
         self._transport: asyncio.Transport | None = None
         self._peer_key = ""
-        self._identity = False
-        self._queue: deque[Request] = deque()
+        self._queue: deque[Request] | None = None  # made when a request first waits
         self._busy = False
         self._paused = False  # reading paused while pipelined requests wait
         self._ticker: _Ticker | None = None
@@ -395,12 +395,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._idle_ticks = 0
         self._stall_ticks = 0
         self._begun = False  # a request has started and not completed
-        self._url = b""
-        self._url_bytes = 0
-        self._header_bytes = 0
-        self._body_bytes = 0
-        self._cur_headers: dict[str, str] = {}
-        self._body: list[bytes] = []
+        # The httptools path's per-request state is set by on_message_begin.
 
     # -- asyncio callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -478,8 +473,10 @@ class HTTPProtocol(asyncio.Protocol):
         self._url = b""
         self._url_bytes = 0
         self._header_bytes = 0
-        self._cur_headers = {}
+        self._cur_headers: dict[str, str] = {}
         self._identity = False
+        self._body: list[bytes] = []
+        self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -529,8 +526,6 @@ class HTTPProtocol(asyncio.Protocol):
         body = b""
         if self._body:
             body = b"".join(self._body)
-            self._body = []
-            self._body_bytes = 0
         req = Request(
             _METHODS.get(raw_method) or raw_method.decode("ascii", "replace"),
             self._url,
@@ -543,9 +538,12 @@ class HTTPProtocol(asyncio.Protocol):
         self._begun = False
         self._progress += 1
         if self._busy or self._queue:
-            if len(self._queue) >= self._limits.max_pipelined:
+            queue = self._queue
+            if queue is None:
+                queue = self._queue = deque()
+            if len(queue) >= self._limits.max_pipelined:
                 raise _Reject(503)
-            self._queue.append(req)
+            queue.append(req)
             # Backpressure only once a request waits behind another: a client that
             # asks one thing at a time costs no pause/resume per request.
             if not self._paused and self._transport is not None:
@@ -581,8 +579,9 @@ class HTTPProtocol(asyncio.Protocol):
         return False
 
     def _drain(self) -> None:
-        while self._queue and self._transport is not None and not self._busy:
-            if not self._dispatch(self._queue.popleft()):
+        queue = self._queue
+        while queue and self._transport is not None and not self._busy:
+            if not self._dispatch(queue.popleft()):
                 return
 
     async def _await(self, req: Request, pending: Awaitable[Response | Fast]) -> None:
@@ -600,7 +599,7 @@ class HTTPProtocol(asyncio.Protocol):
         error = fut.exception()
         self._settled(req, error if error is not None else fut.result())
 
-    def _settled(self, req: Request, outcome: Response | Fast | BaseException) -> None:
+    def _settled(self, req: Request, outcome: Response | Fast | bytes | BaseException) -> None:
         if isinstance(outcome, HTTPError):
             log.warning("%s %r from %s: %s", req.method, req.raw_path, req.peer, outcome)
             outcome = error_response(outcome.status, "metadata service unavailable")
@@ -609,12 +608,14 @@ class HTTPProtocol(asyncio.Protocol):
             outcome = error_response(500)
         self._finish(req, outcome)
 
-    def _finish(self, req: Request, resp: Response | Fast) -> None:
+    def _finish(self, req: Request, resp: Response | Fast | bytes) -> None:
         """Write a reply that was pending, then go on with the pipeline."""
         self._busy = False
         if self._transport is None:
             return
-        if isinstance(resp, tuple):
+        if isinstance(resp, bytes):
+            self._relay(req, resp)
+        elif isinstance(resp, tuple):
             self._write_fast(req, resp)
         else:
             self._write(req, resp)
@@ -638,6 +639,19 @@ class HTTPProtocol(asyncio.Protocol):
             transport.write(b"".join((head, _date_header(), b"Connection: close\r\n\r\n", body)))
             transport.close()
             self._transport = None
+
+    def _relay(self, req: Request, raw: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        if req.keep_alive:
+            transport.write(raw)
+            return
+        # A relayed reply on a connection we are about to close says so (RFC 9112 9.6).
+        _cork(transport)
+        end = raw.find(b"\r\n\r\n")
+        transport.writelines((raw[:end], b"\r\nConnection: close", memoryview(raw)[end:]))
+        transport.close()
+        self._transport = None
 
     def _write(self, req: Request, resp: Response) -> None:
         transport = self._transport

@@ -80,6 +80,8 @@ except ImportError:  # built without a C compiler: the Python path serves everyt
     _wire = None
 
 COMPILED: bool = _wire is not None
+# The proxy's reader of serve's plain replies (proxy.upstream has the Python twin).
+whole_reply: Callable[[bytes], int] | None = _wire.whole_reply if _wire is not None else None
 Bucket: Callable[[float, float, float], BucketLike] = _wire.Bucket if _wire is not None else PyBucket
 
 

@@ -232,24 +232,26 @@ _GUEST_FORWARDED = "X-Meta169-Guest-Forwarded: 1"
 _HOP_PREFIX = HDR_HOP_LIMIT.encode()
 
 
-def _relay(reply: Reply) -> Response:
+def _relay(reply: Reply) -> Response | bytes:
     raw = reply.raw
-    ttl: int | None = None
     hop = reply.headers.get(HDR_HOP_LIMIT)
-    if hop is not None:
-        head, _, body = raw.partition(b"\r\n\r\n")
-        head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(_HOP_PREFIX))
-        raw = head + b"\r\n\r\n" + body
-        with contextlib.suppress(ValueError):
-            ttl = max(1, min(255, int(hop)))
-    return Response(reply.status, raw=raw, ip_ttl=ttl)
+    if hop is None:
+        return raw  # relayed as it is
+    head, _, body = raw.partition(b"\r\n\r\n")
+    head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(_HOP_PREFIX))
+    ttl: int | None = None
+    with contextlib.suppress(ValueError):
+        ttl = max(1, min(255, int(hop)))
+    return Response(reply.status, raw=head + b"\r\n\r\n" + body, ip_ttl=ttl)
 
 
-def _relay_head(reply: Reply) -> Response:
-    resp = _relay(reply)
-    assert resp.raw is not None
-    resp.raw = resp.raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
-    return resp
+def _relay_head(reply: Reply) -> Response | bytes:
+    relayed = _relay(reply)
+    if isinstance(relayed, bytes):
+        return relayed.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    assert relayed.raw is not None
+    relayed.raw = relayed.raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    return relayed
 
 
 @dataclass

@@ -24,13 +24,14 @@ from typing import Generic, Protocol, TypeVar, cast
 
 import httptools
 
+from meta169.api import wire
 from meta169.errors import HTTPError
 
 MAX_REPLY = 1 << 20
 T = TypeVar("T")
 
 # serve's replies always frame by Content-Length; anything else is httptools' to read.
-_LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*(?:\r\n|$)", re.IGNORECASE)
+_LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*(?=\r\n|$)", re.IGNORECASE)
 _UNUSUAL_RE = re.compile(rb"\r\n(?:transfer-encoding|connection|x-meta169-)", re.IGNORECASE)
 
 
@@ -187,19 +188,23 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-def _whole_reply(data: bytes) -> int:
+def _py_whole_reply(data: bytes) -> int:
     """The status of ``data`` if it is exactly one complete, plain keep-alive reply
-    as serve writes them (HTTP/1.1, Content-Length, no Connection, Transfer-Encoding
-    or X-Meta169-* header), else 0 and httptools reads it."""
+    as serve writes them (HTTP/1.1, one Content-Length, no Connection, Transfer-Encoding
+    or X-Meta169-* header), else 0 and httptools reads it. ``_wire.whole_reply`` is
+    the compiled twin."""
     end = data.find(b"\r\n\r\n")
     if end < 0 or not data.startswith(b"HTTP/1.1 "):
         return 0
     head = data[:end]
-    match = _LENGTH_RE.search(head)
-    if match is None or end + 4 + int(match[1]) != len(data) or _UNUSUAL_RE.search(head):
+    lengths = _LENGTH_RE.findall(head)
+    if len(lengths) != 1 or end + 4 + int(lengths[0]) != len(data) or _UNUSUAL_RE.search(head):
         return 0
     status = data[9:12]
     return int(status) if status.isdigit() and data[12:13] in (b" ", b"\r") else 0
+
+
+_whole_reply: Callable[[bytes], int] = wire.whole_reply or _py_whole_reply
 
 
 class Upstream:
