@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import ClassVar, cast
+from typing import cast
 
 import httptools
 
@@ -334,12 +334,13 @@ def _simple_get(data: bytes, peer_key: str, max_headers: int, max_url_bytes: int
 class HTTPProtocol(asyncio.Protocol):
     """One connection. Requests are answered strictly in arrival order.
 
-    Timeouts are checked by a per-connection tick instead of a clock read per
-    request: the hot path only bumps counters, the tick compares them.
+    Timeouts are checked by the server's :class:`Ticker` instead of a clock read per
+    request: the hot path only bumps a counter, the tick compares it.
     """
 
     __slots__ = (
         "_begun",
+        "_begun_at",
         "_body",
         "_body_bytes",
         "_busy",
@@ -348,7 +349,7 @@ class HTTPProtocol(asyncio.Protocol):
         "_handler",
         "_header_bytes",
         "_identity",
-        "_idle_ticks",
+        "_idle_since",
         "_limits",
         "_loop",
         "_parser",
@@ -357,7 +358,6 @@ class HTTPProtocol(asyncio.Protocol):
         "_progress",
         "_queue",
         "_seen_progress",
-        "_stall_ticks",
         "_ticker",
         "_tracked",
         "_tracker",
@@ -373,6 +373,7 @@ class HTTPProtocol(asyncio.Protocol):
         tracker: ConnectionTracker | None = None,
         fast: FastHook | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        ticker: Ticker | None = None,
     ) -> None:
         self._handler = handler
         self._tracker = tracker
@@ -389,11 +390,13 @@ class HTTPProtocol(asyncio.Protocol):
         self._queue: deque[Request] | None = None  # made when a request first waits
         self._busy = False
         self._paused = False  # reading paused while pipelined requests wait
-        self._ticker: _Ticker | None = None
+        # Shared by the server's connections; a connection made without one (an
+        # ad-hoc server) gets its own.
+        self._ticker = ticker
         self._progress = 0  # bumped by every completed request
         self._seen_progress = 0
-        self._idle_ticks = 0
-        self._stall_ticks = 0
+        self._idle_since = 0.0  # loop time of the last activity seen (set on connect)
+        self._begun_at = 0.0  # loop time a request in the httptools path started
         self._begun = False  # a request has started and not completed
         # The httptools path's per-request state is set by on_message_begin.
 
@@ -412,7 +415,10 @@ class HTTPProtocol(asyncio.Protocol):
                 self._fail(503)
                 return
             self._tracked = True
-        self._ticker = _Ticker.join(self._loop, self._limits, self)
+        if self._ticker is None:
+            self._ticker = Ticker(self._loop, self._limits)
+        self._idle_since = self._loop.time()
+        self._ticker.join(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -424,7 +430,6 @@ class HTTPProtocol(asyncio.Protocol):
             self._tracker.release(self._peer_key)
         if self._ticker is not None:
             self._ticker.leave(self)
-            self._ticker = None
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
@@ -469,7 +474,7 @@ class HTTPProtocol(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._begun = True
-        self._stall_ticks = 0
+        self._begun_at = self._loop.time()
         self._url = b""
         self._url_bytes = 0
         self._header_bytes = 0
@@ -699,70 +704,64 @@ class HTTPProtocol(asyncio.Protocol):
         self._transport = None
 
     # -- timeouts --------------------------------------------------------------------------
-    def _on_tick(self, tick: float) -> None:
+    def _on_tick(self, now: float) -> None:
+        """Timeouts, measured from loop times recorded at or before the event, so
+        they never fire early (and at most about one tick late)."""
         transport = self._transport
         if transport is None:
             return
         limits = self._limits
         if self._busy:
-            self._idle_ticks = 0
+            self._idle_since = now
         elif self._begun:
             # Slowloris: a request started and has not completed in time -> 408.
-            self._stall_ticks += 1
-            if self._stall_ticks * tick >= limits.request_timeout:
+            if now - self._begun_at >= limits.request_timeout:
                 self._fail(408)
         elif self._progress != self._seen_progress:
             self._seen_progress = self._progress
-            self._idle_ticks = 0
-        else:
-            self._idle_ticks += 1
-            if self._idle_ticks * tick >= limits.keepalive_timeout:
-                transport.close()
-                self._transport = None
+            self._idle_since = now
+        elif now - self._idle_since >= limits.keepalive_timeout:
+            transport.close()
+            self._transport = None
 
 
-class _Ticker:
-    """One timer for the timeouts of every open connection sharing a loop and limits,
-    instead of a timer per connection (its creation and cancellation cost as much
-    as the rest of a short connection's Python work). Timeouts are checked every
-    ``tick`` (a quarter of the shorter timeout), so they fire within one tick."""
+class Ticker:
+    """One timer for the timeouts of every open connection of a server, instead of a
+    timer per connection (whose creation and cancellation cost as much as the rest
+    of a short connection's Python work). Timeouts are checked every ``tick`` (a
+    quarter of the shorter timeout): never before they are due, at most about a
+    tick after. The timer runs while connections are open and lapses one tick after
+    the last."""
 
-    __slots__ = ("_conns", "_handle", "_key", "_loop", "tick")
-    _active: ClassVar[dict[tuple[asyncio.AbstractEventLoop, float, float], _Ticker]] = {}
+    __slots__ = ("_closed", "_conns", "_handle", "_loop", "tick")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[asyncio.AbstractEventLoop, float, float]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
         self._loop = loop
-        self._key = key
-        self.tick = max(0.05, min(key[1], key[2]) / 4)
+        self.tick = max(0.05, min(limits.request_timeout, limits.keepalive_timeout) / 4)
         self._conns: set[HTTPProtocol] = set()
         self._handle: asyncio.TimerHandle | None = None
+        self._closed = False
 
-    @classmethod
-    def join(cls, loop: asyncio.AbstractEventLoop, limits: Limits, conn: HTTPProtocol) -> _Ticker:
-        key = (loop, limits.request_timeout, limits.keepalive_timeout)
-        ticker = cls._active.get(key)
-        if ticker is None:
-            ticker = cls._active[key] = cls(loop, key)
-        ticker._conns.add(conn)
-        if ticker._handle is None:
-            ticker._handle = loop.call_later(ticker.tick, ticker._run)
-        return ticker
+    def join(self, conn: HTTPProtocol) -> None:
+        self._conns.add(conn)
+        if self._handle is None and not self._closed:
+            self._handle = self._loop.call_later(self.tick, self._run)
 
     def leave(self, conn: HTTPProtocol) -> None:
         self._conns.discard(conn)
-        if not self._conns:
-            # Nothing left to watch: drop the timer and the loop reference with it.
-            if self._handle is not None:
-                self._handle.cancel()
-                self._handle = None
-            if self._active.get(self._key) is self:
-                del self._active[self._key]
+
+    def close(self) -> None:
+        self._closed = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
     def _run(self) -> None:
         self._handle = None
+        now = self._loop.time()
         for conn in list(self._conns):
-            conn._on_tick(self.tick)
-        if self._conns:
+            conn._on_tick(now)
+        if self._conns and not self._closed:
             self._handle = self._loop.call_later(self.tick, self._run)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.api.cache import SiteCache
-from meta169.api.http import ConnectionTracker, HTTPProtocol, Limits
+from meta169.api.http import ConnectionTracker, HTTPProtocol, Limits, Ticker
 from meta169.api.metadata import MetadataApp
 from meta169.api.ratelimit import Buckets
 from meta169.api.tokens import KeyRing
@@ -78,11 +78,13 @@ class RunningServer:
     cache: SiteCache
     servers: list[asyncio.AbstractServer]
     addresses: list[ListenAddress]
+    ticker: Ticker
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self.ticker.close()
         for srv in self.servers:
             srv.close()
         for srv in self.servers:
@@ -123,6 +125,7 @@ async def start(
     ring = config.token_keys if config.token_keys is not None else KeyRing.generate()
     buckets = Buckets(config.rate_limit) if config.rate_limit is not None else None
     tracker = ConnectionTracker()
+    ticker = Ticker(loop, config.limits)
     try:
         for spec, sock in zip(config.listeners, socks, strict=True):
             secret = None
@@ -141,7 +144,7 @@ async def start(
                 buckets=buckets,
                 neutron_secret=config.neutron_secret if spec.binding.kind == "neutron" else None,
             )
-            factory = _protocol_factory(app, config.limits, tracker, loop)
+            factory = _protocol_factory(app, config.limits, tracker, loop, ticker)
             srv: asyncio.AbstractServer
             if sock.family == socket.AF_UNIX:
                 srv = await loop.create_unix_server(factory, sock=sock)
@@ -153,24 +156,25 @@ async def start(
             servers.append(srv)
             log.info("listening on %s for %s", addresses[-1], spec.binding.scope)
     except BaseException:
+        ticker.close()
         for opened in servers:
             opened.close()
         for sock in socks:
             sock.close()
         cache.close()
         raise
-    running = RunningServer(cache, servers, addresses)
+    running = RunningServer(cache, servers, addresses, ticker)
     running._tasks.append(loop.create_task(cache.poll_forever(config.poll_interval)))
     return running
 
 
 def _protocol_factory(
-    app: MetadataApp, limits: Limits, tracker: ConnectionTracker, loop: asyncio.AbstractEventLoop
+    app: MetadataApp, limits: Limits, tracker: ConnectionTracker, loop: asyncio.AbstractEventLoop, ticker: Ticker
 ) -> Callable[[], HTTPProtocol]:
     fast = app.fast_path(limits)
 
     def factory() -> HTTPProtocol:
-        return HTTPProtocol(app, limits, tracker, fast, loop)
+        return HTTPProtocol(app, limits, tracker, fast, loop, ticker)
 
     return factory
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.api import wire
-from meta169.api.http import FastHook, HTTPProtocol, Later, Limits, Request, Response, error_response
+from meta169.api.http import FastHook, HTTPProtocol, Later, Limits, Request, Response, Ticker, error_response
 from meta169.api.identity import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER, Binding
 from meta169.api.identity import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
 from meta169.errors import ConfigError, PlumbingError, ValidationError
@@ -265,6 +265,7 @@ class ProxyServer:
     _servers: dict[tuple[str | None, str, int], tuple[ProxyListener, asyncio.AbstractServer]] = field(
         default_factory=dict
     )
+    _ticker: Ticker | None = None
 
     @property
     def listeners(self) -> list[ProxyListener]:
@@ -282,6 +283,8 @@ class ProxyServer:
                 del self._servers[key]
                 log.info("closed listener %s", current)
         loop = asyncio.get_running_loop()
+        if self._ticker is None:
+            self._ticker = Ticker(loop, self.limits)
         for key, lst in want.items():
             if key in self._servers:
                 continue
@@ -292,7 +295,7 @@ class ProxyServer:
                 log.error("cannot open listener %s: %s", lst, exc)
                 continue
             app = ProxyApp(lst.binding, self.upstream, self.secret)
-            srv = await loop.create_server(_factory(app, self.limits, loop), sock=sock)
+            srv = await loop.create_server(_factory(app, self.limits, loop, self._ticker), sock=sock)
             self._servers[key] = (lst, srv)
             log.info("listening %s", lst)
         return errors
@@ -301,12 +304,16 @@ class ProxyServer:
         for _, srv in self._servers.values():
             srv.close()
         self._servers.clear()
+        if self._ticker is not None:
+            self._ticker.close()
         await self.upstream.close()
 
 
-def _factory(app: ProxyApp, limits: Limits, loop: asyncio.AbstractEventLoop) -> Callable[[], HTTPProtocol]:
+def _factory(
+    app: ProxyApp, limits: Limits, loop: asyncio.AbstractEventLoop, ticker: Ticker
+) -> Callable[[], HTTPProtocol]:
     fast = app.fast_path(limits)
-    return lambda: HTTPProtocol(app, limits, fast=fast, loop=loop)
+    return lambda: HTTPProtocol(app, limits, fast=fast, loop=loop, ticker=ticker)
 
 
 def load_listener_file(path: Path) -> list[ProxyListener]:
