@@ -364,3 +364,23 @@ def test_fastpath_remembers_only_the_site_the_cache_holds(
         assert fast(_request("/fresh"), PEER) is not None
 
     asyncio.run(run())
+
+
+def test_serve_without_the_extension_answers_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a machine where the C extension could not be built: every request
+    # takes the Python path, with the same answers.
+    monkeypatch.setattr(wire, "_wire", None)
+    cache = SiteCache(_registry(), RenderOptions())
+    try:
+        assert MetadataApp(cache, Binding("network", "net-a")).fast_path(Limits()) is None
+    finally:
+        cache.close()
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
+        rate_limit=RateLimit(rate=0.01, burst=3),
+    )
+    with in_process(config, _registry()) as addresses:
+        address = (addresses[0].host, addresses[0].port)
+        assert [get(address, "/latest/meta-data/instance-id")[2] for _ in range(3)] == [UUID.encode()] * 3
+        assert get(address, "/latest/meta-data/instance-id")[0] == 429

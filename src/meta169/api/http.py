@@ -771,7 +771,9 @@ def _cork(transport: asyncio.Transport) -> None:
     Then this side is the first to close and keeps the TIME_WAIT state; when the
     client closes first, every connection parks an ephemeral port of the guest in
     TIME_WAIT for a minute, and a guest (or a benchmark) that opens connections fast
-    runs out of ports and stalls in connect().
+    runs out of ports and stalls in connect(). ``write_eof()`` is no substitute:
+    uvloop's shutdown waits for the next loop iteration, and a guest on a veth pair
+    closes first (measured: the proxy fell from 15k to 0.3k requests per second).
     """
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meta169.api import wire
 from meta169.api.cache import SiteCache
 from meta169.api.http import ConnectionTracker, HTTPProtocol, Limits, Ticker
 from meta169.api.metadata import MetadataApp
@@ -163,6 +164,9 @@ async def start(
             sock.close()
         cache.close()
         raise
+    if not wire.COMPILED:
+        log.warning("compiled fast path not built (needs gcc and Python headers at install): all requests take "
+                    "the Python path, several times slower")
     running = RunningServer(cache, servers, addresses, ticker)
     running._tasks.append(loop.create_task(cache.poll_forever(config.poll_interval)))
     return running
