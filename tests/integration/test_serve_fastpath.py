@@ -71,6 +71,14 @@ def _registry(options: MetadataOptions | None = None) -> MemoryRegistry:
     return reg
 
 
+def _network_config(rate_limit: RateLimit | None = None) -> ServeConfig:
+    return ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
+        rate_limit=rate_limit,
+    )
+
+
 def _request(path: str, extra: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nAccept: */*\r\n{extra}\r\n".encode()
 
@@ -78,6 +86,11 @@ def _request(path: str, extra: str = "") -> bytes:
 async def _python_answer(app: MetadataApp, data: bytes) -> bytes:
     req = _simple_get(data, PEER, 64, 2048)
     assert req is not None
+    return await _answer_of(app, req)
+
+
+async def _answer_of(app: MetadataApp, req: Request) -> bytes:
+    """The reply the Python path gives ``req`` (the status line only, if not a document)."""
     result: Any = app(req)
     if isinstance(result, Awaitable):
         result = await result
@@ -200,11 +213,7 @@ def test_fastpath_never_remembers_for_tokens_required() -> None:
 
 def test_fastpath_shares_the_instance_rate_limit(tmp_path: Path) -> None:
     registry = _registry()
-    config = ServeConfig(
-        registry_url="memory://",
-        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
-        rate_limit=RateLimit(rate=0.01, burst=6),
-    )
+    config = _network_config(RateLimit(rate=0.01, burst=6))
     with in_process(config, registry) as addresses:
         address = (addresses[0].host, addresses[0].port)
         statuses = [get(address, "/latest/meta-data/instance-id")[0] for _ in range(6)]
@@ -240,10 +249,7 @@ def test_fastpath_used_by_serve_connections_keeps_keepalive_and_close(tmp_path: 
     import http.client
 
     registry = _registry()
-    config = ServeConfig(
-        registry_url="memory://",
-        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
-    )
+    config = _network_config(RateLimit())
     with in_process(config, registry) as addresses:
         conn = http.client.HTTPConnection(addresses[0].host, addresses[0].port, timeout=5)
         try:
@@ -286,14 +292,7 @@ def _stamped(path: str, ip: str = PEER, scope: str = "X-Meta169-Network-ID: net-
 
 async def _python_proxy_answer(app: MetadataApp, data: bytes) -> bytes:
     cap = _parse(data)
-    req = Request("GET", cap[0], cap[1], b"", "", True, True)
-    result: Any = app(req)
-    if isinstance(result, Awaitable):
-        result = await result
-    if isinstance(result, Response):
-        return b"HTTP/1.1 %d" % result.status
-    head, body = result
-    return b"".join((head, _date_header(), b"\r\n", body))
+    return await _answer_of(app, Request("GET", cap[0], cap[1], b"", "", True, True))
 
 
 def _parse(data: bytes) -> tuple[bytes, dict[str, str]]:
@@ -375,11 +374,7 @@ def test_serve_without_the_extension_answers_the_same(monkeypatch: pytest.Monkey
         assert MetadataApp(cache, Binding("network", "net-a")).fast_path(Limits()) is None
     finally:
         cache.close()
-    config = ServeConfig(
-        registry_url="memory://",
-        listeners=(ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),),
-        rate_limit=RateLimit(rate=0.01, burst=3),
-    )
+    config = _network_config(RateLimit(rate=0.01, burst=3))
     with in_process(config, _registry()) as addresses:
         address = (addresses[0].host, addresses[0].port)
         assert [get(address, "/latest/meta-data/instance-id")[2] for _ in range(3)] == [UUID.encode()] * 3

@@ -16,6 +16,7 @@ from meta169.api.identity import Binding
 from meta169.proxy.server import ProxyApp
 from meta169.proxy.upstream import Upstream, UpstreamSpec
 from tests.conftest import require
+from tests.unit.http_strategies import NAME, TARGET, VALUE
 
 PEER = "10.0.0.11"
 
@@ -157,15 +158,6 @@ def test_stamper_absent_with_a_tcp_secret() -> None:
     assert ProxyApp(Binding("network", "net-a"), _Recorder(), b"s" * 32).fast_path(Limits()) is None
 
 
-NAME = st.sampled_from(
-    ["Host", "Accept", "Connection", "X-Forwarded-For", "User-Agent", "X-Meta169-Caller-IP", "x-neutron-x",
-     "X-aws-ec2-metadata-token", "Content-Length", "Keep-Alive", "Forwarded", "X-Instance-ID-Signature", "TE"]
-) | st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$&'*+.^`|~", min_size=1,
-            max_size=12)
-VALUE = st.sampled_from(["close", "keep-alive", "0", "", " padded "]) | st.text(
-    alphabet=st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=20
-)
-TARGET = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).map(lambda t: "/" + t)
 
 
 @settings(max_examples=500, deadline=None)

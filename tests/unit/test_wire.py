@@ -18,6 +18,7 @@ from meta169.api import wire
 from meta169.api.http import _simple_get, document_head
 from meta169.render.document import RANDOM_SEED_BYTES, SEED_TEXT_BYTES
 from tests.conftest import require
+from tests.unit.http_strategies import NAME, TARGET, VALUE
 
 HEAD_200 = document_head("text/plain", 5)
 UUID = "0b5a3a52-3c1e-4a8e-9a43-5f0f8c1d2e3f"
@@ -215,15 +216,6 @@ def _httptools(data: bytes) -> _Capture | None:
     return cap if cap.keep_alive is not None else None
 
 
-NAME = st.sampled_from(
-    ["Host", "Accept", "Connection", "connection", "X-Forwarded-For", "User-Agent", "X-Meta169-Caller-IP",
-     "X-aws-ec2-metadata-token", "Content-Length", "Expect", "X"]
-) | st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~", min_size=1,
-            max_size=12)
-VALUE = st.sampled_from(["close", "keep-alive", "Keep-Alive", "0", ""]) | st.text(
-    alphabet=st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=20
-)
-TARGET = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).map(lambda t: "/" + t)
 
 
 @settings(max_examples=600, deadline=None)
