@@ -8,6 +8,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,8 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meta169.api.identity import Binding
 from meta169.api.server import RunningServer, start
 from meta169.config import ListenAddress, ServeConfig
+from meta169.model import parse_ip
+from meta169.proxy.server import ProxyListener, ProxyServer
+from meta169.proxy.upstream import Upstream
 from meta169.registry import Registry
 
 _READY = re.compile(r"listening on (\S+) \(([^)]*)\)")
@@ -145,6 +150,37 @@ def in_process(config: ServeConfig, registry: Registry) -> Iterator[list[ListenA
         yield running.addresses
     finally:
         asyncio.run_coroutine_threadsafe(running.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+@contextlib.contextmanager
+def proxy_in_process(upstream: Upstream, binding: Binding) -> Iterator[tuple[str, int]]:
+    """Run a ``ProxyServer`` with one listener on 127.0.0.1 (a free port) on its own
+    loop in a thread; yields the listener's address."""
+    loop = asyncio.new_event_loop()
+    proxy = ProxyServer(upstream)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    listener = ProxyListener(binding, parse_ip("127.0.0.1"), port)
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(proxy.reconcile([listener]))
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    try:
+        yield ("127.0.0.1", port)
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()

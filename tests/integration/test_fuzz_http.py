@@ -8,10 +8,8 @@ printed (``-s`` shows it; it is also in the junit properties).
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +20,10 @@ from hypothesis import strategies as st
 from meta169.api.identity import Binding
 from meta169.config import ListenAddress, ListenerSpec, ServeConfig
 from meta169.model import Instance, Network, Port, Subnet, parse_ip, parse_network
-from meta169.proxy.server import ProxyListener, ProxyServer
 from meta169.proxy.upstream import Upstream, UpstreamSpec
 from meta169.registry.memory import MemoryRegistry
 from tests.counters import SUMMARY
-from tests.integration.serving import get, in_process
+from tests.integration.serving import get, in_process, proxy_in_process
 
 UUID = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
 STATUS = re.compile(rb"^HTTP/1\.1 (\d{3}) ")
@@ -59,32 +56,12 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tupl
         ),
         rate_limit=None,
     )
-    with in_process(config, _registry()) as addresses:
-        loop = asyncio.new_event_loop()
-        proxy = ProxyServer(Upstream(UpstreamSpec(unix_path=sock_path, reply_timeout=2.0)))
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        listener = ProxyListener(Binding("network", "net-a"), parse_ip("127.0.0.1"), port)
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(proxy.reconcile([listener]))
-            ready.set()
-            loop.run_forever()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        assert ready.wait(5)
-        try:
-            yield {"serve": (addresses[0].host, addresses[0].port), "proxy": ("127.0.0.1", port)}
-        finally:
-            asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(5)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(5)
-            loop.close()
+    upstream = Upstream(UpstreamSpec(unix_path=sock_path, reply_timeout=2.0))
+    with (
+        in_process(config, _registry()) as addresses,
+        proxy_in_process(upstream, Binding("network", "net-a")) as proxy,
+    ):
+        yield {"serve": (addresses[0].host, addresses[0].port), "proxy": proxy}
     print(f"\nfuzz cases run: {COUNTS}")
 
 

@@ -365,9 +365,11 @@ def test_fastpath_remembers_only_the_site_the_cache_holds(
     asyncio.run(run())
 
 
-def test_serve_without_the_extension_answers_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_without_the_extension_answers_the_same(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # As on a machine where the C extension could not be built: every request
-    # takes the Python path, with the same answers.
+    # takes the Python path, with the same answers, and serve says so at start.
     monkeypatch.setattr(wire, "_wire", None)
     cache = SiteCache(_registry(), RenderOptions())
     try:
@@ -379,3 +381,4 @@ def test_serve_without_the_extension_answers_the_same(monkeypatch: pytest.Monkey
         address = (addresses[0].host, addresses[0].port)
         assert [get(address, "/latest/meta-data/instance-id")[2] for _ in range(3)] == [UUID.encode()] * 3
         assert get(address, "/latest/meta-data/instance-id")[0] == 429
+    assert "compiled fast path not built" in caplog.text

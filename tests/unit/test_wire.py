@@ -335,6 +335,24 @@ def test_wire_answer_fresh_seed_per_request(compiled: Any) -> None:
     assert _split(reply)[2] == b""
 
 
+def test_wire_seed_source_must_fill_a_pool(compiled: Any) -> None:
+    prefix, suffix = b'{"a": 1, "random_seed": "', b'", "b": 2}'
+    head = document_head("application/json", len(prefix) + SEED_TEXT_BYTES + len(suffix))
+    fast = _fast(compiled, {b"/m": (head, prefix, suffix)})
+    compiled.set_seed_source(lambda: b"too short")
+    try:
+        with pytest.raises(ValueError, match="SEED_BYTES"):
+            fast.answer(b"GET /m HTTP/1.1\r\n\r\n", "10.0.0.11")
+        with pytest.raises(TypeError, match="callable"):
+            compiled.set_seed_source(42)
+        pool = bytes(range(256)) * (compiled.SEED_BYTES * compiled.SEED_POOL // 256)
+        compiled.set_seed_source(lambda: pool)
+        seed = base64.b64decode(_seed_of(fast.answer(b"GET /m HTTP/1.1\r\n\r\n", "10.0.0.11")[0]))
+        assert seed == pool[: compiled.SEED_BYTES]  # the pool is what the source gave
+    finally:
+        compiled.set_seed_source(None)
+
+
 def test_wire_forked_child_never_repeats_parent_seeds(compiled: Any) -> None:
     prefix, suffix = b'{"a": 1, "random_seed": "', b'", "b": 2}'
     head = document_head("application/json", len(prefix) + SEED_TEXT_BYTES + len(suffix))

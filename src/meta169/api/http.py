@@ -446,10 +446,7 @@ class HTTPProtocol(asyncio.Protocol):
                     elif reply[1]:
                         transport.write(reply[0])
                     else:
-                        _cork(transport)
-                        transport.write(reply[0])
-                        transport.close()
-                        self._transport = None
+                        self._write_last(transport, reply[0])
                     return
             if data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" and len(data) <= self._limits.max_header_bytes:
                 req = _simple_get(data, self._peer_key, self._limits.max_headers, self._limits.max_url_bytes)
@@ -619,7 +616,7 @@ class HTTPProtocol(asyncio.Protocol):
         if self._transport is None:
             return
         if isinstance(resp, bytes):
-            self._relay(req, resp)
+            self._relay(req, resp, keep=req.keep_alive)
         elif isinstance(resp, tuple):
             self._write_fast(req, resp)
         else:
@@ -640,21 +637,25 @@ class HTTPProtocol(asyncio.Protocol):
         if req.keep_alive:
             transport.write(b"".join((head, _date_header(), b"\r\n", body)))
         else:
-            _cork(transport)
-            transport.write(b"".join((head, _date_header(), b"Connection: close\r\n\r\n", body)))
-            transport.close()
-            self._transport = None
+            self._write_last(transport, head, _date_header(), b"Connection: close\r\n\r\n", body)
 
-    def _relay(self, req: Request, raw: bytes) -> None:
+    def _relay(self, req: Request, raw: bytes, *, keep: bool) -> None:
         transport = self._transport
         assert transport is not None
-        if req.keep_alive:
+        if keep:
             transport.write(raw)
             return
         # A relayed reply on a connection we are about to close says so (RFC 9112 9.6).
-        _cork(transport)
         end = raw.find(b"\r\n\r\n")
-        transport.writelines((raw[:end], b"\r\nConnection: close", memoryview(raw)[end:]))
+        self._write_last(transport, raw[:end], b"\r\nConnection: close", memoryview(raw)[end:])
+
+    def _write_last(self, transport: asyncio.Transport, *parts: bytes | memoryview) -> None:
+        """Write the connection's last reply and close it, this side first (_cork)."""
+        _cork(transport)
+        if len(parts) == 1:
+            transport.write(parts[0])
+        else:
+            transport.writelines(parts)
         transport.close()
         self._transport = None
 
@@ -662,24 +663,18 @@ class HTTPProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
+        if resp.ip_ttl is not None:
+            self._set_ttl(transport, resp.ip_ttl)
+        if resp.raw is not None:
+            self._relay(req, resp.raw, keep=req.keep_alive and not resp.close)
+            return
         if req.method == "HEAD":
             resp.head = True
         keep = req.keep_alive and not resp.close
-        if resp.ip_ttl is not None:
-            self._set_ttl(transport, resp.ip_ttl)
-        if not keep:
-            _cork(transport)
-        if resp.raw is None:
-            transport.write(encode_response(resp, keep_alive=keep))
-        elif keep:
-            transport.write(resp.raw)
+        if keep:
+            transport.write(encode_response(resp, keep_alive=True))
         else:
-            # A relayed reply on a connection we are about to close says so (RFC 9112 9.6).
-            head, _, body = resp.raw.partition(b"\r\n\r\n")
-            transport.write(head + b"\r\nConnection: close\r\n\r\n" + body)
-        if not keep:
-            transport.close()
-            self._transport = None
+            self._write_last(transport, encode_response(resp, keep_alive=False))
 
     def _set_ttl(self, transport: asyncio.Transport, ttl: int) -> None:
         sock = transport.get_extra_info("socket")

@@ -28,7 +28,7 @@ from meta169.errors import ConfigError, Conflict, HTTPError, NotFound, RegistryE
 from meta169.model import Caller, MetadataOptions
 from meta169.proxy.stamp import ReplayGuard, verify
 from meta169.render import Site, is_password_path
-from meta169.render.document import SEED_TEXT_BYTES, Document, SeededJSON, seed_pool_bytes
+from meta169.render.document import SEED_TEXT_BYTES, Document, SeededJSON
 
 log = logging.getLogger("meta169.api")
 
@@ -110,7 +110,6 @@ class MetadataApp:
         HMAC listeners, or no extension)."""
         if not self._wire:
             return None
-        wire.set_seed_source(seed_pool_bytes)
         buckets = self._buckets.table if self._buckets is not None else None
         sites: wire.SiteSlots | dict[str, wire.SiteSlots]
         routers: dict[str, wire.SiteSlots] | None

@@ -29,6 +29,7 @@ from meta169.config import ListenAddress, ServeConfig
 from meta169.errors import ConfigError
 from meta169.registry import Registry, open_registry
 from meta169.render import RenderOptions
+from meta169.render.document import seed_pool_bytes
 
 log = logging.getLogger("meta169.serve")
 
@@ -127,6 +128,8 @@ async def start(
     buckets = Buckets(config.rate_limit) if config.rate_limit is not None else None
     tracker = ConnectionTracker()
     ticker = Ticker(loop, config.limits)
+    # The compiled path's random seeds come from the same generator as Python's.
+    wire.set_seed_source(seed_pool_bytes)
     try:
         for spec, sock in zip(config.listeners, socks, strict=True):
             secret = None
@@ -164,7 +167,7 @@ async def start(
             sock.close()
         cache.close()
         raise
-    if not wire.COMPILED:
+    if not wire.compiled():
         log.warning("compiled fast path not built (needs gcc and Python headers at install): all requests take "
                     "the Python path, several times slower")
     running = RunningServer(cache, servers, addresses, ticker)

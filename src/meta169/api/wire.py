@@ -30,6 +30,7 @@ Python path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -80,6 +81,12 @@ except ImportError:  # built without a C compiler: the Python path serves everyt
     _wire = None
 
 COMPILED: bool = _wire is not None
+
+
+def compiled() -> bool:
+    """Whether the extension is in use (read at call time, unlike COMPILED)."""
+    return _wire is not None
+
 # The proxy's reader of serve's plain replies (proxy.upstream has the Python twin).
 whole_reply: Callable[[bytes], int] | None = _wire.whole_reply if _wire is not None else None
 Bucket: Callable[[float, float, float], BucketLike] = _wire.Bucket if _wire is not None else PyBucket
@@ -110,6 +117,12 @@ def fast_path(
     return answer
 
 
+@functools.cache
+def _encoded(names: frozenset[str] | tuple[str, ...]) -> tuple[bytes, ...]:
+    # One tuple shared by every listener's Stamper (a proxy may have thousands).
+    return tuple(sorted(n.encode("latin-1") for n in names))
+
+
 def stamper(
     *,
     drop: frozenset[str],
@@ -131,8 +144,8 @@ def stamper(
     if _wire is None:
         return None
     fast = _wire.Stamper(
-        tuple(sorted(n.encode("latin-1") for n in drop)),
-        tuple(p.encode("latin-1") for p in prefixes),
+        _encoded(drop),
+        _encoded(prefixes),
         marker_for.encode("latin-1"),
         marker.encode("latin-1"),
         before.encode("latin-1"),
