@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
+import socket
 import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -382,3 +384,52 @@ def test_serve_without_the_extension_answers_the_same(
         assert [get(address, "/latest/meta-data/instance-id")[2] for _ in range(3)] == [UUID.encode()] * 3
         assert get(address, "/latest/meta-data/instance-id")[0] == 429
     assert "compiled fast path not built" in caplog.text
+
+
+def _read_replies(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """``count`` replies off ``sock``, framed by Content-Length, as (status, body)."""
+    data = b""
+    out: list[tuple[int, bytes]] = []
+    while len(out) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            length = int(re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", data[:end]).group(1))  # type: ignore[union-attr]
+            if len(data) >= end + 4 + length:
+                out.append((int(data[9:12]), data[end + 4 : end + 4 + length]))
+                data = data[end + 4 + length :]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"serve closed after {len(out)} replies"
+        data += chunk
+    return out
+
+
+def test_serve_answers_a_proxy_pipeline_in_order(tmp_path: Path) -> None:
+    """The proxy pipelines the GETs that reach it together: serve answers them in order
+    whichever path answers each (compiled for what it remembers, Python for the rest)."""
+    registry = _registry()
+    path = tmp_path / "serve.sock"
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress(unix_path=path), Binding("proxy")),),
+    )
+    with in_process(config, registry), socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        known = "/latest/meta-data/instance-id"
+        sock.sendall(_stamped(known))  # answered by Python once: remembered from now on
+        assert _read_replies(sock, 1) == [(200, UUID.encode())]
+        pipeline = [
+            _stamped(known),  # compiled
+            _stamped(known),  # compiled
+            _stamped("/latest/meta-data/hostname"),  # not yet remembered: Python
+            _stamped(known, extra="X-aws-ec2-metadata-token: bogus\r\n"),  # a token: Python (401)
+            _stamped("/nope"),  # Python: 404
+            _stamped(known),  # compiled again, after the Python ones
+        ]
+        for _ in range(3):  # and once more, now that more is remembered
+            sock.sendall(b"".join(pipeline))
+            replies = _read_replies(sock, len(pipeline))
+            assert [status for status, _ in replies] == [200, 200, 200, 401, 404, 200]
+            assert replies[0][1] == replies[1][1] == replies[5][1] == UUID.encode()
+            assert replies[2][1] == b"web-1"

@@ -27,9 +27,11 @@ class _Recorder(Upstream):
     def __init__(self) -> None:
         super().__init__(UpstreamSpec())
         self.sent: list[bytes] = []
+        self.pipelined: list[bool] = []
 
-    def request(self, payload: bytes, convert: Any, sink: Any) -> None:
+    def request(self, payload: bytes, convert: Any, sink: Any, *, pipeline: bool = False) -> None:
         self.sent.append(payload)
+        self.pipelined.append(pipeline)
 
 
 @pytest.fixture(scope="module", params=[Binding("network", "net-a"), Binding("router", "router-1")], ids=str)
@@ -98,6 +100,19 @@ def test_stamper_writes_cloud_init_request_like_python(app: tuple[ProxyApp, _Rec
     assert req.forward.startswith(b"GET /openstack/2018-08-27/meta_data.json HTTP/1.1\r\nuser-agent: Cloud-Init")
     assert b"\r\nhost: metadata\r\nx-meta169-caller-ip: 10.0.0.11\r\nx-meta169-" in req.forward
     assert req.forward.endswith(b"\r\n\r\n") and b"connection" not in req.forward.lower()
+
+
+def test_proxy_pipelines_only_bodiless_gets_upstream(app: tuple[ProxyApp, _Recorder, Any]) -> None:
+    proxy, upstream, _ = app
+    req = _compiled(app, CLOUD_INIT)
+    assert req is not None
+    proxy(req)  # stamped by the compiled path
+    proxy(Request("HEAD", b"/latest/meta-data/", {}, b"", PEER, True))  # asked upstream as GET
+    proxy(Request("GET", b"/latest/meta-data/", {"x-aws-ec2-metadata-token": "t"}, b"", PEER, True))
+    proxy(Request("PUT", b"/latest/api/token", {"x-aws-ec2-metadata-token-ttl-seconds": "60"}, b"", PEER, True))
+    proxy(Request("POST", b"/openstack/latest/password", {}, b"secret", PEER, True))
+    assert upstream.pipelined[-5:] == [True, True, True, False, False]
+    assert [p.split(b" ", 1)[0] for p in upstream.sent[-5:]] == [b"GET", b"GET", b"GET", b"PUT", b"POST"]
 
 
 @pytest.mark.parametrize(

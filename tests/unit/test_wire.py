@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import os
+import re
 import time
 from typing import Any
 
@@ -280,6 +281,71 @@ def test_wire_answer_close_and_head(compiled: Any) -> None:
     reply, keep = fast.answer(b"HEAD /a HTTP/1.1\r\n\r\n", "10.0.0.11")
     _, headers, body = _split(reply)
     assert keep is True and body == b"" and b"Content-Length: 5" in headers
+
+
+def _replies(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(status line, body) of each reply in ``data``, read by httptools."""
+    out: list[tuple[bytes, bytes]] = []
+    body: list[bytes] = []
+
+    class Cap:
+        def on_body(self, chunk: bytes) -> None:
+            body.append(chunk)
+
+        def on_message_complete(self) -> None:
+            out.append((str(parser.get_status_code()).encode(), b"".join(body)))
+            body.clear()
+
+    parser = httptools.HttpResponseParser(Cap())
+    parser.feed_data(data)
+    return out
+
+
+def test_wire_answer_pipelined_requests_in_order(compiled: Any) -> None:
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello"), b"/b": (document_head("text/plain", 5), b"world")})
+    a, b = b"GET /a HTTP/1.1\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    replies, keep = fast.answer(a + b + a, "10.0.0.11")
+    assert keep is True
+    assert _replies(replies) == [(b"200", b"hello"), (b"200", b"world"), (b"200", b"hello")]
+    # byte for byte the replies the requests get one at a time, bar the clock
+    lone = b"".join(fast.answer(r, "10.0.0.11")[0] for r in (a, b, a))
+    assert re.sub(rb"Date: [^\r]*", b"", replies) == re.sub(rb"Date: [^\r]*", b"", lone)
+
+
+def test_wire_answer_pipelined_stops_where_python_goes_on(compiled: Any) -> None:
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello")})
+    a, miss = b"GET /a HTTP/1.1\r\n\r\n", b"GET /nope HTTP/1.1\r\n\r\n"
+    replies, keep, consumed = fast.answer(a + a + miss + a, "10.0.0.11")
+    assert (keep, consumed) == (True, 2 * len(a)) and _replies(replies) == [(b"200", b"hello")] * 2
+    # a partial request after complete ones: Python waits for the rest of it
+    replies, keep, consumed = fast.answer(a + b"GET /a HT", "10.0.0.11")
+    assert consumed == len(a) and _replies(replies) == [(b"200", b"hello")]
+    # a request with a body, an identity header, garbage: all the Python path's
+    for tail in (
+        b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        b"GET /a HTTP/1.1\r\nX-Meta169-Caller-IP: 1\r\n\r\n",
+        b"\x00\x01garbage\r\n\r\n",
+    ):
+        assert fast.answer(a + tail, "10.0.0.11")[2] == len(a)
+    # nothing answered at all: the Python path has the whole of it
+    assert fast.answer(miss + a, "10.0.0.11") is None
+
+
+def test_wire_answer_pipelined_close_ends_the_connection(compiled: Any) -> None:
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello")})
+    a, last = b"GET /a HTTP/1.1\r\n\r\n", b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n"
+    # what follows a request that closes is never answered, as in the Python path
+    replies, keep = fast.answer(a + last + a + b"junk", "10.0.0.11")
+    assert keep is False and len(_replies(replies)) == 2 and replies.endswith(b"Connection: close\r\n\r\nhello")
+
+
+def test_wire_answer_pipelined_takes_one_token_per_reply(compiled: Any) -> None:
+    bucket = wire.Bucket(1.0, 2.0, time.monotonic())
+    fast = _fast(compiled, {b"/a": (HEAD_200, b"hello")}, {UUID: bucket})
+    a = b"GET /a HTTP/1.1\r\n\r\n"
+    # two tokens: two answered here, the third is the Python path's (429)
+    replies, _keep, consumed = fast.answer(a * 3, "10.0.0.11")
+    assert consumed == 2 * len(a) and len(_replies(replies)) == 2
 
 
 def test_wire_answer_declines_unknown_peer_path_or_oversized(compiled: Any) -> None:

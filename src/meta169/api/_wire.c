@@ -548,23 +548,18 @@ lookup_stamped(FastPathObject *self, const Simple *req)
     return slot;
 }
 
+/*
+ * The reply to the one request ``d[0:n]`` (a complete head), or Py_None (a new
+ * reference) when it is the Python path's to answer. ``*keep`` says whether the
+ * connection stays open after it.
+ */
 static PyObject *
-FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
+answer_one(FastPathObject *self, const char *d, Py_ssize_t n, PyObject *peer, int *keep)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "answer(data, peer) takes two arguments");
-        return NULL;
-    }
-    PyObject *data = args[0], *peer = args[1];
-    if (!PyBytes_CheckExact(data)) {
-        PyErr_SetString(PyExc_TypeError, "data must be bytes");
-        return NULL;
-    }
-    Py_ssize_t n = PyBytes_GET_SIZE(data);
     Simple req;
     int proxy = self->routers != NULL;
-    if (n > self->max_header_bytes || !recognise(PyBytes_AS_STRING(data), n, self->max_headers, self->max_url_bytes,
-                                                 proxy ? MODE_STAMPED : MODE_DIRECT, &req)) {
+    if (n > self->max_header_bytes ||
+        !recognise(d, n, self->max_headers, self->max_url_bytes, proxy ? MODE_STAMPED : MODE_DIRECT, &req)) {
         Py_RETURN_NONE;
     }
     PyObject *slot;
@@ -631,10 +626,10 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
                               : PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) + SEED_TEXT +
                                     PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 2));
     }
-    static const char keep[] = "\r\n";
-    static const char close[] = "Connection: close\r\n\r\n";
-    const char *tail = req.keep_alive ? keep : close;
-    Py_ssize_t tail_len = req.keep_alive ? (Py_ssize_t)sizeof keep - 1 : (Py_ssize_t)sizeof close - 1;
+    static const char open_tail[] = "\r\n";
+    static const char close_tail[] = "Connection: close\r\n\r\n";
+    const char *tail = req.keep_alive ? open_tail : close_tail;
+    Py_ssize_t tail_len = req.keep_alive ? (Py_ssize_t)sizeof open_tail - 1 : (Py_ssize_t)sizeof close_tail - 1;
     const unsigned char *seed = NULL;
     if (!req.head && parts == 3) {
         seed = seed_take();
@@ -665,9 +660,115 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
     }
-    PyObject *result = PyTuple_Pack(2, out, req.keep_alive ? Py_True : Py_False);
-    Py_DECREF(out);
-    return result;
+    *keep = req.keep_alive;
+    return out;
+}
+
+
+/* End of the head that starts at ``d`` (just past its blank line), or 0. */
+static Py_ssize_t
+head_end(const char *d, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 3; i < n; i++) {
+        if (d[i] == '\n' && d[i - 1] == '\r' && d[i - 2] == '\n' && d[i - 3] == '\r') {
+            return i + 1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * answer(data, peer): the replies to the requests at the start of ``data``, as
+ * long as each is one this path answers. A trusted proxy pipelines the requests
+ * that reached it together, so ``data`` may hold several. Returns None when the
+ * first is the Python path's; (replies, keep_alive) when every request in ``data``
+ * was answered (or one asked to close, and what follows it is ignored, as the
+ * Python path ignores it); (replies, True, consumed) when the Python path must go
+ * on with ``data[consumed:]``.
+ */
+static PyObject *
+FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "answer(data, peer) takes two arguments");
+        return NULL;
+    }
+    PyObject *data = args[0], *peer = args[1];
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "data must be bytes");
+        return NULL;
+    }
+    const char *d = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Py_ssize_t off = 0;
+    int keep = 1;
+    PyObject *first = NULL, *more = NULL; /* more: a list, made for a second reply */
+    while (off < n) {
+        Py_ssize_t limit = n - off < self->max_header_bytes + 1 ? n - off : self->max_header_bytes + 1;
+        Py_ssize_t len = head_end(d + off, limit);
+        if (len == 0) {
+            break;
+        }
+        PyObject *reply = answer_one(self, d + off, len, peer, &keep);
+        if (reply == NULL) {
+            Py_XDECREF(first);
+            Py_XDECREF(more);
+            return NULL;
+        }
+        if (reply == Py_None) {
+            Py_DECREF(reply);
+            keep = 1;
+            break;
+        }
+        off += len;
+        if (first == NULL) {
+            first = reply;
+        } else {
+            if (more == NULL && (more = PyList_New(0)) == NULL) {
+                Py_DECREF(reply);
+                Py_DECREF(first);
+                return NULL;
+            }
+            int failed = PyList_Append(more, reply);
+            Py_DECREF(reply);
+            if (failed) {
+                Py_DECREF(first);
+                Py_DECREF(more);
+                return NULL;
+            }
+        }
+        if (!keep) {
+            off = n;
+        }
+    }
+    if (first == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *out = first;
+    if (more != NULL) {
+        Py_ssize_t total = PyBytes_GET_SIZE(first);
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(more); i++) {
+            total += PyBytes_GET_SIZE(PyList_GET_ITEM(more, i));
+        }
+        out = PyBytes_FromStringAndSize(NULL, total);
+        if (out != NULL) {
+            char *w = PyBytes_AS_STRING(out);
+            memcpy(w, PyBytes_AS_STRING(first), (size_t)PyBytes_GET_SIZE(first));
+            w += PyBytes_GET_SIZE(first);
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(more); i++) {
+                PyObject *part = PyList_GET_ITEM(more, i);
+                memcpy(w, PyBytes_AS_STRING(part), (size_t)PyBytes_GET_SIZE(part));
+                w += PyBytes_GET_SIZE(part);
+            }
+        }
+        Py_DECREF(first);
+        Py_DECREF(more);
+        if (out == NULL) {
+            return NULL;
+        }
+    }
+    return off == n ? Py_BuildValue("(NO)", out, keep ? Py_True : Py_False)
+                    : Py_BuildValue("(NOn)", out, Py_True, off);
 }
 
 static PyMethodDef FastPath_methods[] = {
@@ -976,24 +1077,29 @@ wire_date_line(PyObject *module, PyObject *unused)
 }
 
 /*
- * The status of ``d`` if it is exactly one complete, plain reply as serve writes
- * them (HTTP/1.1, one Content-Length of at most 9 digits, no header whose name
- * starts with Connection, Transfer-Encoding or X-Meta169-), else 0: the proxy's
- * upstream then reads it with httptools. Mirrors proxy.upstream._py_whole_reply.
+ * Where the reply at ``d`` ends, if it is a complete plain reply as serve writes
+ * them (HTTP/1.1, header lines "token: value", one Content-Length of at most 9
+ * digits, no header whose name starts with Connection, Transfer-Encoding or
+ * X-Meta169-); 0 while more bytes are
+ * needed to tell; -1 for anything else (the proxy's upstream then frames it in
+ * Python). ``*status`` gets the status code. Mirrors proxy.upstream._py_reply_frame.
  */
-static long
-whole_reply(const char *d, Py_ssize_t n)
+static Py_ssize_t
+frame_reply(const char *d, Py_ssize_t n, int *status)
 {
-    if (n < 16 || memcmp(d, "HTTP/1.1 ", 9) != 0) {
+    if (n < 13) {
         return 0;
+    }
+    if (memcmp(d, "HTTP/1.1 ", 9) != 0) {
+        return -1;
     }
     for (int i = 9; i < 12; i++) {
         if (d[i] < '0' || d[i] > '9') {
-            return 0;
+            return -1;
         }
     }
     if (d[12] != ' ' && d[12] != '\r') {
-        return 0;
+        return -1;
     }
     const char *head_end = NULL;
     for (const char *q = d; q + 4 <= d + n; q++) {
@@ -1012,26 +1118,34 @@ whole_reply(const char *d, Py_ssize_t n)
         const char *eol = p;
         while (eol < head_end && !(eol[0] == '\r' && eol[1] == '\n')) eol++;
         const char *colon = memchr(p, ':', (size_t)(eol - p));
-        Py_ssize_t name_len = colon != NULL ? colon - p : eol - p;
+        if (colon == NULL || colon == p) {
+            return -1;
+        }
+        Py_ssize_t name_len = colon - p;
+        for (Py_ssize_t i = 0; i < name_len; i++) {
+            if (!tchar[(unsigned char)p[i]]) {
+                return -1;
+            }
+        }
         if ((name_len >= 10 && NAME_IS(p, 10, "connection")) ||
             (name_len >= 17 && NAME_IS(p, 17, "transfer-encoding")) ||
             (name_len >= 10 && NAME_IS(p, 10, "x-meta169-"))) {
-            return 0;
+            return -1;
         }
-        if (colon != NULL && NAME_IS(p, name_len, "content-length")) {
+        if (NAME_IS(p, name_len, "content-length")) {
             if (length >= 0) {
-                return 0;
+                return -1;
             }
             const char *v = colon + 1, *v_end = eol;
             while (v < v_end && (*v == ' ' || *v == '\t')) v++;
             while (v_end > v && (v_end[-1] == ' ' || v_end[-1] == '\t')) v_end--;
             if (v_end == v || v_end - v > 9) {
-                return 0;
+                return -1;
             }
             length = 0;
             for (const char *c = v; c < v_end; c++) {
                 if (*c < '0' || *c > '9') {
-                    return 0;
+                    return -1;
                 }
                 length = length * 10 + (*c - '0');
             }
@@ -1041,21 +1155,41 @@ whole_reply(const char *d, Py_ssize_t n)
         }
         p = eol + 2;
     }
-    if (length < 0 || (head_end - d) + 4 + length != n) {
+    if (length < 0) {
+        return -1;
+    }
+    Py_ssize_t end = (head_end - d) + 4 + length;
+    if (end > n) {
         return 0;
     }
-    return (d[9] - '0') * 100 + (d[10] - '0') * 10 + (d[11] - '0');
+    *status = (d[9] - '0') * 100 + (d[10] - '0') * 10 + (d[11] - '0');
+    return end;
 }
 
+/* reply_frame(data, offset) -> (status, end) | 0 | -1, for the reply at data[offset:]. */
 static PyObject *
-wire_whole_reply(PyObject *module, PyObject *data)
+wire_reply_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (!PyBytes_CheckExact(data)) {
-        PyErr_SetString(PyExc_TypeError, "whole_reply(data: bytes)");
+    if (nargs != 2 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "reply_frame(data: bytes, offset: int)");
         return NULL;
     }
-    return PyLong_FromLong(whole_reply(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)));
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
+    if (off == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (off < 0 || off > n) {
+        PyErr_SetString(PyExc_ValueError, "offset outside the data");
+        return NULL;
+    }
+    int status = 0;
+    Py_ssize_t len = frame_reply(PyBytes_AS_STRING(args[0]) + off, n - off, &status);
+    if (len <= 0) {
+        return PyLong_FromSsize_t(len);
+    }
+    return Py_BuildValue("(in)", status, off + len);
 }
 
 static PyObject *
@@ -1072,8 +1206,9 @@ wire_set_seed_source(PyObject *module, PyObject *source)
 }
 
 static PyMethodDef wire_methods[] = {
-    {"whole_reply", wire_whole_reply, METH_O,
-     "whole_reply(data) -> the status of one complete plain reply, else 0."},
+    {"reply_frame", (PyCFunction)(void (*)(void))wire_reply_frame, METH_FASTCALL,
+     "reply_frame(data, offset) -> (status, end) of a complete plain reply at offset, 0 (more bytes needed) "
+     "or -1 (not plain)."},
     {"set_seed_source", wire_set_seed_source, METH_O,
      "set_seed_source(callable | None): where pools of random seed bytes come from (None: getrandom)."},
     {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_FASTCALL,

@@ -159,10 +159,11 @@ class Later:
         self._request = req
 
 
-# A compiled first look at a connection's data (api.wire): a finished reply and
-# whether to keep the connection, a Request already prepared for the handler, or
-# None to parse as usual.
-FastHook = Callable[[bytes, str], "tuple[bytes, bool] | Request | None"]
+# A compiled first look at a connection's data (api.wire): the finished replies and
+# whether to keep the connection, the same with the offset where the usual parsing
+# goes on (pipelined requests it does not answer), a Request already prepared for
+# the handler, or None to parse as usual.
+FastHook = Callable[[bytes, str], "tuple[bytes, bool] | tuple[bytes, bool, int] | Request | None"]
 
 
 class ConnectionTracker:
@@ -443,11 +444,16 @@ class HTTPProtocol(asyncio.Protocol):
                     self._progress += 1
                     if isinstance(reply, Request):
                         self._dispatch(reply)
-                    elif reply[1]:
-                        transport.write(reply[0])
-                    else:
-                        self._write_last(transport, reply[0])
-                    return
+                        return
+                    if len(reply) == 2:
+                        if reply[1]:
+                            transport.write(reply[0])
+                        else:
+                            self._write_last(transport, reply[0])
+                        return
+                    # Answered the first of pipelined requests; the rest is parsed below.
+                    transport.write(reply[0])
+                    data = data[reply[2] :]
             if data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" and len(data) <= self._limits.max_header_bytes:
                 req = _simple_get(data, self._peer_key, self._limits.max_headers, self._limits.max_url_bytes)
                 if req is not None:

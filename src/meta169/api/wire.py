@@ -38,7 +38,8 @@ from typing import Protocol
 WireEntry = tuple[bytes, bytes] | tuple[bytes, bytes, bytes]
 WireTable = dict[bytes, WireEntry]
 SiteSlots = dict[str, tuple[WireTable, str]]
-Answer = Callable[[bytes, str], "tuple[bytes, bool] | None"]
+# (replies, keep-alive), or (replies, True, offset where the Python path goes on).
+Answer = Callable[[bytes, str], "tuple[bytes, bool] | tuple[bytes, bool, int] | None"]
 # (upstream request, HEAD asked, keep-alive, request target)
 Forward = Callable[[bytes, str], "tuple[bytes, bool, bool, bytes] | None"]
 
@@ -87,8 +88,8 @@ def compiled() -> bool:
     """Whether the extension is in use (read at call time, unlike COMPILED)."""
     return _wire is not None
 
-# The proxy's reader of serve's plain replies (proxy.upstream has the Python twin).
-whole_reply: Callable[[bytes], int] | None = _wire.whole_reply if _wire is not None else None
+# The proxy's framing of serve's plain replies (proxy.upstream has the Python twin).
+reply_frame: Callable[[bytes, int], tuple[int, int] | int] | None = _wire.reply_frame if _wire is not None else None
 Bucket: Callable[[float, float, float], BucketLike] = _wire.Bucket if _wire is not None else PyBucket
 
 

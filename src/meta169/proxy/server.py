@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.api import wire
+from meta169.api.acceptor import Listener
 from meta169.api.http import FastHook, HTTPProtocol, Later, Limits, Request, Response, Ticker, error_response
 from meta169.api.identity import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER, Binding
 from meta169.api.identity import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
@@ -193,7 +194,8 @@ class ProxyApp:
             return error_response(400, "no peer address")
         if req.forward is not None:
             later = Later()
-            self._upstream.request(req.forward, _relay_head if req.method == "HEAD" else _relay, later)
+            # The stamped request is always a body-less GET (a HEAD is asked as GET).
+            self._upstream.request(req.forward, _relay_head if req.method == "HEAD" else _relay, later, pipeline=True)
             return later
         # Listener sockets are AF_INET or v6-only AF_INET6, so the peer text is the
         # caller's address as the registry knows it (never an IPv4-mapped form).
@@ -223,7 +225,8 @@ class ProxyApp:
             lines.append(f"content-length: {len(req.body)}")
         payload = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + req.body
         later = Later()
-        self._upstream.request(payload, _relay_head if method == "HEAD" else _relay, later)
+        pipeline = upstream_method == "GET" and not req.body
+        self._upstream.request(payload, _relay_head if method == "HEAD" else _relay, later, pipeline=pipeline)
         return later
 
 
@@ -262,7 +265,7 @@ class ProxyServer:
     secret: bytes | None = None
     limits: Limits = field(default_factory=Limits)
     opener: SocketOpener = open_in_namespace
-    _servers: dict[tuple[str | None, str, int], tuple[ProxyListener, asyncio.AbstractServer]] = field(
+    _servers: dict[tuple[str | None, str, int], tuple[ProxyListener, Listener]] = field(
         default_factory=dict
     )
     _ticker: Ticker | None = None
@@ -295,7 +298,7 @@ class ProxyServer:
                 log.error("cannot open listener %s: %s", lst, exc)
                 continue
             app = ProxyApp(lst.binding, self.upstream, self.secret)
-            srv = await loop.create_server(_factory(app, self.limits, loop, self._ticker), sock=sock)
+            srv = Listener(loop, sock, _factory(app, self.limits, loop, self._ticker))
             self._servers[key] = (lst, srv)
             log.info("listening %s", lst)
         return errors
