@@ -6,7 +6,8 @@ plays serve, so each failure is exact."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -122,52 +123,52 @@ def _run(body: Callable[[Path], Awaitable[None]], tmp_path: Path) -> None:
     asyncio.run(body(tmp_path / "serve.sock"))
 
 
-def _warm(upstream: Upstream) -> Awaitable[list[Reply | BaseException]]:
-    """One request first, so the pool holds an idle connection (a pipeline starts on
-    one; the very first request opens a connection of its own)."""
-    return _outcomes(_send_together(upstream, 1, first=999))
+@contextlib.asynccontextmanager
+async def _pool(path: Path, script: Script, *, piece: int = 0, timeout: float = 10.0) -> AsyncIterator[
+    tuple[FakeServe, Upstream]
+]:
+    """A scripted serve and a pool to it that already holds one idle connection (a
+    pipeline starts on one; the very first request opens a connection of its own)."""
+    async with FakeServe(path, script, piece=piece) as serve:
+        upstream = Upstream(UpstreamSpec(unix_path=path, reply_timeout=timeout))
+        await _outcomes(_send_together(upstream, 1, first=999))
+        try:
+            yield serve, upstream
+        finally:
+            await upstream.close()
 
 
 def test_upstream_pipelines_requests_sent_together(tmp_path: Path) -> None:
     async def body(path: Path) -> None:
-        async with FakeServe(path, _echo) as serve:
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, _echo) as (serve, upstream):
             sinks = _send_together(upstream, 5)
             assert _bodies(await _outcomes(sinks)) == [f"/r/{i}".encode() for i in range(5)]
             assert serve.connections == 1
             # the five left in one write: serve read them in one go
             assert serve.reads[-1] == (0, b"".join(_get(i) for i in range(5)))
-            await upstream.close()
 
     _run(body, tmp_path)
 
 
 def test_upstream_pipeline_depth_is_bounded(tmp_path: Path) -> None:
     async def body(path: Path) -> None:
-        async with FakeServe(path, _echo) as serve:
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, _echo) as (serve, upstream):
             count = PIPELINE_DEPTH + 3
             sinks = _send_together(upstream, count)
             assert _bodies(await _outcomes(sinks)) == [f"/r/{i}".encode() for i in range(count)]
             # the idle connection carried a full pipeline; the rest went on a new one
             requests = {conn: b"".join(d for c, d in serve.reads if c == conn).count(b"GET ") for conn in (0, 1)}
             assert requests == {0: 1 + PIPELINE_DEPTH, 1: 3} and serve.connections == 2
-            await upstream.close()
 
     _run(body, tmp_path)
 
 
 def test_upstream_keeps_non_gets_on_connections_of_their_own(tmp_path: Path) -> None:
     async def body(path: Path) -> None:
-        async with FakeServe(path, _echo) as serve:
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, _echo) as (serve, upstream):
             sinks = _send_together(upstream, 3, pipeline=False)
             assert _bodies(await _outcomes(sinks)) == [b"/r/0", b"/r/1", b"/r/2"]
             assert serve.connections == 3  # the warm one plus two new: never two on one
-            await upstream.close()
 
     _run(body, tmp_path)
 
@@ -177,9 +178,7 @@ def test_upstream_reads_replies_split_anywhere(tmp_path: Path) -> None:
         return _reply(request.split(b" ")[1] * 50, "X-Meta169-Hop-Limit: 1" if index % 2 else "Server: x")
 
     async def body(path: Path) -> None:
-        async with FakeServe(path, dribble, piece=7):
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, dribble, piece=7) as (_, upstream):
             sinks = _send_together(upstream, 6)
             outcomes = await _outcomes(sinks)
             assert _bodies(outcomes) == [f"/r/{i}".encode() * 50 for i in range(6)]
@@ -187,7 +186,6 @@ def test_upstream_reads_replies_split_anywhere(tmp_path: Path) -> None:
             assert [isinstance(o, Reply) and o.headers.get("x-meta169-hop-limit") for o in outcomes] == [
                 "1", None, "1", None, "1", None
             ]
-            await upstream.close()
 
     _run(body, tmp_path)
 
@@ -202,13 +200,10 @@ def test_upstream_retries_what_waited_behind_a_closing_reply(tmp_path: Path) -> 
         return _reply(request.split(b" ")[1])
 
     async def body(path: Path) -> None:
-        async with FakeServe(path, close_after_first) as serve:
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, close_after_first) as (serve, upstream):
             sinks = _send_together(upstream, 4)
             assert _bodies(await _outcomes(sinks)) == [b"last", b"/r/1", b"/r/2", b"/r/3"]
             assert serve.connections >= 2
-            await upstream.close()
 
     _run(body, tmp_path)
 
@@ -220,12 +215,9 @@ def test_upstream_bad_reply_fails_its_request_only(tmp_path: Path) -> None:
         return _reply(request.split(b" ")[1])
 
     async def body(path: Path) -> None:
-        async with FakeServe(path, garbage_first):
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, garbage_first) as (_, upstream):
             sinks = _send_together(upstream, 3)
             assert _bodies(await _outcomes(sinks)) == [502, b"/r/1", b"/r/2"]
-            await upstream.close()
 
     _run(body, tmp_path)
 
@@ -237,13 +229,10 @@ def test_upstream_server_vanishing_mid_pipeline(tmp_path: Path) -> None:
         return _reply(request.split(b" ")[1])
 
     async def body(path: Path) -> None:
-        async with FakeServe(path, die_after_one):
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, die_after_one) as (_, upstream):
             sinks = _send_together(upstream, 4)
             # /r/0 was answered; the others were retried once on a fresh connection
             assert _bodies(await _outcomes(sinks)) == [b"/r/0", b"/r/1", b"/r/2", b"/r/3"]
-            await upstream.close()
 
     _run(body, tmp_path)
 
@@ -256,12 +245,9 @@ def test_upstream_silent_server_times_out_every_request(tmp_path: Path) -> None:
         return None
 
     async def body(path: Path) -> None:
-        async with FakeServe(path, silent):
-            upstream = Upstream(UpstreamSpec(unix_path=path, reply_timeout=0.3))
-            await _warm(upstream)
+        async with _pool(path, silent, timeout=0.3) as (_, upstream):
             sinks = _send_together(upstream, 3)
             assert _bodies(await _outcomes(sinks)) == [504, 504, 504]
-            await upstream.close()
 
     _run(body, tmp_path)
 
@@ -273,12 +259,9 @@ def test_upstream_stale_keepalive_is_retried(tmp_path: Path, pipeline: bool) -> 
         return _reply(request.split(b" ")[1]) if index == 0 or conn > 0 else None
 
     async def body(path: Path) -> None:
-        async with FakeServe(path, one_per_connection):
-            upstream = Upstream(UpstreamSpec(unix_path=path))
-            await _warm(upstream)
+        async with _pool(path, one_per_connection) as (_, upstream):
             await asyncio.sleep(0)  # let nothing read the close yet: the pool still holds it
             sinks = _send_together(upstream, 2, pipeline=pipeline)
             assert _bodies(await _outcomes(sinks)) == [b"/r/0", b"/r/1"]
-            await upstream.close()
 
     _run(body, tmp_path)
