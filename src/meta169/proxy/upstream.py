@@ -113,9 +113,9 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, pending: _Pending[object]) -> None:
-        assert self.transport is not None
-        self.pending.append(pending)
-        self.transport.write(pending.payload)
+        # Through the queue: requests leave in the order their replies are expected.
+        self.queue(pending)
+        self.flush()
 
     def queue(self, pending: _Pending[object]) -> None:
         """Add to the pipeline being filled; flush() writes it all at once."""
