@@ -335,12 +335,19 @@ def test_proxy_connection_close_relays_then_closes(unix_proxy: tuple[int, int], 
     assert body == ALPHA.encode()
 
 
-def test_proxy_pipelined_callers_each_get_their_own(unix_proxy: tuple[int, int]) -> None:
+def test_proxy_pipelined_callers_each_get_their_own(unix_serve: tuple[ServeProcess, Path], registry_url: str) -> None:
     """Callers that arrive together are forwarded together, pipelined on shared
     upstream connections: every one still gets its own instance's data."""
     import asyncio
 
-    port_a, port_b = unix_proxy
+    _, sock = unix_serve
+    port_a, port_b = free_port(), free_port()
+    proxy = Proxy(
+        meta169_argv(
+            "-v", "--registry", registry_url, "proxy", "--upstream", f"unix:{sock}",
+            "--listen", f"127.0.0.1:{port_a}=router:router-a", "--listen", f"127.0.0.1:{port_b}=network:net-b",
+        )
+    )
     expected = {
         (port_a, "127.0.0.5"): b"alpha-secret-user-data",
         (port_a, "127.0.0.6"): b"beta-secret-user-data",
@@ -348,22 +355,26 @@ def test_proxy_pipelined_callers_each_get_their_own(unix_proxy: tuple[int, int])
     }
     callers = list(expected)
 
-    async def ask(port: int, source: str, forged: bool, close: bool) -> tuple[tuple[int, str], bytes]:
+    async def ask(port: int, source: str, forged: bool, close: bool) -> tuple[tuple[int, str], bytes, bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        extra = "X-Forwarded-For: 127.0.0.6\r\nX-Meta169-Caller-IP: 127.0.0.6\r\n" if forged else ""
-        conn = "Connection: close\r\n" if close else ""
-        writer.write(f"GET /openstack/latest/user_data HTTP/1.1\r\nHost: x\r\n{extra}{conn}\r\n".encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-        body = await asyncio.wait_for(reader.readexactly(length), 10)
-        writer.close()
-        assert head.startswith(b"HTTP/1.1 200"), head
-        return (port, source), body
+        try:
+            extra = "X-Forwarded-For: 127.0.0.6\r\nX-Meta169-Caller-IP: 127.0.0.6\r\n" if forged else ""
+            conn = "Connection: close\r\n" if close else ""
+            writer.write(f"GET /openstack/latest/user_data HTTP/1.1\r\nHost: x\r\n{extra}{conn}\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            return (port, source), head, await asyncio.wait_for(reader.readexactly(length), 10)
+        finally:
+            writer.close()
 
-    async def burst() -> list[tuple[tuple[int, str], bytes]]:
+    async def burst() -> list[tuple[tuple[int, str], bytes, bytes]]:
         return await asyncio.gather(
             *(ask(*callers[i % 3], forged=i % 5 == 0, close=i % 2 == 0) for i in range(300))
         )
 
-    for caller, body in asyncio.run(burst()):
-        assert body == expected[caller], caller
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        log = proxy.stop()
+    for caller, head, body in answers:
+        assert head.startswith(b"HTTP/1.1 200") and body == expected[caller], (caller, head, body, log[-3000:])

@@ -190,7 +190,8 @@ def test_upstream_reads_replies_split_anywhere(tmp_path: Path) -> None:
     _run(body, tmp_path)
 
 
-def test_upstream_retries_what_waited_behind_a_closing_reply(tmp_path: Path) -> None:
+@pytest.mark.parametrize("piece", [0, 7], ids=["whole", "in-pieces"])
+def test_upstream_retries_what_waited_behind_a_closing_reply(tmp_path: Path, piece: int) -> None:
     async def close_after_first(conn: int, index: int, request: bytes) -> bytes | None:
         # the first pipelined request gets a reply that closes; the rest never get one there
         if conn == 0 and index == 1:
@@ -200,7 +201,7 @@ def test_upstream_retries_what_waited_behind_a_closing_reply(tmp_path: Path) -> 
         return _reply(request.split(b" ")[1])
 
     async def body(path: Path) -> None:
-        async with _pool(path, close_after_first) as (serve, upstream):
+        async with _pool(path, close_after_first, piece=piece) as (serve, upstream):
             sinks = _send_together(upstream, 4)
             assert _bodies(await _outcomes(sinks)) == [b"last", b"/r/1", b"/r/2", b"/r/3"]
             assert serve.connections >= 2

@@ -166,7 +166,7 @@ class _Conn(asyncio.Protocol):
             self.used = True
             if not self.reusable:
                 break
-        rest = buf[off:] if off else buf
+        rest = self._buf = buf[off:] if off else buf
         if not self.reusable:
             self._close()
         elif rest and not pending:
@@ -175,10 +175,8 @@ class _Conn(asyncio.Protocol):
             self._deliver(done)
             self._broken("metadata server sent a reply larger than 1 MiB")
             return
-        else:
-            self._buf = rest
-            if not pending:
-                self._pool.release(self)
+        elif not pending:
+            self._pool.release(self)
         self._deliver(done)
 
     def _deliver(self, done: list[tuple[_Pending[object], Reply]]) -> None:
@@ -394,6 +392,8 @@ class Upstream:
             return
         finally:
             self._connecting -= 1
+        if conn.closed:  # lost at once: connection_lost has sent its requests on
+            return
         self._open.add(conn)
         conn.flush()
 
