@@ -433,3 +433,42 @@ def test_serve_answers_a_proxy_pipeline_in_order(tmp_path: Path) -> None:
             assert [status for status, _ in replies] == [200, 200, 200, 401, 404, 200]
             assert replies[0][1] == replies[1][1] == replies[5][1] == UUID.encode()
             assert replies[2][1] == b"web-1"
+
+
+def test_serve_pipeline_split_anywhere_answers_every_request_in_order(tmp_path: Path) -> None:
+    """Pipelines of remembered, new, token-carrying and unknown requests, cut into
+    reads at random places: serve answers each exactly once, in order, whichever
+    path takes it and wherever a read ends (the compiled path hands the Python path
+    the rest of a read, the Python path hands the next read back)."""
+    import random
+
+    registry = _registry()
+    path = tmp_path / "serve.sock"
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress(unix_path=path), Binding("proxy")),),
+        rate_limit=None,
+    )
+    kinds = {
+        "known": (_stamped("/latest/meta-data/instance-id"), 200, UUID.encode()),
+        "hostname": (_stamped("/latest/meta-data/hostname"), 200, b"web-1"),
+        "token": (_stamped("/latest/meta-data/instance-id", extra="X-aws-ec2-metadata-token: x\r\n"), 401, None),
+        "forwarded": (_stamped("/latest/meta-data/instance-id", extra="X-Meta169-Guest-Forwarded: 1\r\n"), 200,
+                      UUID.encode()),
+        "missing": (_stamped("/nope"), 404, None),
+    }
+    rng = random.Random(169)
+    with in_process(config, registry), socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        for _ in range(60):
+            chosen = [rng.choice(list(kinds)) for _ in range(rng.randint(1, 8))]
+            data = b"".join(kinds[k][0] for k in chosen)
+            cuts = sorted(rng.sample(range(1, len(data)), k=min(len(data) - 1, rng.randint(0, 3))))
+            for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                sock.sendall(data[start:end])
+                time.sleep(rng.choice([0, 0, 0.002]))
+            replies = _read_replies(sock, len(chosen))
+            for kind, (status, body) in zip(chosen, replies, strict=True):
+                assert status == kinds[kind][1], (chosen, replies)
+                assert kinds[kind][2] is None or body == kinds[kind][2], (chosen, replies)
