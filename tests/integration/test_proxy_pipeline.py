@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from meta169.errors import HTTPError
 from meta169.proxy.upstream import PIPELINE_DEPTH, Reply, Upstream, UpstreamSpec
@@ -266,3 +268,73 @@ def test_upstream_stale_keepalive_is_retried(tmp_path: Path, pipeline: bool) -> 
             assert _bodies(await _outcomes(sinks)) == [b"/r/0", b"/r/1"]
 
     _run(body, tmp_path)
+
+
+def _full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A Unix listener whose queue of connections waiting to be accepted is full."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(0)
+    waiting = []
+    while True:
+        c = socket.socket(socket.AF_UNIX)
+        c.setblocking(False)
+        try:
+            c.connect(str(path))
+        except BlockingIOError:
+            c.close()
+            return listener, waiting
+        waiting.append(c)
+
+
+def test_upstream_waits_for_a_full_listen_queue_to_drain(tmp_path: Path) -> None:
+    path = tmp_path / "serve.sock"
+    listener, waiting = _full_listener(path)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def drain_then_serve() -> None:
+            await asyncio.sleep(0.2)
+            for c in waiting:
+                c.close()
+            listener.setblocking(False)
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                data = await loop.sock_recv(conn, 65536)
+                if data.startswith(b"GET "):
+                    await loop.sock_sendall(conn, _reply(b"late but there"))
+                conn.close()
+
+        server = asyncio.create_task(drain_then_serve())
+        upstream = Upstream(UpstreamSpec(unix_path=path, connect_timeout=3.0))
+        try:
+            assert _bodies(await _outcomes(_send_together(upstream, 1))) == [b"late but there"]
+        finally:
+            server.cancel()
+            await upstream.close()
+
+    try:
+        uvloop.run(body())  # as the proxy runs; asyncio's loop connects another way
+    finally:
+        listener.close()
+        for c in waiting:
+            c.close()
+
+
+def test_upstream_full_listen_queue_that_never_drains_is_502(tmp_path: Path) -> None:
+    path = tmp_path / "serve.sock"
+    listener, waiting = _full_listener(path)
+
+    async def body() -> None:
+        upstream = Upstream(UpstreamSpec(unix_path=path, connect_timeout=0.3))
+        outcome = (await _outcomes(_send_together(upstream, 1)))[0]
+        assert isinstance(outcome, HTTPError) and outcome.status == 502 and "unreachable" in str(outcome)
+        await upstream.close()
+
+    try:
+        uvloop.run(body())  # as the proxy runs; asyncio's loop connects another way
+    finally:
+        listener.close()
+        for c in waiting:
+            c.close()

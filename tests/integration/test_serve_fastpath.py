@@ -472,3 +472,33 @@ def test_serve_pipeline_split_anywhere_answers_every_request_in_order(tmp_path: 
             for kind, (status, body) in zip(chosen, replies, strict=True):
                 assert status == kinds[kind][1], (chosen, replies)
                 assert kinds[kind][2] is None or body == kinds[kind][2], (chosen, replies)
+
+
+def test_serve_keeps_its_listen_backlog(tmp_path: Path) -> None:
+    """uvloop listens anew with a backlog of its own (100) unless told: a burst of
+    per-request connections (Neutron's haproxy, a proxy filling its pool) would then
+    be refused with EAGAIN while serve accepts one per loop iteration."""
+    import shutil
+    import subprocess
+
+    from meta169.api.server import LISTEN_BACKLOG
+
+    ss = shutil.which("ss")
+    require("ss (iproute2)", ss is not None, "ss from iproute2 reads the listen backlog")
+    assert ss is not None
+    path = tmp_path / "serve.sock"
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(
+            ListenerSpec(ListenAddress(unix_path=path), Binding("proxy")),
+            ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),
+        ),
+    )
+    want = min(LISTEN_BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    with in_process(config, _registry()) as addresses:
+        unix = subprocess.run([ss, "-Hxl"], capture_output=True, text=True, check=True).stdout
+        tcp = subprocess.run([ss, "-Hltn"], capture_output=True, text=True, check=True).stdout
+    # Send-Q of a listening socket is its backlog
+    assert any(str(path) in line and line.split()[3] == str(want) for line in unix.splitlines()), unix
+    port = addresses[1].port
+    assert any(line.split()[3].endswith(f":{port}") and line.split()[2] == str(want) for line in tcp.splitlines()), tcp

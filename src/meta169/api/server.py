@@ -33,6 +33,11 @@ from meta169.render.document import seed_pool_bytes
 
 log = logging.getLogger("meta169.serve")
 
+# Connections waiting to be accepted. Given again to create_server: uvloop listens
+# anew with its own backlog (100 by default), which a burst of per-request
+# connections (Neutron's haproxy, a proxy opening its pool) overflows into EAGAIN.
+LISTEN_BACKLOG = 4096
+
 
 def open_listen_socket(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
     """Bind a listening socket (TCP or Unix); errors name the address."""
@@ -45,7 +50,7 @@ def open_listen_socket(address: ListenAddress, *, reuse_port: bool = False) -> s
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port))
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
@@ -67,7 +72,7 @@ def _open_unix(path: Path) -> socket.socket:
             sock.bind(str(path))
         finally:
             os.umask(old)
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
@@ -151,10 +156,10 @@ async def start(
             factory = _protocol_factory(app, config.limits, tracker, loop, ticker)
             srv: asyncio.AbstractServer
             if sock.family == socket.AF_UNIX:
-                srv = await loop.create_unix_server(factory, sock=sock)
+                srv = await loop.create_unix_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 addresses.append(spec.address)
             else:
-                srv = await loop.create_server(factory, sock=sock)
+                srv = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 host, port = sock.getsockname()[:2]
                 addresses.append(ListenAddress(host=host, port=port))
             servers.append(srv)

@@ -375,12 +375,24 @@ class Upstream:
 
     async def _connect(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.connect_timeout
+        pause = 0.005
         try:
-            if self.spec.unix_path is not None:
-                coro = loop.create_unix_connection(lambda: conn, str(self.spec.unix_path))
-            else:
-                coro = loop.create_connection(lambda: conn, self.spec.host, self.spec.port)
-            await asyncio.wait_for(coro, self.spec.connect_timeout)
+            while True:
+                if self.spec.unix_path is not None:
+                    coro = loop.create_unix_connection(lambda: conn, str(self.spec.unix_path))
+                else:
+                    coro = loop.create_connection(lambda: conn, self.spec.host, self.spec.port)
+                try:
+                    await asyncio.wait_for(coro, max(0.001, deadline - loop.time()))
+                    break
+                except BlockingIOError:
+                    # A Unix listener's queue is full (serve is behind on accepting a
+                    # burst of connections): it drains, so wait a little and retry.
+                    if loop.time() + pause >= deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.1)
         except (TimeoutError, OSError) as exc:
             conn.closed = True
             conn.reusable = False
