@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -270,26 +270,38 @@ def test_upstream_stale_keepalive_is_retried(tmp_path: Path, pipeline: bool) -> 
     _run(body, tmp_path)
 
 
-def _full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+@pytest.fixture
+def full_listener(tmp_path: Path) -> Iterator[tuple[Path, socket.socket, list[socket.socket]]]:
     """A Unix listener whose queue of connections waiting to be accepted is full."""
+    path = tmp_path / "serve.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(0)
-    waiting = []
-    while True:
-        c = socket.socket(socket.AF_UNIX)
-        c.setblocking(False)
-        try:
-            c.connect(str(path))
-        except BlockingIOError:
+    waiting: list[socket.socket] = []
+    try:
+        while True:
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            waiting.append(c)
+        yield path, listener, waiting
+    finally:
+        listener.close()
+        for c in waiting:
             c.close()
-            return listener, waiting
-        waiting.append(c)
 
 
-def test_upstream_waits_for_a_full_listen_queue_to_drain(tmp_path: Path) -> None:
-    path = tmp_path / "serve.sock"
-    listener, waiting = _full_listener(path)
+# These two run on uvloop, as the proxy does: asyncio's own loop connects another way.
+
+
+def test_upstream_waits_for_a_full_listen_queue_to_drain(
+    full_listener: tuple[Path, socket.socket, list[socket.socket]],
+) -> None:
+    path, listener, waiting = full_listener
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
@@ -314,17 +326,13 @@ def test_upstream_waits_for_a_full_listen_queue_to_drain(tmp_path: Path) -> None
             server.cancel()
             await upstream.close()
 
-    try:
-        uvloop.run(body())  # as the proxy runs; asyncio's loop connects another way
-    finally:
-        listener.close()
-        for c in waiting:
-            c.close()
+    uvloop.run(body())
 
 
-def test_upstream_full_listen_queue_that_never_drains_is_502(tmp_path: Path) -> None:
-    path = tmp_path / "serve.sock"
-    listener, waiting = _full_listener(path)
+def test_upstream_full_listen_queue_that_never_drains_is_502(
+    full_listener: tuple[Path, socket.socket, list[socket.socket]],
+) -> None:
+    path = full_listener[0]
 
     async def body() -> None:
         upstream = Upstream(UpstreamSpec(unix_path=path, connect_timeout=0.3))
@@ -332,9 +340,4 @@ def test_upstream_full_listen_queue_that_never_drains_is_502(tmp_path: Path) -> 
         assert isinstance(outcome, HTTPError) and outcome.status == 502 and "unreachable" in str(outcome)
         await upstream.close()
 
-    try:
-        uvloop.run(body())  # as the proxy runs; asyncio's loop connects another way
-    finally:
-        listener.close()
-        for c in waiting:
-            c.close()
+    uvloop.run(body())
