@@ -773,7 +773,8 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef FastPath_methods[] = {
     {"answer", (PyCFunction)(void (*)(void))FastPath_answer, METH_FASTCALL,
-     "answer(data, peer) -> (reply bytes, keep_alive), or None to let the Python path answer."},
+     "answer(data, peer) -> (replies, keep_alive), (replies, True, consumed) when the Python path goes on "
+     "with data[consumed:], or None to let it answer all."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1101,22 +1102,17 @@ frame_reply(const char *d, Py_ssize_t n, int *status)
     if (d[12] != ' ' && d[12] != '\r') {
         return -1;
     }
-    const char *head_end = NULL;
-    for (const char *q = d; q + 4 <= d + n; q++) {
-        if (q[0] == '\r' && q[1] == '\n' && q[2] == '\r' && q[3] == '\n') {
-            head_end = q;
-            break;
-        }
-    }
-    if (head_end == NULL) {
+    Py_ssize_t head_len = head_end(d, n);
+    if (head_len == 0) {
         return 0;
     }
+    const char *blank = d + head_len - 4; /* the CRLF CRLF that ends the head */
     long length = -1;
-    const char *p = memchr(d, '\n', (size_t)(head_end - d + 2));
-    p = p == NULL ? head_end : p + 1;
-    while (p < head_end) {
+    const char *p = memchr(d, '\n', (size_t)(blank - d + 2));
+    p = p == NULL ? blank : p + 1;
+    while (p < blank) {
         const char *eol = p;
-        while (eol < head_end && !(eol[0] == '\r' && eol[1] == '\n')) eol++;
+        while (eol < blank && !(eol[0] == '\r' && eol[1] == '\n')) eol++;
         const char *colon = memchr(p, ':', (size_t)(eol - p));
         if (colon == NULL || colon == p) {
             return -1;
@@ -1150,7 +1146,7 @@ frame_reply(const char *d, Py_ssize_t n, int *status)
                 length = length * 10 + (*c - '0');
             }
         }
-        if (eol >= head_end) {
+        if (eol >= blank) {
             break;
         }
         p = eol + 2;
@@ -1158,7 +1154,7 @@ frame_reply(const char *d, Py_ssize_t n, int *status)
     if (length < 0) {
         return -1;
     }
-    Py_ssize_t end = (head_end - d) + 4 + length;
+    Py_ssize_t end = head_len + length;
     if (end > n) {
         return 0;
     }

@@ -128,9 +128,6 @@ def _step(coro: Coroutine[Any, Any, Any]) -> None:
         waiting = coro.send(None)
     except StopIteration:
         return
-    if not isinstance(waiting, asyncio.Future):  # not a loop this was written for
-        coro.close()
-        raise RuntimeError(f"connect_accepted_socket waited for {waiting!r}")
     waiting.add_done_callback(lambda _: _finish(coro))
 
 

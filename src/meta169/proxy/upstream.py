@@ -37,8 +37,9 @@ T = TypeVar("T")
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*(?=\r\n|$)", re.IGNORECASE)
 _UNUSUAL_RE = re.compile(rb"\r\n(?:transfer-encoding|connection|x-meta169-)", re.IGNORECASE)
 _STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?", re.DOTALL)
-_NAME_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_FIELDS_RE = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*")
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2
+_NAME_RE = re.compile(_TOKEN)
+_FIELDS_RE = re.compile(rb"(?:\r\n" + _TOKEN + rb":[^\r\n]*)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +421,6 @@ class Upstream:
             self._idle.remove(conn)
         if self._batch is conn:
             self._batch = None
-        conn.flush()
 
     def succeed(self, pending: _Pending[object], reply: Reply) -> None:
         if pending.done:
