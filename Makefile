@@ -13,7 +13,7 @@ CACHE ?= $(CURDIR)/.cache
 
 venv: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml setup.py src/meta169/api/_wire.c
+$(BIN)/.installed: pyproject.toml setup.py src/meta169/http/_wire.c
 	@scripts/install-system-deps python
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "meta169 needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +41,14 @@ cloud-init: venv
 
 lint: venv
 	$(BIN)/ruff check src tests $(wildcard bench)
-	$(BIN)/ruff format --check src || true
+	$(BIN)/ruff format --check src tests $(wildcard bench)
 
 typecheck: venv
 	$(BIN)/mypy --strict src
 
 test: venv system-deps cloud-init
 	$(BIN)/ruff check src tests $(wildcard bench)
+	$(BIN)/ruff format --check src tests $(wildcard bench)
 	$(BIN)/mypy --strict src
 	META169_CACHE=$(CACHE) $(BIN)/pytest -q $(PYTEST_ARGS)
 

@@ -1,7 +1,7 @@
 """Build of the optional C fast path; everything else is declared in pyproject.toml.
 
 ``optional=True``: without a C compiler the package still installs and serves
-everything through the pure-Python path (meta169.api.wire.COMPILED is then False).
+everything through the pure-Python path (meta169.http.wire.compiled() is then False).
 """
 
 from setuptools import Extension, setup
@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "meta169.api._wire",
-            ["src/meta169/api/_wire.c"],
+            "meta169.http._wire",
+            ["src/meta169/http/_wire.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             optional=True,
         )

@@ -498,8 +498,9 @@ def machine_facts() -> dict[str, str]:
 
     def git(*args: str) -> str:
         try:
-            done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
-                                  check=False)
+            done = subprocess.run(
+                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10, check=False
+            )
         except FileNotFoundError:
             return ""
         return done.stdout.strip() if done.returncode == 0 else ""

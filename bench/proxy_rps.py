@@ -20,7 +20,7 @@ unix:SOCK=proxy`` (one process):
   connections), on 10.0.0.1:9699. Not what Neutron runs; a stricter anchor.
 
 Pinning (default): wrk on CPU 0; the hop and serve share CPU 1, the same for all three.
-Target (issue): meta169 proxy throughput >= the haproxy (Neutron) path.
+Target (docs/benchmarks.md): meta169 proxy throughput >= the haproxy (Neutron) path.
 """
 
 from __future__ import annotations
@@ -100,30 +100,53 @@ def run(settings: Settings, cleanup: Cleanup, work: Path) -> list[Point]:
     registry = meta169_registry(settings, work / "rps.db", work / "bench.yaml")
     sock = work / "serve.sock"
     hop_cpus, wrk_cpus = settings.cpus("1"), settings.cpus("0")
-    serve = start_serve(settings, registry, [f"unix:{sock}=proxy"], cleanup=cleanup, log=work / "serve.log",
-                        cpus=hop_cpus)
-    proxy = start_proxy(settings, sock, listens=[f"{router}/{ROUTER_IP}:{HOPS['meta169 proxy']}=network:{NETWORK}"],
-                        cleanup=cleanup, log=work / "proxy.log", cpus=hop_cpus)
+    serve = start_serve(
+        settings, registry, [f"unix:{sock}=proxy"], cleanup=cleanup, log=work / "serve.log", cpus=hop_cpus
+    )
+    proxy = start_proxy(
+        settings,
+        sock,
+        listens=[f"{router}/{ROUTER_IP}:{HOPS['meta169 proxy']}=network:{NETWORK}"],
+        cleanup=cleanup,
+        log=work / "proxy.log",
+        cpus=hop_cpus,
+    )
     configs = []
     for hop, close in (("haproxy (Neutron)", True), ("haproxy keep-alive", False)):
         name = "neutron" if close else "keepalive"
         cfg, pidfile = work / f"haproxy-{name}.cfg", work / f"haproxy-{name}.pid"
-        cfg.write_text(haproxy_config(pidfile=pidfile, bind=f"{ROUTER_IP}:{HOPS[hop]}", upstream=sock,
-                                      network_id=NETWORK, server_close=close))
+        cfg.write_text(
+            haproxy_config(
+                pidfile=pidfile, bind=f"{ROUTER_IP}:{HOPS[hop]}", upstream=sock, network_id=NETWORK, server_close=close
+            )
+        )
         configs.append((router, cfg, pidfile))
     pids, _ = start_haproxies(configs, cleanup=cleanup, cpus=hop_cpus)
     hop_pid = {"meta169 proxy": proxy.pid, "haproxy (Neutron)": pids[0], "haproxy keep-alive": pids[1]}
-    print(f"\n== guest -> hop -> serve: {guest} {GUEST_IP} -> {router} {ROUTER_IP}; serve pid {serve.pid}, "
-          f"proxy pid {proxy.pid}, haproxy pids {pids}", flush=True)
+    print(
+        f"\n== guest -> hop -> serve: {guest} {GUEST_IP} -> {router} {ROUTER_IP}; serve pid {serve.pid}, "
+        f"proxy pid {proxy.pid}, haproxy pids {pids}",
+        flush=True,
+    )
     for hop, port in HOPS.items():
         got = netns.nsctl(settings, [guest], "probe", str(port), PATHS[0], ROUTER_IP)
         if got["counts"] != {"200": 1} or got["first_body"] != INSTANCE:
             raise BenchError(f"{hop} on {ROUTER_IP}:{port} does not identify the guest: {got}")
 
     def load(hop: str, path: str, mode: str, duration: float) -> Series:
-        return Series([run_wrk(f"http://{ROUTER_IP}:{HOPS[hop]}{path}", duration=duration,
-                               connections=settings.connections, close=mode == "close", cpus=wrk_cpus, netns=guest,
-                               watch={"hop": [hop_pid[hop]], "serve": [serve.pid]})])
+        return Series(
+            [
+                run_wrk(
+                    f"http://{ROUTER_IP}:{HOPS[hop]}{path}",
+                    duration=duration,
+                    connections=settings.connections,
+                    close=mode == "close",
+                    cpus=wrk_cpus,
+                    netns=guest,
+                    watch={"hop": [hop_pid[hop]], "serve": [serve.pid]},
+                )
+            ]
+        )
 
     for hop in HOPS:
         load(hop, PATHS[0], "keep-alive", 1)
@@ -133,14 +156,20 @@ def run(settings: Settings, cleanup: Cleanup, work: Path) -> list[Point]:
             point = Point(path, mode, {hop: Series() for hop in HOPS})
             hops = list(HOPS)
             for r in range(settings.repeats):
-                for hop in hops[r % len(hops):] + hops[: r % len(hops)]:  # rotate who goes first
+                for hop in hops[r % len(hops) :] + hops[: r % len(hops)]:  # rotate who goes first
                     point.series[hop].runs.extend(load(hop, path, mode, settings.duration).runs)
                     time.sleep(0.2)
             points.append(point)
-            print("  " + f"{path:35} {mode:10} " + "  ".join(
-                f"{hop} {point.median(hop):6.0f}/s {point.series[hop].spread} "
-                f"({point.series[hop].cpu_us('hop'):.0f}+{point.series[hop].cpu_us('serve'):.0f} us)"
-                for hop in HOPS), flush=True)
+            print(
+                "  "
+                + f"{path:35} {mode:10} "
+                + "  ".join(
+                    f"{hop} {point.median(hop):6.0f}/s {point.series[hop].spread} "
+                    f"({point.series[hop].cpu_us('hop'):.0f}+{point.series[hop].cpu_us('serve'):.0f} us)"
+                    for hop in HOPS
+                ),
+                flush=True,
+            )
     print()
     print(report(points))
     return points
@@ -152,9 +181,11 @@ def report(points: list[Point]) -> str:
         mine = p.series["meta169 proxy"]
         rows.append(
             (
-                p.path, p.mode,
+                p.path,
+                p.mode,
                 *(p.series[h].cell() for h in HOPS),
-                ratio(mine, p.series[ANCHOR]), ratio(mine, p.series["haproxy keep-alive"]),
+                ratio(mine, p.series[ANCHOR]),
+                ratio(mine, p.series["haproxy keep-alive"]),
                 "n/a" if not (mine.valid and p.series[ANCHOR].valid) else "yes" if p.met else "NO",
                 " / ".join(f"{p.series[h].cpu_us('hop'):.0f}+{p.series[h].cpu_us('serve'):.0f}" for h in HOPS),
                 ratio(p.cpu_us(ANCHOR), p.cpu_us("meta169 proxy")) if mine.valid and p.series[ANCHOR].valid else "n/a",
@@ -164,8 +195,18 @@ def report(points: list[Point]) -> str:
             )
         )
     return "### guest -> hop -> serve (requests/s, median of runs)\n\n" + table(
-        ("path", "mode", *(f"{h} req/s" for h in HOPS), "proxy/haproxy(Neutron)", "proxy/haproxy keep-alive",
-         "target met", "CPU us/req hop+serve (same order)", "CPU-bound ratio vs Neutron",
-         "p99 ms (same order)", "other load", "errors (same order)"),
+        (
+            "path",
+            "mode",
+            *(f"{h} req/s" for h in HOPS),
+            "proxy/haproxy(Neutron)",
+            "proxy/haproxy keep-alive",
+            "target met",
+            "CPU us/req hop+serve (same order)",
+            "CPU-bound ratio vs Neutron",
+            "p99 ms (same order)",
+            "other load",
+            "errors (same order)",
+        ),
         rows,
     )

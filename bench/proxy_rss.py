@@ -9,7 +9,7 @@ Every listener answers one request (status 200 checked for all N) before memory 
 read, from /proc/PID/status (VmRSS) and /proc/PID/smaps_rollup (PSS, USS). RSS
 counts shared pages (haproxy's text, libc) once per process, so the RSS sum
 overstates the haproxy fleet; PSS divides shared pages among sharers and sums
-honestly. Target (issue): meta169 proxy RSS for 1000 namespaces under 100 MB.
+honestly. Target (docs/benchmarks.md): meta169 proxy RSS for 1000 namespaces under 100 MB.
 """
 
 from __future__ import annotations
@@ -75,15 +75,26 @@ def run(settings: Settings, cleanup: Cleanup, work: Path) -> RssResult:
         path.write_text(json.dumps({"listeners": entries}))
         return path
 
-    one = start_proxy(settings, sock, listener_file=listener_file(work / "one.json", names[:1]),
-                      cleanup=cleanup, log=work / "proxy-one.log")
+    one = start_proxy(
+        settings,
+        sock,
+        listener_file=listener_file(work / "one.json", names[:1]),
+        cleanup=cleanup,
+        log=work / "proxy-one.log",
+    )
     _probe_all(settings, names[:1], "meta169 proxy, 1 listener")
     res.proxy_one = memory(one.pid)
     cleanup.run_now(one.stop)
 
     t0 = time.monotonic()
-    proxy = start_proxy(settings, sock, listener_file=listener_file(work / "all.json", names),
-                        cleanup=cleanup, log=work / "proxy.log", timeout=120)
+    proxy = start_proxy(
+        settings,
+        sock,
+        listener_file=listener_file(work / "all.json", names),
+        cleanup=cleanup,
+        log=work / "proxy.log",
+        timeout=120,
+    )
     res.timings[f"meta169 proxy: start, {n} listeners"] = time.monotonic() - t0
     if f"{n} listeners up" not in proxy.output():
         raise BenchError(f"meta169 proxy did not open {n} listeners:\n{proxy.output()[-2000:]}")
@@ -127,8 +138,16 @@ def report(res: RssResult) -> str:
     n, hap = res.namespaces, res.haproxy_total
 
     def row(what: str, procs: int, m: Memory, per: int) -> tuple[str, ...]:
-        return (what, str(procs), mb(m.rss), mb(m.pss), mb(m.uss), f"{m.rss / per:.0f}" if per else "",
-                f"{m.rss / hap.rss:.3f}x" if hap.rss else "n/a", f"{m.pss / hap.pss:.3f}x" if hap.pss else "n/a")
+        return (
+            what,
+            str(procs),
+            mb(m.rss),
+            mb(m.pss),
+            mb(m.uss),
+            f"{m.rss / per:.0f}" if per else "",
+            f"{m.rss / hap.rss:.3f}x" if hap.rss else "n/a",
+            f"{m.pss / hap.pss:.3f}x" if hap.pss else "n/a",
+        )
 
     rows = [
         row(f"meta169 proxy, {n} listeners, after 1 request each", 1, res.proxy_loaded, n),
@@ -140,8 +159,19 @@ def report(res: RssResult) -> str:
     per_listener = (res.proxy_loaded.rss - res.proxy_one.rss) / max(1, n - 1)
     out = [
         f"### proxy memory for {n} namespaces (MB; sums over processes)\n",
-        table(("what", "processes", "RSS MB", "PSS MB", "USS MB", "RSS KB per namespace",
-               "RSS vs haproxy", "PSS vs haproxy"), rows),
+        table(
+            (
+                "what",
+                "processes",
+                "RSS MB",
+                "PSS MB",
+                "USS MB",
+                "RSS KB per namespace",
+                "RSS vs haproxy",
+                "PSS vs haproxy",
+            ),
+            rows,
+        ),
         "",
         f"meta169 proxy marginal cost per listener: {per_listener:.1f} KB RSS.",
         f"Target: meta169 proxy RSS for {n} namespaces < {TARGET_MB} MB: "

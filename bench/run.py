@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = BENCHES if args.which == "all" else (args.which,)
     facts = machine_facts()
     print(table(("machine", ""), list(facts.items())))
-    print(f"\nsettings: {settings.duration:g} s per run, {settings.repeats} runs per point (median), "
-          f"{settings.connections} connections, pinning {'on' if settings.pin else 'off'}")
+    print(
+        f"\nsettings: {settings.duration:g} s per run, {settings.repeats} runs per point (median), "
+        f"{settings.connections} connections, pinning {'on' if settings.pin else 'off'}"
+    )
     results: dict[str, Any] = {"machine": facts, "settings": _plain(settings)}
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="m169b-", dir=root))

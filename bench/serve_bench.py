@@ -84,8 +84,14 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
     work.mkdir(parents=True, exist_ok=True)
     sport, nport = free_port(), free_port()
     serve = start_serve(
-        settings, registry, [f"127.0.0.1:{sport}"], network=NETWORK, workers=layout.workers,
-        cpus=layout.server_cpus, cleanup=cleanup, log=work / "serve.log",
+        settings,
+        registry,
+        [f"127.0.0.1:{sport}"],
+        network=NETWORK,
+        workers=layout.workers,
+        cpus=layout.server_cpus,
+        cleanup=cleanup,
+        log=work / "serve.log",
     )
     # nginx gets serve's exact bytes and content type for every path.
     routes: dict[str, tuple[str, bytes]] = {}
@@ -105,13 +111,19 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
     pids = {"serve": serve.pid, "nginx": nginx.pid}
 
     def load(name: str, path: str, mode: str, duration: float) -> Series:
-        return Series([
-            run_wrk(
-                f"http://127.0.0.1:{servers[name]}{path}", duration=duration, connections=settings.connections,
-                threads=layout.wrk_threads, close=mode == "close", cpus=layout.wrk_cpus,
-                watch={"server": [pids[name]]},
-            )
-        ])
+        return Series(
+            [
+                run_wrk(
+                    f"http://127.0.0.1:{servers[name]}{path}",
+                    duration=duration,
+                    connections=settings.connections,
+                    threads=layout.wrk_threads,
+                    close=mode == "close",
+                    cpus=layout.wrk_cpus,
+                    watch={"server": [pids[name]]},
+                )
+            ]
+        )
 
     for name in servers:  # warm up: site cache, page cache, TCP state
         load(name, PATHS[0], "keep-alive", 1)
@@ -134,8 +146,10 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
                 flush=True,
             )
     mem_serve, mem_nginx = memory_tree(serve.pid), memory_tree(nginx.pid)
-    print(f"  memory after load: serve RSS {mem_serve.rss // 1024} MB (PSS {mem_serve.pss // 1024}), "
-          f"nginx RSS {mem_nginx.rss // 1024} MB (PSS {mem_nginx.pss // 1024})")
+    print(
+        f"  memory after load: serve RSS {mem_serve.rss // 1024} MB (PSS {mem_serve.pss // 1024}), "
+        f"nginx RSS {mem_nginx.rss // 1024} MB (PSS {mem_nginx.pss // 1024})"
+    )
     cleanup.run_now(nginx.stop)
     cleanup.run_now(serve.stop)
     return points
@@ -146,7 +160,9 @@ def report(points: list[Point]) -> str:
     for p in points:
         rows.append(
             (
-                p.layout, p.path, p.mode,
+                p.layout,
+                p.path,
+                p.mode,
                 p.serve.cell(),
                 p.nginx.cell(),
                 ratio(p.serve, p.nginx),
@@ -160,7 +176,20 @@ def report(points: list[Point]) -> str:
             )
         )
     return "### serve vs nginx (requests/s, median of runs)\n\n" + table(
-        ("procs", "path", "mode", "serve req/s", "nginx req/s", "serve/nginx", "target", "met",
-         "CPU us/req serve / nginx", "CPU-bound ratio", "p99 ms serve / nginx", "other load", "errors"),
+        (
+            "procs",
+            "path",
+            "mode",
+            "serve req/s",
+            "nginx req/s",
+            "serve/nginx",
+            "target",
+            "met",
+            "CPU us/req serve / nginx",
+            "CPU-bound ratio",
+            "p99 ms serve / nginx",
+            "other load",
+            "errors",
+        ),
         rows,
     )

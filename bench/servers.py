@@ -45,8 +45,9 @@ def _no_rate_limit(settings: Settings) -> tuple[str, ...]:
     """serve's per-instance rate limit would answer a load generator (one instance)
     429 after its burst; benchmarks measure the serving path, so it is turned off
     where the CLI has it."""
-    done = subprocess.run([str(settings.meta169), "serve", "--help"], capture_output=True, text=True, timeout=30,
-                          check=False)
+    done = subprocess.run(
+        [str(settings.meta169), "serve", "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
     return ("--rate-limit", "0") if "--rate-limit" in done.stdout else ()
 
 
@@ -86,7 +87,7 @@ def nginx_config(work: Path, port: int, workers: int, routes: Mapping[str, tuple
     and content type. Keep-alive is unlimited (``keepalive_requests``), as in serve."""
     tmp = work / "nginx-tmp"
     locations = b"".join(
-        b"        location = %s { default_type \"%s\"; return 200 %s; }\n"
+        b'        location = %s { default_type "%s"; return 200 %s; }\n'
         % (path.encode(), ctype.encode(), nginx_string(body))
         for path, (ctype, body) in routes.items()
     )
@@ -116,7 +117,12 @@ http {{
 
 
 def start_nginx(
-    work: Path, port: int, workers: int, routes: Mapping[str, tuple[str, bytes]], *, cleanup: Cleanup,
+    work: Path,
+    port: int,
+    workers: int,
+    routes: Mapping[str, tuple[str, bytes]],
+    *,
+    cleanup: Cleanup,
     cpus: str | None = None,
 ) -> Proc:
     work.mkdir(parents=True, exist_ok=True)
@@ -222,12 +228,13 @@ def start_haproxies(
 
     for netns, config, _ in configs:
         argv = ["ip", "netns", "exec", netns, *pinned(["haproxy", "-f", str(config)], cpus)]
-        running.append((netns, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE)))
+        running.append(
+            (netns, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        )
         reap(parallel)
     reap(0)
     pids = []
-    for (netns, _, pidfile) in configs:
+    for netns, _, pidfile in configs:
         deadline = time.monotonic() + 5
         pid = read_pid(pidfile)
         while pid is None and time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Suite-wide guards and capability checks.
+"""Suite-wide guards; the capability rule is :func:`tests.capabilities.require`.
 
 The network guard enforces the project's first safety rule inside the test process:
 from the host's network namespace nothing may connect to a non-loopback address
@@ -14,8 +14,6 @@ import os
 import socket
 from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 pytest_plugins = ["tests.harness.fixtures", "tests.integration.conftest_postgres"]
 
@@ -56,16 +54,6 @@ def _guarded(original: Callable[..., Any]) -> Callable[..., Any]:
 
 socket.socket.connect = _guarded(socket.socket.connect)  # type: ignore[method-assign]
 socket.socket.connect_ex = _guarded(socket.socket.connect_ex)  # type: ignore[method-assign]
-
-
-def require(capability: str, ok: bool, why: str) -> None:
-    """Skip when a capability is missing; under META169_REQUIRE_E2E=1, fail instead."""
-    if ok:
-        return
-    message = f"missing capability {capability}: {why}"
-    if os.environ.get("META169_REQUIRE_E2E") == "1":
-        pytest.fail(message + " (META169_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
-    pytest.skip(message)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -13,7 +13,8 @@ Package layout (each sub-package's docstring says what it owns):
 - ``doctor``     finds why a guest cannot reach its metadata
 - ``lab``        a real topology of network namespaces for tests and demos
 - ``client``     a small metadata client for guests and tests
-- ``admin``      inventory import and listing
+- ``inventory``  the YAML/JSON inventory: parse, export, import into a registry
+- ``admin``      the authenticated admin HTTP API
 - ``cli``        the thin command line over all of the above
 """
 

@@ -1,12 +1,6 @@
 """The ``meta169`` command line: a thin layer of click over programmatic functions.
 
-Exit codes (stable, documented in the README):
-
-- 0  success
-- 1  the command ran and found a problem (doctor findings of error severity)
-- 2  usage or configuration error (bad flag, unreadable file, invalid inventory)
-- 3  registry error (database unreachable, not found, conflict)
-- 4  runtime error in the network path (plumbing, lab, proxy)
+Exit codes and the mapping of the error tree onto them live in :mod:`meta169.exits`.
 """
 
 from __future__ import annotations
@@ -16,51 +10,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, cast
 
 import click
 
-from meta169.errors import (
-    ConfigError,
-    LabError,
-    Meta169Error,
-    NotFound,
-    PlumbingError,
-    ProxyError,
-    RegistryError,
-    ValidationError,
-)
-
-EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_USAGE = 2
-EXIT_REGISTRY = 3
-EXIT_RUNTIME = 4
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"meta169: error: {message}", err=True)
-    sys.exit(code)
-
-
-@contextmanager
-def cli_errors() -> Iterator[None]:
-    """Map the typed error tree to exit codes; the only broad catch is at the top."""
-    try:
-        yield
-    except (ConfigError, ValidationError) as exc:
-        fail(str(exc), EXIT_USAGE)
-    except NotFound as exc:
-        fail(str(exc), EXIT_REGISTRY)
-    except RegistryError as exc:
-        fail(f"registry: {exc}", EXIT_REGISTRY)
-    except (PlumbingError, LabError, ProxyError) as exc:
-        fail(str(exc), EXIT_RUNTIME)
-    except Meta169Error as exc:
-        fail(str(exc), EXIT_RUNTIME)
+from meta169.errors import ConfigError
+from meta169.exits import cli_errors
 
 
 class Ctx:
@@ -73,9 +30,7 @@ class Ctx:
 
         if self._registry_url:
             return self._registry_url
-        return default_registry_url(
-            euid=os.geteuid(), home=Path.home(), xdg_data_home=os.environ.get("XDG_DATA_HOME")
-        )
+        return default_registry_url(euid=os.geteuid(), home=Path.home(), xdg_data_home=os.environ.get("XDG_DATA_HOME"))
 
     def open_registry(self) -> Any:
         from meta169.registry import open_registry
@@ -144,29 +99,65 @@ def main(ctx: click.Context, registry_url: str | None, verbose: int) -> None:
 @click.option("--router", "router_id", metavar="ID", help="Identify callers by source IP on this router's networks.")
 @click.option("--proxy", "proxy_mode", is_flag=True, help="Trust identity stamped by meta169 proxy (Unix socket).")
 @click.option("--workers", default=1, show_default=True, help="Processes sharing the listeners.")
-@click.option("--vendor-data", "vendor_data_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON file of deployment-wide static vendor data.")
+@click.option(
+    "--vendor-data",
+    "vendor_data_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file of deployment-wide static vendor data.",
+)
 @click.option("--poll-interval", default=0.5, show_default=True, help="Seconds between registry change checks.")
-@click.option("--proxy-secret-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Shared secret (file, mode 0600) for proxy listeners on TCP.")
-@click.option("--neutron-secret-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Neutron's metadata_proxy_shared_secret (file, mode 0600), for =neutron listeners.")
-@click.option("--token-key-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="IMDSv2 token keys, ID:HEX per line, sealing key first (mode 0600). "
-              "Share it between nodes; default: a random key per start.")
-@click.option("--http-tokens", type=click.Choice(["optional", "required"]), default="optional", show_default=True,
-              help="Default IMDSv2 policy for instances that set none.")
-@click.option("--hop-limit", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Default IP TTL / hop limit of token replies.")
-@click.option("--rate-limit", default="50/300", show_default=True, metavar="RATE/BURST",
-              help="Per-instance requests per second and burst; 0 disables.")
-@click.option("--vendordata-dynamic", "vendordata_dynamic", multiple=True, metavar="NAME=URL",
-              help="POST each instance's facts to URL and serve the JSON reply as vendor_data2.json[NAME]. "
-              "Repeatable.")
-@click.option("--vendordata-timeout", default=2.0, show_default=True,
-              help="Seconds to wait for each --vendordata-dynamic target.")
-@click.option("--identity-key-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Sign EC2 identity documents with this directory's key (meta169 identity init).")
+@click.option(
+    "--proxy-secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Shared secret (file, mode 0600) for proxy listeners on TCP.",
+)
+@click.option(
+    "--neutron-secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Neutron's metadata_proxy_shared_secret (file, mode 0600), for =neutron listeners.",
+)
+@click.option(
+    "--token-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="IMDSv2 token keys, ID:HEX per line, sealing key first (mode 0600). "
+    "Share it between nodes; default: a random key per start.",
+)
+@click.option(
+    "--http-tokens",
+    type=click.Choice(["optional", "required"]),
+    default="optional",
+    show_default=True,
+    help="Default IMDSv2 policy for instances that set none.",
+)
+@click.option(
+    "--hop-limit",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Default IP TTL / hop limit of token replies.",
+)
+@click.option(
+    "--rate-limit",
+    default="50/300",
+    show_default=True,
+    metavar="RATE/BURST",
+    help="Per-instance requests per second and burst; 0 disables.",
+)
+@click.option(
+    "--vendordata-dynamic",
+    "vendordata_dynamic",
+    multiple=True,
+    metavar="NAME=URL",
+    help="POST each instance's facts to URL and serve the JSON reply as vendor_data2.json[NAME]. Repeatable.",
+)
+@click.option(
+    "--vendordata-timeout", default=2.0, show_default=True, help="Seconds to wait for each --vendordata-dynamic target."
+)
+@click.option(
+    "--identity-key-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Sign EC2 identity documents with this directory's key (meta169 identity init).",
+)
 @pass_ctx
 def serve(
     obj: Ctx,
@@ -188,12 +179,13 @@ def serve(
     identity_key_dir: Path | None,
 ) -> None:
     """Serve the OpenStack and EC2 metadata trees."""
-    from meta169.api.identity import Binding
+    from meta169.api.config import ServeConfig
     from meta169.api.server import run
     from meta169.api.tokens import load_key_ring
     from meta169.api.vendordata import DynamicTarget
-    from meta169.config import ListenerSpec, ServeConfig, parse_listen, read_secret_file
+    from meta169.http.listen import Binding, ListenerSpec, parse_listen
     from meta169.model import MetadataOptions
+    from meta169.secretfile import read_secret_file
 
     with cli_errors():
         default: Binding | None = None
@@ -272,7 +264,7 @@ def _parse_rate(text: str) -> Any:
 
 
 def _parse_binding(text: str) -> Any:
-    from meta169.api.identity import Binding
+    from meta169.http.listen import Binding
 
     kind, _, ident = text.partition(":")
     if kind == "proxy" and not ident:
@@ -291,17 +283,36 @@ def _parse_binding(text: str) -> Any:
 
 @main.command()
 @click.option("--upstream", required=True, metavar="unix:PATH|HOST:PORT", help="Where meta169 serve listens.")
-@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Shared secret for a TCP upstream (file, mode 0600); required for TCP.")
-@click.option("--listeners", "listener_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML/JSON file of listeners, re-read every second.")
-@click.option("--from-registry", is_flag=True,
-              help="Derive listeners from the registry: qrouter-ID:9697 per router, "
-              "qdhcp-ID 169.254.169.254:80 per network without a router (namespaces that exist).")
-@click.option("--listen", "listens", multiple=True, metavar="[NETNS/]ADDR:PORT=network:ID|router:ID",
-              help="A static listener. Repeatable.")
-@click.option("--upstream-timeout", default=10.0, show_default=True,
-              help="Seconds to wait for serve's reply before answering the guest 504.")
+@click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Shared secret for a TCP upstream (file, mode 0600); required for TCP.",
+)
+@click.option(
+    "--listeners",
+    "listener_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML/JSON file of listeners, re-read every second.",
+)
+@click.option(
+    "--from-registry",
+    is_flag=True,
+    help="Derive listeners from the registry: qrouter-ID:9697 per router, "
+    "qdhcp-ID 169.254.169.254:80 per network without a router (namespaces that exist).",
+)
+@click.option(
+    "--listen",
+    "listens",
+    multiple=True,
+    metavar="[NETNS/]ADDR:PORT=network:ID|router:ID",
+    help="A static listener. Repeatable.",
+)
+@click.option(
+    "--upstream-timeout",
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for serve's reply before answering the guest 504.",
+)
 @pass_ctx
 def proxy(
     obj: Ctx,
@@ -321,7 +332,7 @@ def proxy(
         spec = dataclasses.replace(parse_upstream(upstream), reply_timeout=upstream_timeout)
         secret = None
         if secret_file is not None:
-            from meta169.config import read_secret_file
+            from meta169.secretfile import read_secret_file
 
             secret = read_secret_file(secret_file, what="--secret-file")
         elif spec.is_tcp:
@@ -340,10 +351,20 @@ def proxy(
 
 
 @main.command("admin")
-@click.option("--listen", "listen", default="127.0.0.1:8776", show_default=True, metavar="HOST:PORT",
-              help="Where the admin API listens: loopback or a management network, never a tenant network.")
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Bearer token (file, mode 0600, at least 16 bytes).")
+@click.option(
+    "--listen",
+    "listen",
+    default="127.0.0.1:8776",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where the admin API listens: loopback or a management network, never a tenant network.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Bearer token (file, mode 0600, at least 16 bytes).",
+)
 @pass_ctx
 def admin(obj: Ctx, listen: str, token_file: Path) -> None:
     """Serve the authenticated admin API (list, show, create, update, delete, import)."""
@@ -351,8 +372,9 @@ def admin(obj: Ctx, listen: str, token_file: Path) -> None:
     import signal
 
     from meta169.admin.api import start_admin
-    from meta169.api.server import loop_factory
-    from meta169.config import parse_listen, read_secret_file
+    from meta169.http.listen import parse_listen
+    from meta169.http.loop import loop_factory
+    from meta169.secretfile import read_secret_file
 
     with cli_errors():
         token = read_secret_file(token_file, what="--token-file")
@@ -391,7 +413,7 @@ def admin(obj: Ctx, listen: str, token_file: Path) -> None:
 @pass_ctx
 def import_(obj: Ctx, files: tuple[Path, ...]) -> None:
     """Load YAML or JSON inventory files (idempotent: re-import updates)."""
-    from meta169.admin.inventory import apply_inventory, format_import_report, load_inventory
+    from meta169.inventory import apply_inventory, format_import_report, load_inventory
 
     with cli_errors():
         inventories = [load_inventory(f) for f in files]  # validate all before writing any
@@ -435,14 +457,47 @@ def instance_list(obj: Ctx, as_json: bool) -> None:
     _with_registry(obj, body)
 
 
+@main.command("export")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), help="Default: by -o's extension, else yaml.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE, not stdout.")
+@pass_ctx
+def export(obj: Ctx, fmt: str | None, output: Path | None) -> None:
+    """Write the whole registry as an inventory that import accepts unchanged."""
+    from meta169.inventory import Format, dump_inventory, export_inventory, save_inventory
+
+    def body(registry: Any) -> None:
+        inventory = export_inventory(registry)
+        if output is None:
+            click.echo(dump_inventory(inventory, cast(Format, fmt or "yaml")), nl=False)
+        else:
+            save_inventory(inventory, output, cast(Format | None, fmt))
+
+    _with_registry(obj, body)
+
+
 @instance.command("show")
 @click.argument("uuid")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "inventory"]),
+    default="json",
+    show_default=True,
+    help="inventory: a YAML document that import accepts.",
+)
 @pass_ctx
-def instance_show(obj: Ctx, uuid: str) -> None:
-    """Everything the registry holds for one instance, as JSON."""
-    from meta169.admin.inventory import instance_to_dict
+def instance_show(obj: Ctx, uuid: str, fmt: str) -> None:
+    """Everything the registry holds for one instance, in inventory form."""
+    from meta169.inventory import Inventory, dump_inventory, instance_to_dict
 
-    _with_registry(obj, lambda r: click.echo(json.dumps(instance_to_dict(r.get_instance(uuid)), indent=2)))
+    def body(registry: Any) -> None:
+        found = registry.get_instance(uuid)
+        if fmt == "inventory":
+            click.echo(dump_inventory(Inventory(instances=(found,))), nl=False)
+        else:
+            click.echo(json.dumps(instance_to_dict(found), indent=2))
+
+    _with_registry(obj, body)
 
 
 @instance.command("rm")
@@ -472,9 +527,7 @@ def network_list(obj: Ctx, as_json: bool) -> None:
 
     def body(registry: Any) -> None:
         nets = registry.list_networks()
-        rows = [
-            {"id": n.id, "project_id": n.project_id, "subnets": [str(s.cidr) for s in n.subnets]} for n in nets
-        ]
+        rows = [{"id": n.id, "project_id": n.project_id, "subnets": [str(s.cidr) for s in n.subnets]} for n in nets]
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return

@@ -261,9 +261,6 @@ class Instance:
     def primary_port(self) -> Port | None:
         return min(self.ports, key=lambda p: p.device_number) if self.ports else None
 
-    def ips_on(self, network_id: str) -> tuple[IPAddress, ...]:
-        return tuple(ip for p in self.ports if p.network_id == network_id for ip in p.ips)
-
 
 def _hostname_from(name: str) -> str:
     # Nova sanitizes display names into hostnames the same way

@@ -4,7 +4,7 @@ Every test here runs inside namespaces it creates (``m169t-<random>-<n>``), link
 to each other by veths and never to the host namespace. Namespaces are deleted
 after the test, also when it fails, after any process still running inside them
 (ours: dnsmasq, dhclient) has been stopped by PID. Missing root or tools skip the
-test, or fail it under META169_REQUIRE_E2E=1 (see ``tests.conftest.require``).
+test, or fail it under META169_REQUIRE_E2E=1 (see ``tests.capabilities.require``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from meta169.errors import CommandFailed
 from meta169.plumbing import netns as nsmod
 from meta169.plumbing.command import run
-from tests.conftest import require
+from tests.capabilities import require
 from tests.e2e.lab_fixture import lab  # noqa: F401  (fixture: one meta169 lab per module)
 
 NETNS_PREFIX = "m169t-"

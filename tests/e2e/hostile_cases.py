@@ -1,4 +1,4 @@
-"""Issue 5's hostile suite as data, and the lab helpers it shares with the IMDSv2 tests.
+"""The hostile suite as data, and the lab helpers it shares with the IMDSv2 tests.
 
 The tables say what a hostile guest (or a forger on the host who lacks a secret)
 sends and which exact status it must get; ``test_hostile_lab.py`` runs them against
@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import cast
 
+from meta169.http.stamp import sign
 from meta169.lab import Lab
 from meta169.lab import plan as lp
 from meta169.lab.plan import VMPlan
 from meta169.model import Caller, Instance, MetadataOptions
-from meta169.proxy.stamp import sign
 from meta169.registry import open_registry
 from tests.e2e.lab_fixture import METADATA_V4, METADATA_V6, vm_request
 

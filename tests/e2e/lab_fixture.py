@@ -28,7 +28,7 @@ import pytest
 
 from meta169.errors import LabError
 from meta169.lab import Lab, LabConfig, check_prerequisites
-from tests.conftest import require
+from tests.capabilities import require
 
 METADATA_V4 = "169.254.169.254"
 METADATA_V6 = "fe80::a9fe:a9fe"

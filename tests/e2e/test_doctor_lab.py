@@ -1,4 +1,4 @@
-"""Issue 4, done-when 2: every lab fault, diagnosed by the right doctor and healed by its fix.
+"""Every lab fault, diagnosed by the right doctor and healed by its fix.
 
 For each row of :data:`meta169.lab.faults.FAULTS`: ``lab break`` it, run the guest
 doctor inside the VM and the host doctor for that VM (both as the real CLI, with the
@@ -25,7 +25,7 @@ import pytest
 
 from meta169.lab import Lab
 from meta169.lab import faults as lf
-from meta169.lab.lab import FAMILIES
+from meta169.lab.network import FAMILIES
 from meta169.plumbing import iptables
 from meta169.plumbing.command import run
 

@@ -1,4 +1,4 @@
-"""Issue 5, done-when 2: the hostile suite, run against a real lab.
+"""The hostile suite, run against a real lab.
 
 Guests (lab VMs) attack through the real path: option 121 route, the router's
 REDIRECT or the isolated DHCP namespace, ``meta169 proxy``, ``meta169 serve`` and the
@@ -79,7 +79,7 @@ def forgeable(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fo
         yield Forgeable(srv.addresses[0], proxy_secret, srv.addresses[1], neutron_secret)
     finally:
         log = srv.stop()
-        # Secrets hygiene (issue 5): never in serve's log, even after refusing forgeries.
+        # Secrets never reach serve's log, even after it refused forgeries.
         assert proxy_secret.decode() not in log and neutron_secret.decode() not in log
 
 
@@ -141,7 +141,7 @@ def test_hostile_expired_token(lab: Lab) -> None:
 
 def test_hostile_slowloris(lab: Lab) -> None:
     # One header line a second, never the blank line: the proxy must answer 408 once
-    # its request timeout (10 s, api.http.Limits) is up, and close.
+    # its request timeout (10 s, http.limits.Limits) is up, and close.
     head = hc.request_bytes("GET", hc.ID_PATH).split(b"Connection")[0]
     trickle = (head, *(b"X-Slow-%d: a\r\n" % i for i in range(30)))
     reply = hc.vm_raw(lab, "b2", trickle, pause=1.0, timeout=5)

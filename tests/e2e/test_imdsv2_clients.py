@@ -1,4 +1,4 @@
-"""Issue 5, done-when 1: real IMDSv2 clients from lab VMs with ``http_tokens: required``.
+"""Real IMDSv2 clients from lab VMs with ``http_tokens: required``.
 
 Every VM's registry entry is switched to ``required`` (through the lab's registry,
 as an operator would), with its own availability zone and region so each answer

@@ -1,10 +1,10 @@
-"""Issue 5, done-when 4: the token reply leaves with IP TTL = the instance's hop limit.
+"""The token reply leaves with IP TTL = the instance's hop limit.
 
 Proof by capture: tcpdump inside the VM's namespace records the packets the
 metadata address sends to the VM; the one carrying the token must have TTL (IPv4)
 or hop limit (IPv6) equal to ``http_put_response_hop_limit``, and an ordinary reply
 the kernel's default 64. The proxy sets it on the guest-facing socket after serve
-asks for it (api/metadata.py HDR_HOP_LIMIT, proxy/server.py, api/http.py _set_ttl).
+asks for it (api/metadata.py HDR_HOP_LIMIT, proxy/server.py, http/protocol.py _set_ttl).
 
 Then one hop further: a "container" namespace routed behind a VM (veth, forwarding
 and MASQUERADE in the VM, as Docker does). With hop limit 1 the token reply dies in

@@ -1,4 +1,4 @@
-"""Issue 3, done-when 5 (and the CLI): ``meta169 lab`` up, status, exec and down leave nothing.
+"""``meta169 lab`` up, status, exec and down, from the CLI and from Python, leave nothing.
 
 "Nothing" is checked from outside: no namespace with the lab's prefix
 (``ip netns list``), no process whose arguments name a file of its state directory

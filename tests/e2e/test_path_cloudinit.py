@@ -1,4 +1,4 @@
-"""Issue 3, done-when 1: cloud-init 22.4.2's own datasources inside every lab VM.
+"""cloud-init 22.4.2's own datasources inside every lab VM.
 
 Each run is the whole real path: the VM's dhclient lease and option 121 route, the
 router's REDIRECT (tenant a) or the DHCP namespace's 169.254.169.254 (tenant b), the

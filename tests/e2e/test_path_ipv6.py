@@ -1,4 +1,4 @@
-"""Issue 3, done-when 2: the metadata path over IPv6 link-local, fe80::a9fe:a9fe.
+"""The metadata path over IPv6 link-local, fe80::a9fe:a9fe.
 
 Routed VM (a1): the router namespace owns fe80::a9fe:a9fe on its leg, so it answers
 the guest's neighbour solicitation, and ip6tables REDIRECTs port 80 to the proxy on

@@ -1,4 +1,4 @@
-"""Issue 3, done-when 3: guests cannot reach the proxy port directly, nor claim another identity.
+"""Guests cannot reach the proxy port directly, nor claim another identity.
 
 The router's filter INPUT rules accept port 9697 only for packets the mangle rule
 marked on their way to 169.254.169.254:80 (the REDIRECT), and drop the rest

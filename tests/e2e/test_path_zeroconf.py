@@ -1,6 +1,6 @@
-"""Issue 3, done-when 4: the seed's fault, reproduced in a routed lab VM, and its cure.
+"""The seed's fault, reproduced in a routed lab VM, and its cure.
 
-The seed (BRIEF section 1): CentOS's ifup-eth adds ``169.254.0.0/16 dev eth0 scope
+The seed's guest: CentOS's ifup-eth adds ``169.254.0.0/16 dev eth0 scope
 link metric 1002``; without a more specific route the guest treats 169.254.169.254
 as on-link and ARPs for it, nobody on the wire owns it in router mode (the router
 only REDIRECTs), and curl reports "couldn't connect to host". With option 121's
@@ -18,7 +18,7 @@ import pytest
 
 from meta169.lab import Lab
 from meta169.lab import plan as lp
-from meta169.lab.lab import route_get
+from meta169.lab.network import route_get
 from tests.e2e.lab_fixture import METADATA_V4, vm_request
 
 pytestmark = pytest.mark.e2e

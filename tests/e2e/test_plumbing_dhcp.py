@@ -1,6 +1,6 @@
 """Real dnsmasq serving real dhclient across a veth, both in namespaces the test made.
 
-The network is the issue's example: net-a 10.0.0.0/24, gateway 10.0.0.1, DNS
+The network is examples/inventory.yaml's: net-a 10.0.0.0/24, gateway 10.0.0.1, DNS
 10.0.0.2, DHCP port 10.0.0.3, instance web-1 fa:16:3e:00:00:05 -> 10.0.0.5.
 dhclient runs with our script, config, lease and pid files only.
 """
@@ -51,9 +51,7 @@ def _tools(require_tools: Callable[..., None]) -> None:
     require_tools("dnsmasq", "dhclient")
 
 
-def _segment(
-    netns: Callable[[], str], veth: Callable[..., tuple[str, str]]
-) -> tuple[str, str, str, str]:
+def _segment(netns: Callable[[], str], veth: Callable[..., tuple[str, str]]) -> tuple[str, str, str, str]:
     dhcp_ns, vm_ns = netns(), netns()
     dhcp_if, vm_if = veth(dhcp_ns, vm_ns, mac_b=MAC)
     nsmod.add_address(dhcp_ns, dhcp_if, ipaddress.ip_interface("10.0.0.3/24"))

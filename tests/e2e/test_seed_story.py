@@ -1,4 +1,4 @@
-"""Issue 4, done-when 3: the seed's day, as one test (BRIEF section 1).
+"""The seed's day, as one test: a guest that lost its metadata, diagnosed and cured.
 
 A CentOS 6 guest behind a Neutron router: ``ifup-eth`` added ``169.254.0.0/16 dev
 eth0 scope link metric 1002`` and nothing pushed a /32, so the guest ARPed for

@@ -109,9 +109,7 @@ def destination_allowed(host: str, allowed: Sequence[IPNetwork]) -> bool:
 
 def _guard_violation(what: str, allowed: Sequence[IPNetwork]) -> NoReturn:
     nets = ", ".join(str(n) for n in allowed)
-    sys.stderr.write(
-        f"ci_driver: NETWORK GUARD refused {what} (allowed: {nets}); nothing was sent. Exiting.\n"
-    )
+    sys.stderr.write(f"ci_driver: NETWORK GUARD refused {what} (allowed: {nets}); nothing was sent. Exiting.\n")
     sys.stderr.flush()
     os._exit(EXIT_GUARD)
 
@@ -394,11 +392,7 @@ def build_datasource(ci: CloudInit, opts: Options, workdir: Path) -> Any:
         }
     )
     distro = ci.distros.fetch("debian")("debian", {}, paths)
-    ds_cls = (
-        ci.ds_openstack.DataSourceOpenStack
-        if opts.source == "openstack"
-        else (ci.ds_ec2.DataSourceEc2)
-    )
+    ds_cls = ci.ds_openstack.DataSourceOpenStack if opts.source == "openstack" else (ci.ds_ec2.DataSourceEc2)
     ds_cfg: dict[str, Any] = {
         "metadata_urls": [opts.url],
         "timeout": opts.timeout,
@@ -525,9 +519,7 @@ def collect(ci: CloudInit, ds: Any, opts: Options) -> tuple[dict[str, Any], dict
                 "files": lambda: ds.files,
                 "known_macs": lambda: known,
                 # convert_net_json updates the services dicts in place: give it a copy.
-                "network_config": lambda: ci.openstack.convert_net_json(
-                    copy.deepcopy(network_json), known_macs=known
-                ),
+                "network_config": lambda: ci.openstack.convert_net_json(copy.deepcopy(network_json), known_macs=known),
             }
         )
     else:
@@ -621,8 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     if report["cloudinit_version"] != CLOUDINIT_VERSION:
         print(
-            f"ci_driver: expected cloud-init {CLOUDINIT_VERSION}, "
-            f"got {report['cloudinit_version']}",
+            f"ci_driver: expected cloud-init {CLOUDINIT_VERSION}, got {report['cloudinit_version']}",
             file=sys.stderr,
         )
         return EXIT_USAGE

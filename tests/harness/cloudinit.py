@@ -15,14 +15,13 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
-import pytest
+from tests.capabilities import require
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FETCH_SCRIPT = REPO_ROOT / "scripts" / "fetch-cloud-init"
 DRIVER = Path(__file__).resolve().with_name("ci_driver.py")
-REQUIRE_ENV = "META169_REQUIRE_E2E"
 CACHE_ENV = "META169_CACHE"
 # Driver exit codes (ci_driver.py).
 EXIT_DATASOURCE_FAILED = 1
@@ -30,12 +29,6 @@ EXIT_GUARD = 3
 _STDERR_TAIL = 12_000
 
 Source = Literal["openstack", "ec2"]
-
-
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"cloud-init 22.4.2 is required ({REQUIRE_ENV}=1) but {reason}")
-    pytest.skip(f"cloud-init 22.4.2 not available: {reason}")
 
 
 @functools.cache
@@ -66,7 +59,7 @@ def cloudinit_path() -> Path:
     """
     path, reason = _fetch()
     if path is None:
-        _unavailable(reason)
+        require("cloud-init 22.4.2", False, reason)
     return path
 
 
@@ -153,14 +146,10 @@ def run_datasource(
     )
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=env, check=False
-        )
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        raise AssertionError(
-            f"cloud-init driver timed out after {timeout}s: {argv}\n{err[-_STDERR_TAIL:]}"
-        ) from exc
+        raise AssertionError(f"cloud-init driver timed out after {timeout}s: {argv}\n{err[-_STDERR_TAIL:]}") from exc
     report: dict[str, Any] | None = None
     if proc.returncode in (0, EXIT_DATASOURCE_FAILED) and proc.stdout.strip():
         report = json.loads(proc.stdout)

@@ -12,9 +12,10 @@ Register it from tests/conftest.py with ``pytest_plugins``. Fixtures:
   a SQLite file and a PostgreSQL database (marked ``postgres``), for tests that
   must hold on both.
 
-Missing server binaries skip the test, or fail it when META169_REQUIRE_E2E=1 (CI
-turns every skip for a missing capability into a failure). PostgreSQL refuses to
-run as root, so as root the server runs as the 'postgres' user (or 'nobody').
+Missing server binaries skip the test, or fail it when META169_REQUIRE_E2E=1
+(:func:`tests.capabilities.require`). PostgreSQL refuses to run as root, so as
+root the server runs as the 'postgres' user (or 'nobody'); with neither, that is a
+missing capability too.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
+
+from tests.capabilities import require
 
 _BINARIES = ("initdb", "pg_ctl", "postgres")
 _SUPERUSER = "meta169"
@@ -63,12 +66,6 @@ class PostgresServer:
 
     def conninfo(self, database: str) -> str:
         return f"host={self.host} port={self.port} user={_SUPERUSER} dbname={database}"
-
-
-def _missing(reason: str) -> NoReturn:
-    if os.environ.get("META169_REQUIRE_E2E") == "1":
-        pytest.fail(f"{reason} (META169_REQUIRE_E2E=1 turns this skip into a failure)")
-    pytest.skip(reason)
 
 
 def find_postgres_bindir() -> Path | None:
@@ -107,7 +104,7 @@ def _run_as() -> dict[str, Any]:
         except KeyError:
             continue
         return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    pytest.fail("running as root and neither a 'postgres' nor a 'nobody' user exists")
+    require("PostgreSQL as root", False, "neither a 'postgres' nor a 'nobody' user exists to run the server as")
 
 
 def _run(argv: list[str], cwd: Path, drop: dict[str, Any]) -> None:
@@ -182,7 +179,7 @@ def _stop(bindir: Path, root: Path, drop: dict[str, Any]) -> None:
 def postgres_server() -> Iterator[PostgresServer]:
     bindir = find_postgres_bindir()
     if bindir is None:
-        _missing("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found")
+        require("PostgreSQL", False, "server binaries (initdb, pg_ctl, postgres) not found")
     drop = _run_as()
     # Not under pytest's tmp dirs: those are 0700 root and the server user must
     # reach its socket and data dirs.

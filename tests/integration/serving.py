@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meta169.api.identity import Binding
+from meta169.api.config import ServeConfig
 from meta169.api.server import RunningServer, start
-from meta169.config import ListenAddress, ServeConfig
+from meta169.http.listen import Binding, ListenAddress
 from meta169.model import parse_ip
 from meta169.proxy.server import ProxyListener, ProxyServer
 from meta169.proxy.upstream import Upstream

@@ -117,3 +117,22 @@ def test_admin_import_and_networks(admin: tuple[tuple[str, int], str]) -> None:
 def test_admin_unknown_route_and_method(admin: tuple[tuple[str, int], str]) -> None:
     assert get(admin[0], "/v1/nothing", headers=_auth())[0] == 404
     assert get(admin[0], "/v1/networks", method="DELETE", headers=_auth())[0] == 405
+
+
+def test_admin_get_then_put_keeps_architecture_and_port_id(admin: tuple[tuple[str, int], str]) -> None:
+    """Regression: GET dropped ``architecture`` and the port ``id``, so a GET -> PUT round
+    trip reset the architecture to x86_64 and replaced the port id with a MAC-derived one."""
+    addr, _ = admin
+    explicit = {
+        **INSTANCE,
+        "architecture": "aarch64",
+        "ports": [{**INSTANCE["ports"][0], "id": "port-explicit"}],  # type: ignore[index]
+    }
+    status, _, _ = get(addr, f"/v1/instances/{UUID}", method="PUT", headers=_auth(), body=json.dumps(explicit).encode())
+    assert status == 201
+    first = get(addr, f"/v1/instances/{UUID}", headers=_auth())[2]
+    shown = json.loads(first)
+    assert (shown["architecture"], shown["ports"][0]["id"]) == ("aarch64", "port-explicit")
+    status, _, _ = get(addr, f"/v1/instances/{UUID}", method="PUT", headers=_auth(), body=first)
+    assert status == 200
+    assert get(addr, f"/v1/instances/{UUID}", headers=_auth())[2] == first

@@ -1,4 +1,4 @@
-"""The real client: cloud-init 22.4.2's own datasources against ``meta169 serve`` (issue 2)."""
+"""The real client: cloud-init 22.4.2's own datasources against ``meta169 serve``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ UUID = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly ops@example"
 USER_DATA = "#cloud-config\nhostname: web-1\n"
 
-# The issue's inventory, with the port moved onto loopback: cloud-init connects from
+# examples/inventory.yaml, with the port moved onto loopback: cloud-init connects from
 # 127.0.0.1, and the server identifies it by that source address.
 INVENTORY = f"""
 networks:

@@ -1,4 +1,4 @@
-"""Fuzz: malformed HTTP and hostile paths at serve and at the proxy (issue 5).
+"""Fuzz: malformed HTTP and hostile paths at serve and at the proxy.
 
 Each example is sent over a real loopback connection. The server must answer with a
 well-formed status line that is never 500, or close the connection, within a bound;
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meta169.api.identity import Binding
-from meta169.config import ListenAddress, ListenerSpec, ServeConfig
+from meta169.api.config import ServeConfig
+from meta169.http.listen import Binding, ListenAddress, ListenerSpec
 from meta169.model import Instance, Network, Port, Subnet, parse_ip, parse_network
 from meta169.proxy.upstream import Upstream, UpstreamSpec
 from meta169.registry.memory import MemoryRegistry
@@ -92,9 +92,7 @@ def _check(addr: tuple[str, int], payload: bytes) -> None:
 
 
 METHODS = st.sampled_from(["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT", "G\x00T"])
-SEGMENT = st.text(
-    alphabet=st.characters(codec="latin-1", exclude_characters="\r\n "), min_size=0, max_size=12
-)
+SEGMENT = st.text(alphabet=st.characters(codec="latin-1", exclude_characters="\r\n "), min_size=0, max_size=12)
 PATH = st.one_of(
     st.lists(SEGMENT, max_size=6).map(lambda parts: "/" + "/".join(parts)),
     st.sampled_from(

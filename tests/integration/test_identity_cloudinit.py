@@ -1,6 +1,6 @@
 """cloud-init 22.4.2's EC2 datasource (IMDSv2 path) against a ``serve`` that signs
 identity documents: it fetches every name listed under dynamic/instance-identity/, so
-the three signature leaves must not disturb it (issue 5, item 4)."""
+the three signature leaves must not disturb it."""
 
 from __future__ import annotations
 

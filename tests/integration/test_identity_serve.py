@@ -1,5 +1,6 @@
 """Signed identity documents from a real ``meta169 serve``, checked by our CLI and by
-the ``openssl`` commands the EC2 user guide gives guests (issue 5, item 4)."""
+the ``openssl`` commands the EC2 user guide gives guests ("Verify the instance identity
+document")."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.capabilities import require
 from tests.integration.serving import ServeProcess, get, meta169_argv, run_cli, start_serve
 
 UUID = "11111111-1111-4111-8111-111111111111"
@@ -30,7 +32,12 @@ instances:
 BASE = "/latest/dynamic/instance-identity/"
 FORMS = ("document", "pkcs7", "rsa2048", "signature")
 OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
+needs_openssl = pytest.mark.usefixtures("openssl_cli")
+
+
+@pytest.fixture(scope="module")
+def openssl_cli() -> None:
+    require("openssl", OPENSSL is not None, "the EC2 user guide's verification commands run the openssl CLI")
 
 
 @dataclass
@@ -94,11 +101,16 @@ def test_identity_serve_lists_every_form_and_serves_each(served: Served) -> None
 def test_identity_serve_cli_verify_accepts_what_serve_signed(registry_url: str, served: Served) -> None:
     files = served.files
     result = _verify(
-        registry_url, files,
-        "--document", str(files / "document"),
-        "--signature", str(files / "signature"),
-        "--pkcs7", str(files / "pkcs7"),
-        "--rsa2048", str(files / "rsa2048"),
+        registry_url,
+        files,
+        "--document",
+        str(files / "document"),
+        "--signature",
+        str(files / "signature"),
+        "--pkcs7",
+        str(files / "pkcs7"),
+        "--rsa2048",
+        str(files / "rsa2048"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(": OK:") == 3
@@ -112,10 +124,14 @@ def test_identity_serve_cli_verify_rejects_a_modified_document(
     assert forged != (served.files / "document").read_bytes()
     (tmp_path / "document").write_bytes(forged)
     result = _verify(
-        registry_url, served.files,
-        "--document", str(tmp_path / "document"),
-        "--signature", str(served.files / "signature"),
-        "--pkcs7", str(served.files / "pkcs7"),
+        registry_url,
+        served.files,
+        "--document",
+        str(tmp_path / "document"),
+        "--signature",
+        str(served.files / "signature"),
+        "--pkcs7",
+        str(served.files / "pkcs7"),
     )
     assert result.returncode == 1
     assert "signature: FAILED" in result.stdout and "pkcs7: FAILED" in result.stdout
@@ -127,9 +143,18 @@ def test_identity_serve_cli_verify_rejects_another_operators_cert(
     run_cli(registry_url, "identity", "init", "--dir", str(tmp_path / "other"))
     files = served.files
     result = run_cli(
-        registry_url, "identity", "verify", "--cert", str(tmp_path / "other" / "identity-cert.pem"),
-        "--document", str(files / "document"), "--signature", str(files / "signature"),
-        "--pkcs7", str(files / "pkcs7"), check=False,
+        registry_url,
+        "identity",
+        "verify",
+        "--cert",
+        str(tmp_path / "other" / "identity-cert.pem"),
+        "--document",
+        str(files / "document"),
+        "--signature",
+        str(files / "signature"),
+        "--pkcs7",
+        str(files / "pkcs7"),
+        check=False,
     )
     assert result.returncode == 1, result.stdout
 
@@ -141,8 +166,9 @@ def test_identity_serve_openssl_dgst_accepts_signature(served: Served, tmp_path:
     pub = _openssl("x509", "-pubkey", "-noout", "-in", str(files / "cert.pem"), "-out", "pub.pem", cwd=tmp_path)
     assert pub.returncode == 0, pub.stderr
     (tmp_path / "sig.bin").write_bytes(_b64decode(files / "signature"))
-    ok = _openssl("dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.bin", str(files / "document"),
-                  cwd=tmp_path)
+    ok = _openssl(
+        "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.bin", str(files / "document"), cwd=tmp_path
+    )
     assert ok.returncode == 0 and b"Verified OK" in ok.stdout, ok.stderr
     (tmp_path / "forged").write_bytes((files / "document").read_bytes() + b" ")
     bad = _openssl("dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.bin", "forged", cwd=tmp_path)
@@ -158,17 +184,44 @@ def test_identity_serve_openssl_smime_accepts_pkcs7(served: Served, tmp_path: Pa
     armoured = b"-----BEGIN PKCS7-----\n" + (files / form).read_bytes() + b"\n-----END PKCS7-----\n"
     (tmp_path / "p7.pem").write_bytes(armoured)
     cert = str(files / "cert.pem")
-    out = _openssl("smime", "-verify", "-in", "p7.pem", "-inform", "PEM", "-certfile", cert, "-nointern",
-                   "-noverify", cwd=tmp_path)
+    out = _openssl(
+        "smime", "-verify", "-in", "p7.pem", "-inform", "PEM", "-certfile", cert, "-nointern", "-noverify", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert b"Verification successful" in out.stderr
     assert out.stdout == (files / "document").read_bytes()
     # the certificate also works as the trust anchor, without -noverify
-    anchored = _openssl("smime", "-verify", "-in", "p7.pem", "-inform", "PEM", "-certfile", cert, "-nointern",
-                        "-CAfile", cert, "-purpose", "any", cwd=tmp_path)
+    anchored = _openssl(
+        "smime",
+        "-verify",
+        "-in",
+        "p7.pem",
+        "-inform",
+        "PEM",
+        "-certfile",
+        cert,
+        "-nointern",
+        "-CAfile",
+        cert,
+        "-purpose",
+        "any",
+        cwd=tmp_path,
+    )
     assert anchored.returncode == 0, anchored.stderr
-    cms = _openssl("cms", "-verify", "-in", "p7.pem", "-inform", "PEM", "-certfile", cert, "-nointern",
-                   "-noverify", "-binary", cwd=tmp_path)
+    cms = _openssl(
+        "cms",
+        "-verify",
+        "-in",
+        "p7.pem",
+        "-inform",
+        "PEM",
+        "-certfile",
+        cert,
+        "-nointern",
+        "-noverify",
+        "-binary",
+        cwd=tmp_path,
+    )
     assert cms.returncode == 0 and cms.stdout == out.stdout, cms.stderr
 
 
@@ -177,8 +230,19 @@ def test_identity_serve_openssl_smime_rejects_another_cert(served: Served, tmp_p
     run_cli(registry_url, "identity", "init", "--dir", str(tmp_path / "other"))
     armoured = b"-----BEGIN PKCS7-----\n" + (served.files / "pkcs7").read_bytes() + b"\n-----END PKCS7-----\n"
     (tmp_path / "p7.pem").write_bytes(armoured)
-    out = _openssl("smime", "-verify", "-in", "p7.pem", "-inform", "PEM", "-nointern", "-noverify",
-                   "-certfile", str(tmp_path / "other" / "identity-cert.pem"), cwd=tmp_path)
+    out = _openssl(
+        "smime",
+        "-verify",
+        "-in",
+        "p7.pem",
+        "-inform",
+        "PEM",
+        "-nointern",
+        "-noverify",
+        "-certfile",
+        str(tmp_path / "other" / "identity-cert.pem"),
+        cwd=tmp_path,
+    )
     assert out.returncode != 0
     assert b"Verification successful" not in out.stderr
 
@@ -201,11 +265,29 @@ def test_identity_cli_verify_accepts_openssl_made_pkcs7(
     assert _openssl(*keygen, cwd=tmp_path).returncode == 0
     if keygen[1] == "-genparam":
         assert _openssl("genpkey", "-paramfile", "p.pem", "-out", "k.pem", cwd=tmp_path).returncode == 0
-    made = _openssl("req", "-x509", "-new", "-key", "k.pem", "-subj", "/CN=elsewhere", "-days", "1", "-out",
-                    "c.pem", cwd=tmp_path)
+    made = _openssl(
+        "req", "-x509", "-new", "-key", "k.pem", "-subj", "/CN=elsewhere", "-days", "1", "-out", "c.pem", cwd=tmp_path
+    )
     assert made.returncode == 0, made.stderr
-    signed = _openssl("smime", "-sign", "-in", str(served.files / "document"), "-signer", "c.pem", "-inkey", "k.pem",
-                      "-md", digest, "-nodetach", "-binary", "-outform", "PEM", "-out", "p7.pem", cwd=tmp_path)
+    signed = _openssl(
+        "smime",
+        "-sign",
+        "-in",
+        str(served.files / "document"),
+        "-signer",
+        "c.pem",
+        "-inkey",
+        "k.pem",
+        "-md",
+        digest,
+        "-nodetach",
+        "-binary",
+        "-outform",
+        "PEM",
+        "-out",
+        "p7.pem",
+        cwd=tmp_path,
+    )
     assert signed.returncode == 0, signed.stderr
     argv = ("--document", str(served.files / "document"), "--pkcs7", str(tmp_path / "p7.pem"))
     good = run_cli(registry_url, "identity", "verify", "--cert", str(tmp_path / "c.pem"), *argv, check=False)
@@ -228,8 +310,15 @@ def test_identity_serve_without_key_serves_the_document_unsigned(registry_url: s
 def test_identity_serve_refuses_a_key_readable_by_others(registry_url: str, tmp_path: Path) -> None:
     run_cli(registry_url, "identity", "init", "--dir", str(tmp_path / "key"))
     os.chmod(tmp_path / "key" / "identity-key.pem", 0o640)
-    argv = meta169_argv("--registry", registry_url, "serve", "--listen", "127.0.0.1:0=network:net-a",
-                        "--identity-key-dir", str(tmp_path / "key"))
+    argv = meta169_argv(
+        "--registry",
+        registry_url,
+        "serve",
+        "--listen",
+        "127.0.0.1:0=network:net-a",
+        "--identity-key-dir",
+        str(tmp_path / "key"),
+    )
     result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2
     assert "chmod 600" in result.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from meta169.admin import ImportReport, KindCounts, apply_inventory, load_inventory, parse_inventory
 from meta169.errors import InventoryError
+from meta169.inventory import ImportReport, KindCounts, apply_inventory, load_inventory, parse_inventory
 from meta169.model import Caller
 from meta169.registry import open_registry
 

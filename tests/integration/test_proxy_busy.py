@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meta169.api.identity import Binding
+from meta169.http.listen import Binding
 from meta169.proxy.upstream import Upstream, UpstreamSpec
 from tests.integration.serving import get, proxy_in_process
 

@@ -344,8 +344,16 @@ def test_proxy_pipelined_callers_each_get_their_own(unix_serve: tuple[ServeProce
     port_a, port_b = free_port(), free_port()
     proxy = Proxy(
         meta169_argv(
-            "-v", "--registry", registry_url, "proxy", "--upstream", f"unix:{sock}",
-            "--listen", f"127.0.0.1:{port_a}=router:router-a", "--listen", f"127.0.0.1:{port_b}=network:net-b",
+            "-v",
+            "--registry",
+            registry_url,
+            "proxy",
+            "--upstream",
+            f"unix:{sock}",
+            "--listen",
+            f"127.0.0.1:{port_a}=router:router-a",
+            "--listen",
+            f"127.0.0.1:{port_b}=network:net-b",
         )
     )
     expected = {
@@ -368,9 +376,7 @@ def test_proxy_pipelined_callers_each_get_their_own(unix_serve: tuple[ServeProce
             writer.close()
 
     async def burst() -> list[tuple[tuple[int, str], bytes, bytes]]:
-        return await asyncio.gather(
-            *(ask(*callers[i % 3], forged=i % 5 == 0, close=i % 2 == 0) for i in range(300))
-        )
+        return await asyncio.gather(*(ask(*callers[i % 3], forged=i % 5 == 0, close=i % 2 == 0) for i in range(300)))
 
     try:
         answers = asyncio.run(burst())

@@ -126,9 +126,9 @@ def _run(body: Callable[[Path], Awaitable[None]], tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _pool(path: Path, script: Script, *, piece: int = 0, timeout: float = 10.0) -> AsyncIterator[
-    tuple[FakeServe, Upstream]
-]:
+async def _pool(
+    path: Path, script: Script, *, piece: int = 0, timeout: float = 10.0
+) -> AsyncIterator[tuple[FakeServe, Upstream]]:
     """A scripted serve and a pool to it that already holds one idle connection (a
     pipeline starts on one; the very first request opens a connection of its own)."""
     async with FakeServe(path, script, piece=piece) as serve:
@@ -186,7 +186,12 @@ def test_upstream_reads_replies_split_anywhere(tmp_path: Path) -> None:
             assert _bodies(outcomes) == [f"/r/{i}".encode() * 50 for i in range(6)]
             # the Python framing handed over the headers of the unusual ones
             assert [isinstance(o, Reply) and o.headers.get("x-meta169-hop-limit") for o in outcomes] == [
-                "1", None, "1", None, "1", None
+                "1",
+                None,
+                "1",
+                None,
+                "1",
+                None,
             ]
 
     _run(body, tmp_path)

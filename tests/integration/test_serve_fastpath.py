@@ -14,18 +14,21 @@ from typing import Any
 
 import pytest
 
-from meta169.api import tokens, wire
+from meta169.api import tokens
 from meta169.api.cache import SiteCache
-from meta169.api.http import Limits, Request, Response, _date_header, _simple_get
-from meta169.api.identity import Binding
+from meta169.api.config import ServeConfig
 from meta169.api.metadata import MetadataApp
 from meta169.api.ratelimit import Buckets, RateLimit
 from meta169.api.tokens import KeyRing
-from meta169.config import ListenAddress, ListenerSpec, ServeConfig
+from meta169.http import wire
+from meta169.http.limits import Limits
+from meta169.http.listen import Binding, ListenAddress, ListenerSpec
+from meta169.http.message import Request, Response, date_line
 from meta169.model import Instance, MetadataOptions, Network, Port, SSHKey, Subnet, parse_ip, parse_network
 from meta169.registry.memory import MemoryRegistry
 from meta169.render import RenderOptions
-from tests.conftest import require
+from tests.capabilities import require
+from tests.http_parse import parse_request
 from tests.integration.serving import get, in_process
 
 UUID = "5e0c2d9a-8d8c-4f6e-9c1a-0d9c2b7f1a11"
@@ -34,7 +37,7 @@ PEER = "10.0.0.11"
 
 @pytest.fixture(autouse=True)
 def _compiled() -> None:
-    require("compiled fast path", wire.COMPILED, "meta169.api._wire was not built (needs gcc and Python headers)")
+    require("compiled fast path", wire.compiled(), "meta169.http._wire was not built (needs gcc and Python headers)")
 
 
 def _registry(options: MetadataOptions | None = None) -> MemoryRegistry:
@@ -86,7 +89,7 @@ def _request(path: str, extra: str = "") -> bytes:
 
 
 async def _python_answer(app: MetadataApp, data: bytes) -> bytes:
-    req = _simple_get(data, PEER, 64, 2048)
+    req = parse_request(data, PEER)
     assert req is not None
     return await _answer_of(app, req)
 
@@ -99,7 +102,7 @@ async def _answer_of(app: MetadataApp, req: Request) -> bytes:
     if isinstance(result, Response):
         return b"HTTP/1.1 %d" % result.status
     head, body = result
-    return b"".join((head, _date_header(), b"\r\n", body))
+    return b"".join((head, date_line(), b"\r\n", body))
 
 
 def _without_date(reply: bytes) -> bytes:
@@ -345,7 +348,7 @@ def test_fastpath_on_the_proxy_socket_keys_by_the_stamp() -> None:
 
 def test_fastpath_request_type_unchanged() -> None:
     # The Python path still builds Requests the same way for what the fast path declines.
-    req = _simple_get(_request("/x", "X-aws-ec2-metadata-token: t\r\n"), PEER, 64, 2048)
+    req = parse_request(_request("/x", "X-aws-ec2-metadata-token: t\r\n"), PEER)
     assert isinstance(req, Request) and req.headers["x-aws-ec2-metadata-token"] == "t"
 
 
@@ -453,8 +456,11 @@ def test_serve_pipeline_split_anywhere_answers_every_request_in_order(tmp_path: 
         "known": (_stamped("/latest/meta-data/instance-id"), 200, UUID.encode()),
         "hostname": (_stamped("/latest/meta-data/hostname"), 200, b"web-1"),
         "token": (_stamped("/latest/meta-data/instance-id", extra="X-aws-ec2-metadata-token: x\r\n"), 401, None),
-        "forwarded": (_stamped("/latest/meta-data/instance-id", extra="X-Meta169-Guest-Forwarded: 1\r\n"), 200,
-                      UUID.encode()),
+        "forwarded": (
+            _stamped("/latest/meta-data/instance-id", extra="X-Meta169-Guest-Forwarded: 1\r\n"),
+            200,
+            UUID.encode(),
+        ),
         "missing": (_stamped("/nope"), 404, None),
     }
     rng = random.Random(169)
@@ -481,7 +487,7 @@ def test_serve_keeps_its_listen_backlog(tmp_path: Path) -> None:
     import shutil
     import subprocess
 
-    from meta169.api.server import LISTEN_BACKLOG
+    from meta169.http.listen import LISTEN_BACKLOG
 
     ss = shutil.which("ss")
     require("ss (iproute2)", ss is not None, "ss from iproute2 reads the listen backlog")

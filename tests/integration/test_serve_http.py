@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from meta169.api.http import Limits
-from meta169.api.identity import Binding
+from meta169.api.config import ServeConfig
 from meta169.api.server import RunningServer, start
-from meta169.config import ListenAddress, ListenerSpec, ServeConfig
+from meta169.http.limits import Limits
+from meta169.http.listen import Binding, ListenAddress, ListenerSpec
 from meta169.model import Instance, Network, Port, SSHKey, Subnet, parse_ip, parse_network
 from meta169.registry.memory import MemoryRegistry
 from tests.integration.serving import get, in_process

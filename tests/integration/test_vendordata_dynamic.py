@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from meta169.api.identity import Binding
+from meta169.api.config import ServeConfig
 from meta169.api.vendordata import DynamicTarget
-from meta169.config import ListenAddress, ListenerSpec, ServeConfig
+from meta169.http.listen import Binding, ListenAddress, ListenerSpec
 from meta169.model import Instance, Network, Port, Subnet, parse_ip, parse_network
 from meta169.registry.memory import MemoryRegistry
 from tests.integration.serving import get, in_process

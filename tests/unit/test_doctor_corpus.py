@@ -1,4 +1,4 @@
-"""The guest doctor over a corpus of real-world captures (issue 4, "Done when").
+"""The guest doctor over a corpus of real-world captures.
 
 Each directory of tests/unit/corpus/ is a support bundle as ``meta169 doctor
 --collect`` writes it (route tables, neighbours, leases, config files, probes)
@@ -21,7 +21,7 @@ from meta169.doctor.model import Report
 
 CORPUS = Path(__file__).parent / "corpus"
 CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir() and not p.name.startswith("_"))  # _host: captures
-# The cases issue 4 names; each must stay in the corpus.
+# One guest per distribution and network stack the doctor reads; each must stay in the corpus.
 REQUIRED = {
     "centos6-zeroconf",
     "rhel7-nozeroconf",

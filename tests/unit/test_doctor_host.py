@@ -23,9 +23,9 @@ from meta169.doctor.host_collect import (
     resolve_with,
 )
 from meta169.errors import ClientError, HTTPError
+from meta169.http.stamp import ReplayGuard, verify
 from meta169.model import Caller, Instance, Network, Port, Subnet
 from meta169.plumbing.command import CommandResult
-from meta169.proxy.stamp import ReplayGuard, verify
 from meta169.registry.memory import MemoryRegistry
 
 CAPTURES = Path(__file__).parent / "corpus" / "_host"
@@ -91,12 +91,27 @@ DNSMASQ_ARGV = ("dnsmasq", f"--conf-file={CONF}", "--keep-in-foreground")
 def registry() -> MemoryRegistry:
     reg = MemoryRegistry()
     reg.put_network(Network(id="net-b", subnets=(Subnet(cidr=ipaddress.ip_network("10.0.0.0/24")),)))
-    reg.put_instance(Instance(uuid="11111111-1111-4111-8111-111111111111", name="b1",
-                              ports=(Port("net-b", "fa:16:3e:0b:00:0b", (ipaddress.ip_address("10.0.0.11"),)),)))
-    reg.put_instance(Instance(uuid="22222222-2222-4222-8222-222222222222", name="b1-ghost",
-                              ports=(Port("net-b", "fa:16:3e:0b:00:ff", (ipaddress.ip_address("10.0.0.99"),)),)))
-    reg.put_instance(Instance(uuid="33333333-3333-4333-8333-333333333333", name="b1-dup",
-                              ports=(Port("net-b", "fa:16:3e:0b:01:ff", (ipaddress.ip_address("10.0.0.99"),)),)))
+    reg.put_instance(
+        Instance(
+            uuid="11111111-1111-4111-8111-111111111111",
+            name="b1",
+            ports=(Port("net-b", "fa:16:3e:0b:00:0b", (ipaddress.ip_address("10.0.0.11"),)),),
+        )
+    )
+    reg.put_instance(
+        Instance(
+            uuid="22222222-2222-4222-8222-222222222222",
+            name="b1-ghost",
+            ports=(Port("net-b", "fa:16:3e:0b:00:ff", (ipaddress.ip_address("10.0.0.99"),)),),
+        )
+    )
+    reg.put_instance(
+        Instance(
+            uuid="33333333-3333-4333-8333-333333333333",
+            name="b1-dup",
+            ports=(Port("net-b", "fa:16:3e:0b:01:ff", (ipaddress.ip_address("10.0.0.99"),)),),
+        )
+    )
     return reg  # fmt: skip
 
 
@@ -121,8 +136,13 @@ def serve(secret: bytes = SECRET, *, down: bool = False, body: bytes | None = No
     return send
 
 
-def collector(runner: Runner, *, send=None, files: Mapping[str, str] | None = None,  # type: ignore[no-untyped-def]
-              processes: Sequence[tuple[int, tuple[str, ...]]] = ((100, PROXY_ARGV), (4242, DNSMASQ_ARGV))):
+def collector(
+    runner: Runner,
+    *,
+    send=None,
+    files: Mapping[str, str] | None = None,  # type: ignore[no-untyped-def]
+    processes: Sequence[tuple[int, tuple[str, ...]]] = ((100, PROXY_ARGV), (4242, DNSMASQ_ARGV)),
+):
     texts = {LISTENERS: LISTENER_FILE, CONF: captured(DHCP / "dnsmasq.conf")}
     texts.update(files or {})
     reg = registry()
@@ -148,10 +168,9 @@ def ids(facts: host.HostFacts) -> list[str]:
 # --- parsing ---------------------------------------------------------------------------------------
 
 
-def test_doctor_host_parses_proc_net_tcp_and_ss() -> None:
+def test_doctor_host_parses_proc_net_tcp() -> None:
     sockets = host.parse_proc_net_tcp(captured(ROUTER / "proc-net-tcp.txt"))
     assert {(str(s.address), s.port) for s in sockets} == {("0.0.0.0", 9697), ("::", 9697)}
-    assert host.parse_ss_listen(captured(ROUTER / "ss-ltn.txt")) == sockets
     (isolated,) = host.parse_proc_net_tcp(captured(DHCP / "proc-net-tcp.txt"))
     assert (str(isolated.address), isolated.port) == ("169.254.169.254", 80)
 

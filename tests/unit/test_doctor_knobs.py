@@ -57,8 +57,9 @@ def test_doctor_knobs_networkd_etc_masks_run_and_lib() -> None:
     files = {
         "/etc/systemd/network/10-eth.network": "[Match]\nName=eth*\n[Network]\nLinkLocalAddressing=ipv6\n",
         "/run/systemd/network/10-eth.network": "[Match]\nName=eth*\n[Network]\nLinkLocalAddressing=yes\n",
-        "/lib/systemd/network/20-ll.network":
-            "[Match]\nName=ens3\n[Network]\nIPv4LLRoute=yes\n[DHCPv4]\nUseRoutes=no\n",
+        "/lib/systemd/network/20-ll.network": (
+            "[Match]\nName=ens3\n[Network]\nIPv4LLRoute=yes\n[DHCPv4]\nUseRoutes=no\n"
+        ),
     }
     eth, ll = knobs.networkd_files(files)
     assert eth.path.startswith("/etc/") and not eth.ipv4ll

@@ -29,8 +29,10 @@ def test_doctor_probes_connect_errors_are_classified(exc: OSError, reason: str) 
     assert classify_connect_error(exc) == reason
 
 
-@pytest.mark.parametrize(("reason", "outcome"), [("refused", "refused"), ("timeout", "timeout"),
-                                                 ("unreachable", "unreachable"), ("connect", "error")])
+@pytest.mark.parametrize(
+    ("reason", "outcome"),
+    [("refused", "refused"), ("timeout", "timeout"), ("unreachable", "unreachable"), ("connect", "error")],
+)
 def test_doctor_probes_tcp_probe_outcomes(reason: str, outcome: str) -> None:
     def connect(endpoint: object, timeout: float) -> socket.socket:
         raise ClientError("No route to host", reason=reason, url="http://169.254.169.254")

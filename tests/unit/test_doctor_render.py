@@ -42,8 +42,11 @@ def test_doctor_render_json_is_complete_and_ordered() -> None:
     assert [h["hop"] for h in doc["path"]] == ["guest", "route", "next-hop", "redirect", "proxy", "server", "registry"]
     first = doc["findings"][0]
     assert set(first) == {"id", "severity", "hop", "title", "summary", "evidence", "fix"}
-    assert first["fix"][0] == {"when": "now", "text": "ip route del 169.254.0.0/16 dev eth0   (lost at the next "
-                               "network restart)", "command": ["ip", "route", "del", "169.254.0.0/16", "dev", "eth0"]}
+    assert first["fix"][0] == {
+        "when": "now",
+        "text": "ip route del 169.254.0.0/16 dev eth0   (lost at the next network restart)",
+        "command": ["ip", "route", "del", "169.254.0.0/16", "dev", "eth0"],
+    }
     assert doc["summary"] == {"error": 1, "warning": 2, "info": 0}
 
 

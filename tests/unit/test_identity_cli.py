@@ -1,4 +1,4 @@
-"""``meta169 identity`` init, cert and verify through click (issue 5, item 4)."""
+"""``meta169 identity`` init, cert and verify through click."""
 
 from __future__ import annotations
 
@@ -64,10 +64,14 @@ def test_identity_cli_cert_without_key_dir_is_usage_error(tmp_path: Path) -> Non
 def test_identity_cli_verify_all_forms_exit_0(files: Path) -> None:
     code, out = _verify(
         files,
-        "--document", str(files / "document"),
-        "--signature", str(files / "signature"),
-        "--pkcs7", str(files / "pkcs7"),
-        "--rsa2048", str(files / "rsa2048"),
+        "--document",
+        str(files / "document"),
+        "--signature",
+        str(files / "signature"),
+        "--pkcs7",
+        str(files / "pkcs7"),
+        "--rsa2048",
+        str(files / "rsa2048"),
     )
     assert code == 0, out
     assert out.count(": OK:") == 3
@@ -88,8 +92,13 @@ def test_identity_cli_verify_pkcs7_alone_uses_its_content(files: Path) -> None:
 def test_identity_cli_verify_modified_document_exit_1(files: Path) -> None:
     (files / "document").write_bytes(DOCUMENT.replace(b"i-0abc", b"i-0abd"))
     code, out = _verify(
-        files, "--document", str(files / "document"), "--signature", str(files / "signature"),
-        "--pkcs7", str(files / "pkcs7"),
+        files,
+        "--document",
+        str(files / "document"),
+        "--signature",
+        str(files / "signature"),
+        "--pkcs7",
+        str(files / "pkcs7"),
     )
     assert code == 1
     assert "signature: FAILED" in out and "pkcs7: FAILED" in out

@@ -1,4 +1,4 @@
-"""The identity key on disk: generation, permissions, loading (issue 5, item 4)."""
+"""The identity key on disk: generation, permissions, loading."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Signing and verifying instance identity documents (issue 5, item 4): pure, no files."""
+"""Signing and verifying instance identity documents: pure, no files."""
 
 from __future__ import annotations
 
@@ -234,8 +234,18 @@ def _length_prefixed(tag: int, value: bytes) -> bytes:
         (_b64(_length_prefixed(0x30, SIGNED_DATA_OID + b"\xa0\x02\x30\x00")), "version missing"),
         (_b64(b"\x30\x00" * 2), "expected type"),
     ],
-    ids=["base64", "empty", "truncated", "ber", "long-length", "high-tag", "data-not-signed", "no-content",
-         "empty-signed-data", "two-elements"],
+    ids=[
+        "base64",
+        "empty",
+        "truncated",
+        "ber",
+        "long-length",
+        "high-tag",
+        "data-not-signed",
+        "no-content",
+        "empty-signed-data",
+        "two-elements",
+    ],
 )
 def test_identity_verify_malformed_pkcs7_is_reported_not_raised(key: IdentityKey, body: str, reason: str) -> None:
     result = verify_document(DOCUMENT, None, body, key.cert_pem)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from meta169.admin import (
+from meta169.errors import InventoryError
+from meta169.inventory import (
     ImportReport,
     KindCounts,
     apply_inventory,
@@ -16,7 +17,6 @@ from meta169.admin import (
     load_inventory,
     parse_inventory,
 )
-from meta169.errors import InventoryError
 from meta169.model import Caller, Instance, Network, Port
 from meta169.registry.memory import MemoryRegistry
 

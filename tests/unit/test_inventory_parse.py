@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meta169.admin import load_inventory, parse_inventory
 from meta169.errors import InventoryError, ValidationError
+from meta169.inventory import load_inventory, parse_inventory
 from meta169.model import (
     HostRoute,
     Instance,
@@ -275,6 +275,32 @@ ERRORS = [
         _instance_yaml(launch_index="-1"), "instances[0] (web-1)", "launch_index", ">= 0", id="negative-index"
     ),
     pytest.param(
+        _instance_yaml(launch_index=str(2**31)), "instances[0] (web-1)", "launch_index", "at most", id="index-int32"
+    ),
+    pytest.param(_instance_yaml(architecture='"arm\\0"'), "instances[0] (web-1)", "architecture", "NUL", id="nul"),
+    pytest.param(_instance_yaml(tags='{"a\\0": b}'), "instances[0] (web-1)", "tags", "NUL", id="nul-key"),
+    pytest.param(
+        _instance_yaml(ports="[{network: net-a, mac: 'fa:16:3e:00:00:05', ips: [10.0.0.5], device_number: -1}]"),
+        "instances[0] (web-1)",
+        "ports[0].device_number",
+        ">= 0",
+        id="device-number",
+    ),
+    pytest.param(
+        _instance_yaml(ports="[{network: net-a, mac: 'fa:16:3e:00:00:05', ips: [10.0.0.5], id: 'port 1'}]"),
+        "instances[0] (web-1)",
+        "ports[0].id",
+        "port id 'port 1'",
+        id="port-id",
+    ),
+    pytest.param(
+        _instance_yaml(metadata_options="{http_put_response_hop_limit: 65}"),
+        "instances[0] (web-1)",
+        "metadata_options.http_put_response_hop_limit",
+        "1..64",
+        id="hop-limit",
+    ),
+    pytest.param(
         _instance_yaml(created_at="yesterday"), "instances[0] (web-1)", "created_at", "ISO 8601", id="created-at"
     ),
     pytest.param(
@@ -327,8 +353,8 @@ ERRORS = [
     pytest.param(
         _instance_yaml(metadata_options="{http_tokens: always}"),
         "instances[0] (web-1)",
-        "metadata_options",
-        "http_tokens",
+        "metadata_options.http_tokens",
+        "one of optional, required, not 'always'",
         id="metadata-options",
     ),
     pytest.param(
@@ -491,6 +517,14 @@ def test_inventory_syntax_errors_name_the_file_and_line(text: str, fmt: str, mes
         parse_inventory(text, source="bad." + fmt, fmt=fmt)  # type: ignore[arg-type]
     assert info.value.source == "bad." + fmt
     assert str(info.value).startswith("bad." + fmt)
+
+
+def test_inventory_lone_surrogate_from_json_is_refused() -> None:
+    # JSON's \ud800 escape decodes to a string no database can store.
+    text = json.dumps({"instances": [{"uuid": UUID, "name": "web-1", "region": "\ud800"}]})
+    with pytest.raises(InventoryError, match="lone surrogate") as info:
+        parse_inventory(text, source="inv.json")
+    assert (info.value.entry, info.value.field) == ("instances[0] (web-1)", "region")
 
 
 def test_inventory_unreadable_file_names_it(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The lab's fault table and the pure logic of ``lab break``/``lab heal`` (issue 4, "Lab faults")."""
+"""The lab's fault table and the pure logic of ``lab break``/``lab heal`` (README, "Lab faults")."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _nothing(lab: object, record: FaultRecord) -> None:
 # --- the table ----------------------------------------------------------------------------------------
 
 
-def test_lab_faults_table_has_the_issue_faults() -> None:
+def test_lab_faults_table_has_the_readme_faults() -> None:
     wanted = {"zeroconf", "no-host-route", "no-redirect", "proxy-down", "server-down", "secret-mismatch",
               "unknown-instance"}  # fmt: skip
     assert wanted <= {f.name for f in lf.FAULTS}

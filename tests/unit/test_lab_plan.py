@@ -1,4 +1,4 @@
-"""The lab's plan and state file: pure functions of a LabConfig (issue 3, meta169 lab)."""
+"""The lab's plan and state file: pure functions of a LabConfig."""
 
 from __future__ import annotations
 

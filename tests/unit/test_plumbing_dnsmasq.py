@@ -1,4 +1,4 @@
-"""dnsmasq configuration for one network: exact lines for the issue's example network."""
+"""dnsmasq configuration for one network: exact lines for examples/inventory.yaml's network."""
 
 from __future__ import annotations
 

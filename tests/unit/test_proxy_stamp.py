@@ -7,8 +7,7 @@ import ipaddress
 import pytest
 
 from meta169.errors import HTTPError
-from meta169.model import Caller
-from meta169.proxy.stamp import (
+from meta169.http.stamp import (
     HDR_SIGNATURE,
     REPLAY_WINDOW,
     ReplayGuard,
@@ -17,6 +16,7 @@ from meta169.proxy.stamp import (
     stamp_headers,
     verify,
 )
+from meta169.model import Caller
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 CALLER = Caller(ip=ipaddress.ip_address("10.0.0.11"), router_id="router-a")

@@ -17,7 +17,7 @@ from meta169.render.versions import OPENSTACK_VERSIONS
 UUID = "6f1d0f5e-0d7e-4b55-8a0a-5d0c1c0d0001"
 PORT_ID = "0c2d7f4e-1111-4222-8333-944455556666"
 
-# The inventory example of the issue: net-a 10.0.0.0/24, gateway .1, DNS .2.
+# net-a of examples/inventory.yaml: 10.0.0.0/24, gateway .1, DNS .2.
 NET_A = Network(
     id="net-a",
     mtu=1450,

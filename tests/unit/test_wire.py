@@ -1,4 +1,4 @@
-"""The compiled fast path (api/_wire.c): what it recognises, what it declines, the
+"""The compiled fast path (http/_wire.c): what it recognises, what it declines, the
 bytes it writes, its seeds, its Date line and its buckets."""
 
 from __future__ import annotations
@@ -15,31 +15,50 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meta169.api import wire
-from meta169.api.http import _simple_get, document_head
+from meta169.api.metadata import PYTHON_OWNED_HEADERS, PYTHON_OWNED_PREFIXES
+from meta169.http import wire
+from meta169.http.limits import Limits
+from meta169.http.message import document_head
+from meta169.http.stamp import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER
 from meta169.render.document import RANDOM_SEED_BYTES, SEED_TEXT_BYTES
-from tests.conftest import require
+from tests.capabilities import require
+from tests.http_parse import parse_request
 from tests.unit.http_strategies import NAME, TARGET, VALUE
 
 HEAD_200 = document_head("text/plain", 5)
 UUID = "0b5a3a52-3c1e-4a8e-9a43-5f0f8c1d2e3f"
+# The lists serve passes in (MetadataApp.fast_path), encoded as wire.fast_path does.
+OWNED = tuple(sorted(n.encode() for n in PYTHON_OWNED_HEADERS))
+PREFIXES = tuple(p.encode() for p in PYTHON_OWNED_PREFIXES)
+STAMP_NAMES = (HDR_CALLER_IP.encode(), HDR_NETWORK.encode(), HDR_ROUTER.encode())
 
 
 @pytest.fixture(scope="module")
 def compiled() -> Any:
     require(
         "compiled fast path",
-        wire.COMPILED,
-        "meta169.api._wire was not built (needs gcc and the Python headers; `make venv` builds it)",
+        wire.compiled(),
+        "meta169.http._wire was not built (needs gcc and the Python headers; `make venv` builds it)",
     )
-    from meta169.api import _wire  # type: ignore[attr-defined]
+    from meta169.http import _wire  # type: ignore[attr-defined]
 
     return _wire
 
 
 def _fast(compiled: Any, wire_table: dict[bytes, Any], buckets: dict[str, Any] | None = None) -> Any:
     sites = {"10.0.0.11": (wire_table, UUID)}
-    return compiled.FastPath(sites, buckets, 8192, 64, 2048)
+    return compiled.FastPath(sites, buckets, 8192, 64, 2048, OWNED, PREFIXES)
+
+
+def _recognise(
+    compiled: Any, data: bytes, max_headers: int = 64, max_url: int = 2048, *, stamped: bool = False
+) -> tuple[Any, ...] | None:
+    """What the FastPath's recogniser makes of ``data``, with serve's own lists."""
+    got = compiled.recognise(data, 8192, max_headers, max_url, OWNED, PREFIXES, STAMP_NAMES if stamped else None)
+    if got is None:
+        return None
+    out = (got["method"], got["path"], got["keep_alive"])
+    return (*out, got["caller"], got["scope_kind"], got["scope"]) if stamped else out
 
 
 def _split(reply: bytes) -> tuple[bytes, list[bytes], bytes]:
@@ -67,15 +86,14 @@ def _split(reply: bytes) -> tuple[bytes, list[bytes], bytes]:
             b"Accept-Encoding: gzip, deflate\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n",
             ("GET", b"/openstack", True),
         ),
-        # the TTL header is not the token header, and duplicates of plain headers do not matter
-        (b"GET /a HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n\r\n", ("GET", b"/a", True)),
+        # duplicates of plain headers do not matter
         (b"GET /a HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", ("GET", b"/a", True)),
         (b"GET /a HTTP/1.1\r\nX-Empty:\r\n\r\n", ("GET", b"/a", True)),
         (b"GET /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n", ("GET", b"/a", True)),
     ],
 )
 def test_wire_recognises_simple_requests(compiled: Any, data: bytes, expected: tuple[str, bytes, bool]) -> None:
-    assert compiled.recognise(data, 64, 2048) == expected
+    assert _recognise(compiled, data) == expected
 
 
 @pytest.mark.parametrize(
@@ -108,8 +126,14 @@ def test_wire_recognises_simple_requests(compiled: Any, data: bytes, expected: t
         b"GET / HTTP/1.1\r\nConnection:\r\n\r\n",
         b"GET / HTTP/1.1\r\nX-aws-ec2-metadata-token: abc\r\n\r\n",
         b"GET / HTTP/1.1\r\nx-AWS-ec2-METADATA-token: abc\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-aws-ec2-metadata-token:\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nx-instance-ID: i-1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-Tenant-ID: t\r\n\r\n",
         b"GET / HTTP/1.1\r\nX-Meta169-Caller-IP: 10.0.0.12\r\n\r\n",
         b"GET / HTTP/1.1\r\nx-meta169-anything: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-META169-:\r\n\r\n",
         b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
         b"GET / HTTP/1.1\r\n folded: x\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\n continued\r\n\r\n",
@@ -125,7 +149,91 @@ def test_wire_recognises_simple_requests(compiled: Any, data: bytes, expected: t
     ],
 )
 def test_wire_declines_anything_unusual(compiled: Any, data: bytes) -> None:
-    assert compiled.recognise(data, 64, 2048) is None
+    assert _recognise(compiled, data) is None
+
+
+def test_wire_owned_lists_come_from_the_caller(compiled: Any) -> None:
+    # The C code holds no header names of its own: with empty lists the token header
+    # passes, and exactly what the lists name is declined, in any case on the wire.
+    token = b"GET /a HTTP/1.1\r\nx-AWS-ec2-Metadata-Token: t\r\n\r\n"
+    ttl = b"GET /a HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n\r\n"
+    stamp = b"GET /a HTTP/1.1\r\nX-Meta169-Caller-IP: 10.0.0.12\r\n\r\n"
+
+    def seen(data: bytes, owned: tuple[bytes, ...], prefixes: tuple[bytes, ...] = ()) -> bool:
+        return compiled.recognise(data, 8192, 64, 2048, owned, prefixes) is not None
+
+    assert seen(token, ()) and seen(ttl, ()) and seen(stamp, ())
+    # an exact name is exact: the token header does not own the TTL header
+    assert not seen(token, (b"x-aws-ec2-metadata-token",)) and seen(ttl, (b"x-aws-ec2-metadata-token",))
+    # a prefix owns every name it starts, itself included
+    assert not seen(ttl, (), (b"x-aws-ec2-metadata-token",)) and not seen(token, (), (b"x-aws-",))
+    assert not seen(stamp, (), (b"x-meta169-",)) and seen(stamp, (), (b"x-meta169-caller-ip-",))
+    # the proxy's stamp names are read only where they are given
+    stamped = b"GET /a HTTP/1.1\r\nX-Meta169-Caller-IP: 1\r\nX-Meta169-Network-ID: n\r\n\r\n"
+    assert compiled.recognise(stamped, 8192, 64, 2048, (), (b"x-meta169-",), STAMP_NAMES) is not None
+    other = (b"x-a", b"x-b", b"x-c")
+    assert compiled.recognise(stamped, 8192, 64, 2048, (), (b"x-meta169-",), other) is None
+
+
+@pytest.mark.parametrize(
+    ("owned", "prefixes", "stamp", "error", "match"),
+    [
+        ([b"x-a"], (), None, TypeError, "tuple of bytes"),
+        (("x-a",), (), None, TypeError, "tuple of bytes"),
+        ((b"x-a",), [b"x-"], None, TypeError, "tuple of bytes"),
+        ((b"X-Upper",), (), None, ValueError, "lower-case"),
+        ((b"x-a",), (b"X-",), None, ValueError, "lower-case"),
+        ((b"x a",), (), None, ValueError, "lower-case"),
+        ((b"x:a",), (), None, ValueError, "lower-case"),
+        ((b"",), (), None, ValueError, "empty"),
+        (tuple(b"x-%d" % i for i in range(33)), (), None, ValueError, "more than 32"),
+        ((), tuple(b"x-%d-" % i for i in range(33)), None, ValueError, "more than 32"),
+        ((), (), (b"x-a", b"x-b"), ValueError, "caller IP, network id and router id"),
+        ((), (), [b"x-a", b"x-b", b"x-c"], TypeError, "tuple of bytes"),
+        ((), (), (b"x-a", b"x-b", b"X-C"), ValueError, "lower-case"),
+    ],
+)
+def test_wire_validates_the_lists_it_is_given(
+    compiled: Any, owned: Any, prefixes: Any, stamp: Any, error: type[Exception], match: str
+) -> None:
+    routers: dict[str, Any] | None = None if stamp is None else {}
+    with pytest.raises(error, match=match):
+        compiled.FastPath({}, None, 8192, 64, 2048, owned, prefixes, routers, stamp)
+    with pytest.raises(error, match=match):
+        compiled.recognise(b"GET / HTTP/1.1\r\n\r\n", 8192, 64, 2048, owned, prefixes, stamp)
+
+
+def test_wire_fast_path_arguments_are_checked(compiled: Any) -> None:
+    with pytest.raises(TypeError):
+        compiled.FastPath({}, None, 8192, 64, 2048)  # the owned lists are required
+    with pytest.raises(TypeError, match="routers and stamp"):
+        compiled.FastPath({}, None, 8192, 64, 2048, OWNED, PREFIXES, {})
+    with pytest.raises(TypeError, match="routers and stamp"):
+        compiled.FastPath({}, None, 8192, 64, 2048, OWNED, PREFIXES, None, STAMP_NAMES)
+    with pytest.raises(ValueError, match=">= 0"):
+        compiled.FastPath({}, None, 8192, -1, 2048, OWNED, PREFIXES)
+    with pytest.raises(TypeError, match="go with owned"):
+        compiled.recognise(b"GET / HTTP/1.1\r\n\r\n", 8192, 64, 2048, None, PREFIXES)
+    fast = compiled.FastPath({}, None, 8192, 64, 2048, OWNED, PREFIXES, {}, STAMP_NAMES)
+    assert (fast.owned, fast.owned_prefixes, fast.stamp) == (OWNED, PREFIXES, STAMP_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("drop", "prefixes", "marker_for", "error"),
+    [
+        ((b"X-Forwarded-For",), (), b"x-forwarded-for", ValueError),
+        ((b"x-forwarded-for",), (b"X-Meta169-",), b"x-forwarded-for", ValueError),
+        ((b"x-forwarded-for",), (), b"X-Forwarded-For", ValueError),
+        ([b"x-forwarded-for"], (), b"x-forwarded-for", TypeError),
+        (tuple(b"x-%d" % i for i in range(257)), (), b"x-1", ValueError),
+    ],
+)
+def test_wire_stamper_validates_its_lists(
+    compiled: Any, drop: Any, prefixes: Any, marker_for: bytes, error: type[Exception]
+) -> None:
+    # An upper-case name would never match the lower-cased wire name: the header would be forwarded.
+    with pytest.raises(error):
+        compiled.Stamper(drop, prefixes, marker_for, b"m: 1", b"host: x\r\n", b"\r\n\r\n", 8192, 64, 2048)
 
 
 STAMP = b"X-Meta169-Caller-IP: 10.0.0.11\r\nX-Meta169-Network-ID: net-a\r\n"
@@ -142,8 +250,8 @@ def test_wire_reads_the_proxy_stamp_on_a_proxy_socket(
     compiled: Any, stamp: bytes, expected: tuple[bytes, str, bytes]
 ) -> None:
     data = b"GET /a HTTP/1.1\r\nhost: metadata\r\n" + stamp + b"content-length: 0\r\n\r\n"
-    assert compiled.recognise(data, 64, 2048, True) == ("GET", b"/a", True, *expected)
-    assert compiled.recognise(data, 64, 2048) is None  # never on a direct listener
+    assert _recognise(compiled, data, stamped=True) == ("GET", b"/a", True, *expected)
+    assert _recognise(compiled, data) is None  # never on a direct listener
 
 
 @pytest.mark.parametrize(
@@ -163,14 +271,14 @@ def test_wire_reads_the_proxy_stamp_on_a_proxy_socket(
 )
 def test_wire_declines_incomplete_or_extra_stamps(compiled: Any, stamp: bytes) -> None:
     data = b"GET /a HTTP/1.1\r\n" + stamp + b"\r\n"
-    assert compiled.recognise(data, 64, 2048, True) is None
+    assert _recognise(compiled, data, stamped=True) is None
 
 
 def test_wire_proxy_answer_looks_up_scope_then_caller(compiled: Any) -> None:
     table = {b"/a": (HEAD_200, b"hello")}
     networks = {"net-a": {"10.0.0.11": (table, UUID)}}
     routers = {"r-1": {"10.0.0.12": (table, UUID)}}
-    fast = compiled.FastPath(networks, None, 8192, 64, 2048, routers)
+    fast = compiled.FastPath(networks, None, 8192, 64, 2048, OWNED, PREFIXES, routers, STAMP_NAMES)
     assert fast.answer(b"GET /a HTTP/1.1\r\n" + STAMP + b"\r\n", "")[0].endswith(b"hello")
     by_router = b"X-Meta169-Caller-IP: 10.0.0.12\r\nX-Meta169-Router-ID: r-1\r\n"
     assert fast.answer(b"GET /a HTTP/1.1\r\n" + by_router + b"\r\n", "")[0].endswith(b"hello")
@@ -181,42 +289,68 @@ def test_wire_proxy_answer_looks_up_scope_then_caller(compiled: Any) -> None:
 
 def test_wire_respects_header_count_and_url_limits(compiled: Any) -> None:
     data = b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(10)) + b"\r\n"
-    assert compiled.recognise(data, 9, 2048) is None
-    assert compiled.recognise(data, 10, 2048) is not None
+    assert _recognise(compiled, data, 9) is None
+    assert _recognise(compiled, data, 10) is not None
     long = b"GET /" + b"a" * 99 + b" HTTP/1.1\r\n\r\n"
-    assert compiled.recognise(long, 64, 99) is None
-    assert compiled.recognise(long, 64, 100) is not None
+    assert _recognise(compiled, long, 64, 99) is None
+    assert _recognise(compiled, long, 64, 100) is not None
 
 
-class _Capture:
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: dict[str, str] = {}
-        self.keep_alive: bool | None = None
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+def _at_header_bytes(limit: int, extra: int, *, headers: int = 40) -> bytes:
+    """A request whose headers HTTPProtocol counts as ``limit + extra`` bytes (name +
+    value as httptools hands it + 4 each); written without spaces after the colons,
+    the head itself is shorter than that count."""
+    names = [b"h%02d" % i for i in range(headers)]
+    # h01..: "hNN:v" counts 3 + 1 + 4; h00's value pads the total to the count wanted
+    pad = limit + extra - (len(names) - 1) * (3 + 1 + 4) - (3 + 4)
+    lines = [b"h00:" + b"v" * pad] + [n + b":v" for n in names[1:]]
+    return b"GET / HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
 
 
-def _httptools(data: bytes) -> _Capture | None:
-    cap = _Capture()
+@pytest.mark.parametrize("extra", [0, 1])
+def test_wire_counts_header_bytes_as_serve_does(compiled: Any, extra: int) -> None:
+    # serve's 431 counts each header's name and value + 4 (http.protocol on_header),
+    # which can exceed the head's own length: at the limit both accept, one byte
+    # over both refuse, though the head is still far shorter than the limit.
+    limits = Limits(max_header_bytes=2000)
+    data = _at_header_bytes(limits.max_header_bytes, extra)
+    assert len(data) < limits.max_header_bytes
+    python = parse_request(data, limits=limits)
+    got = compiled.recognise(data, limits.max_header_bytes, limits.max_headers, limits.max_url_bytes, OWNED, PREFIXES)
+    assert (python is not None) is (got is not None) is (extra == 0)
+    # trailing whitespace counts (httptools keeps it), leading whitespace does not
+    trailing = data.replace(b"v\r\nh01:", b"v \r\nh01:", 1)
+    leading = data.replace(b"h01:v", b"h01: v", 1)
+    if extra == 0:
+        assert parse_request(trailing, limits=limits) is None
+        assert compiled.recognise(trailing, limits.max_header_bytes, 64, 2048, OWNED, PREFIXES) is None
+        assert parse_request(leading, limits=limits) is not None
+        assert compiled.recognise(leading, limits.max_header_bytes, 64, 2048, OWNED, PREFIXES) is not None
 
-    def complete() -> None:
-        cap.keep_alive = bool(parser.should_keep_alive())
 
-    # httptools looks its callbacks up once, when the parser is made.
-    cap.on_message_complete = complete  # type: ignore[attr-defined]
-    parser = httptools.HttpRequestParser(cap)
-    try:
-        parser.feed_data(data)
-    except httptools.HttpParserError:
-        return None
-    return cap if cap.keep_alive is not None else None
-
-
+def _agrees_with_serve(compiled: Any, data: bytes, owned: Any, prefixes: Any = None) -> bool:
+    """Whatever the recogniser accepts, serve's one parse path (HTTPProtocol over
+    httptools) parses to the same method, target, keep-alive and headers."""
+    args = () if owned is None else (owned, prefixes)
+    got = compiled.recognise(data, Limits().max_header_bytes, Limits().max_headers, Limits().max_url_bytes, *args)
+    if got is None:
+        return False  # declining is always allowed: the Python path answers
+    req = parse_request(data)
+    assert req is not None, data
+    assert (got["method"], got["target"], got["keep_alive"]) == (req.method, req.raw_path, req.keep_alive), data
+    assert got["path"] == req.raw_path.partition(b"?")[0]
+    joined: dict[str, str] = {}
+    for name, value in got["headers"]:
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        joined[key] = joined[key] + "," + text if key in joined else text
+    assert joined == req.headers, data
+    # ...and it carries nothing that frames a body or changes the protocol...
+    assert not {"transfer-encoding", "upgrade", "expect"} & req.headers.keys()
+    assert req.headers.get("content-length", "0") == "0"
+    if owned is not None:
+        # ...nor, for the fast path, anything whose meaning the Python path owns.
+        assert not [k for k in req.headers if k in PYTHON_OWNED_HEADERS or k.startswith(PYTHON_OWNED_PREFIXES)]
+    return True
 
 
 @settings(max_examples=600, deadline=None)
@@ -225,37 +359,28 @@ def _httptools(data: bytes) -> _Capture | None:
     target=TARGET,
     headers=st.lists(st.tuples(NAME, VALUE), max_size=6),
 )
-def test_wire_recognition_agrees_with_httptools(
+def test_wire_recognition_agrees_with_serves_parser(
     compiled: Any, method: str, target: str, headers: list[tuple[str, str]]
 ) -> None:
-    data = (f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode(
-        "latin-1"
-    )
-    got = compiled.recognise(data, 64, 2048)
-    if got is None:
-        return  # declining is always allowed: the Python path answers
-    # Whatever the fast path accepts, httptools accepts and reads the same way...
-    cap = _httptools(data)
-    assert cap is not None, data
-    assert got == (method, cap.url.partition(b"?")[0], cap.keep_alive)
-    # ...and it carries nothing whose meaning the Python path owns.
-    owned = [k for k in cap.headers if k.startswith("x-meta169-") or k == "x-aws-ec2-metadata-token"]
-    assert not owned
-    assert not {"transfer-encoding", "upgrade", "expect"} & cap.headers.keys()
-    assert cap.headers.get("content-length", "0").strip(" \t") == "0"
-    if method == "GET" and b"%" not in data.split(b" ")[1]:
-        simple = _simple_get(data, "", 64, 2048)
-        if simple is not None:  # the hand parser also steps aside for duplicates
-            assert simple.keep_alive is got[2]
+    data = (f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode("latin-1")
+    _agrees_with_serve(compiled, data, OWNED, PREFIXES)  # the FastPath's view
+    _agrees_with_serve(compiled, data, None)  # the Stamper's: no owned lists
+
+
+def test_wire_agreement_check_is_exercised(compiled: Any) -> None:
+    # The property above only checks what is accepted: make sure that is not nothing.
+    plain = b"GET /a?b HTTP/1.1\r\nHost: x\r\nA:  1 \r\na: 2\r\nConnection: close\r\n\r\n"
+    assert _agrees_with_serve(compiled, plain, OWNED, PREFIXES)
+    token = b"GET /a HTTP/1.1\r\nX-aws-ec2-metadata-token: t\r\n\r\n"
+    assert not _agrees_with_serve(compiled, token, OWNED, PREFIXES) and _agrees_with_serve(compiled, token, None)
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=200))
 def test_wire_survives_arbitrary_bytes(compiled: Any, tail: bytes) -> None:
     for data in (tail, b"GET /" + tail, b"GET / HTTP/1.1\r\n" + tail, b"GET / HTTP/1.1\r\n" + tail + b"\r\n\r\n"):
-        got = compiled.recognise(data, 64, 2048)
-        if got is not None:
-            assert _httptools(data) is not None, data
+        _agrees_with_serve(compiled, data, OWNED, PREFIXES)
+        _agrees_with_serve(compiled, data, None)
 
 
 # -- answering -------------------------------------------------------------------------
@@ -353,7 +478,7 @@ def test_wire_answer_declines_unknown_peer_path_or_oversized(compiled: Any) -> N
     assert fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.12") is None
     assert fast.answer(b"GET /b HTTP/1.1\r\n\r\n", "10.0.0.11") is None
     assert fast.answer(b"GET /a/ HTTP/1.1\r\n\r\n", "10.0.0.11") is None  # only what was remembered
-    small = compiled.FastPath({"10.0.0.11": ({b"/a": (HEAD_200, b"hello")}, UUID)}, None, 20, 64, 2048)
+    small = compiled.FastPath({"10.0.0.11": ({b"/a": (HEAD_200, b"hello")}, UUID)}, None, 20, 64, 2048, OWNED, PREFIXES)
     assert small.answer(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", "10.0.0.11") is None
 
 
@@ -372,7 +497,7 @@ def test_wire_answer_rejects_malformed_tables(compiled: Any, entry: Any) -> None
     fast = _fast(compiled, {b"/a": entry})
     with pytest.raises(TypeError):
         fast.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11")
-    bad_slot = compiled.FastPath({"10.0.0.11": ({}, UUID, "extra")}, None, 8192, 64, 2048)
+    bad_slot = compiled.FastPath({"10.0.0.11": ({}, UUID, "extra")}, None, 8192, 64, 2048, OWNED, PREFIXES)
     with pytest.raises(TypeError):
         bad_slot.answer(b"GET /a HTTP/1.1\r\n\r\n", "10.0.0.11")
 
@@ -454,17 +579,15 @@ def test_wire_date_line_is_imf_fixdate(compiled: Any) -> None:
 # -- buckets ---------------------------------------------------------------------------
 
 
-def _bucket_types() -> list[Any]:
-    types: list[Any] = [wire.PyBucket]
-    if wire.COMPILED:
-        from meta169.api import _wire  # type: ignore[attr-defined]
-
-        types.append(_wire.Bucket)
-    return types
+@pytest.fixture(params=["python", "compiled"])
+def make_bucket(request: pytest.FixtureRequest) -> Any:
+    if request.param == "python":
+        return wire.PyBucket
+    return request.getfixturevalue("compiled").Bucket
 
 
-@pytest.mark.parametrize("make", _bucket_types(), ids=lambda t: t.__module__)
-def test_wire_bucket_burst_refill_and_full(make: Any) -> None:
+def test_wire_bucket_burst_refill_and_full(make_bucket: Any) -> None:
+    make = make_bucket
     bucket = make(10.0, 3.0, 100.0)
     assert [bucket.take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take(100.0) == pytest.approx(0.1)

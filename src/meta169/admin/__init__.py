@@ -1,25 +1,6 @@
-"""Administration: inventory import (and, later, listing and the admin API).
+"""Administration: the authenticated admin HTTP API over the registry (:mod:`.api`).
 
-Owns turning operator files into model objects and writing them to a registry.
-Knows the Registry protocol, never a backend, and nothing of HTTP or the CLI.
+Owns the routes, the bearer-token check and the mapping of errors to statuses. The
+bodies are inventory documents: parsing and dumping them belong to
+:mod:`meta169.inventory`. Knows the Registry protocol, never a backend.
 """
-
-from meta169.admin.inventory import (
-    ImportReport,
-    Inventory,
-    KindCounts,
-    apply_inventory,
-    format_import_report,
-    load_inventory,
-    parse_inventory,
-)
-
-__all__ = [
-    "ImportReport",
-    "Inventory",
-    "KindCounts",
-    "apply_inventory",
-    "format_import_report",
-    "load_inventory",
-    "parse_inventory",
-]

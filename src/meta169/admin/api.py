@@ -30,16 +30,17 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from meta169.admin.inventory import (
+from meta169.errors import Conflict, InventoryError, NotFound, RegistryError, ValidationError
+from meta169.http.message import Request, Response, error_response
+from meta169.inventory import (
     apply_inventory,
     format_import_report,
     instance_to_dict,
     network_to_dict,
+    parse_document,
     parse_inventory,
     router_to_dict,
 )
-from meta169.api.http import Request, Response, error_response
-from meta169.errors import Conflict, InventoryError, NotFound, RegistryError, ValidationError
 from meta169.registry import Registry
 
 log = logging.getLogger("meta169.admin")
@@ -51,7 +52,7 @@ def _json(status: int, value: Any) -> Response:
 
 
 class AdminApp:
-    """Handler for :class:`meta169.api.http.HTTPProtocol`; registry calls run on one thread."""
+    """Handler for :class:`meta169.http.protocol.HTTPProtocol`; registry calls run on one thread."""
 
     def __init__(self, registry: Registry, token: bytes) -> None:
         if len(token) < 16:
@@ -127,7 +128,7 @@ def _put_instance(reg: Registry, args: list[str], body: bytes) -> Response:
     entry.setdefault("uuid", args[0])
     if str(entry["uuid"]) != args[0]:
         raise ValidationError(f"body uuid {entry['uuid']} does not match the path {args[0]}")
-    inventory = parse_inventory(json.dumps({"instances": [entry]}), source="request body", fmt="json")
+    inventory = parse_document({"instances": [entry]}, source="request body")
     report = apply_inventory(reg, inventory)
     status = 201 if report.instances.created else 200
     return _json(status, instance_to_dict(reg.get_instance(inventory.instances[0].uuid)))
@@ -168,7 +169,8 @@ async def start_admin(
     registry: Registry, token: bytes, address: tuple[str, int], *, max_body: int = 4 << 20
 ) -> tuple[asyncio.Server, AdminApp]:
     """Listen on ``address`` (TCP) with the admin API; imports may be up to ``max_body``."""
-    from meta169.api.http import HTTPProtocol, Limits
+    from meta169.http.limits import Limits
+    from meta169.http.protocol import HTTPProtocol
 
     app = AdminApp(registry, token)
     limits = Limits(max_body_bytes=max_body, request_timeout=30.0)

@@ -19,8 +19,8 @@ from typing import TypeVar
 from meta169.api import vendordata
 from meta169.api.identity import NeutronIdentity
 from meta169.api.vendordata import DynamicTarget
-from meta169.api.wire import SiteSlots, WireEntry
 from meta169.errors import AmbiguousCaller, NotFound, RegistryError, UnknownCaller
+from meta169.http.wire import SiteSlots, WireEntry
 from meta169.model import Caller, Instance, Network
 from meta169.registry import Registry
 from meta169.render import RenderOptions, Site, build_site
@@ -68,7 +68,7 @@ class SiteCache:
         self._sites: dict[str, Site] = {}
         self._revision = -1
         self._inflight: dict[Hashable, asyncio.Future[Entry]] = {}
-        # The fast path's tables (api.wire) by network id and by router id, each
+        # The fast path's tables (http.wire) by network id and by router id, each
         # mapping caller address text to a slot. Only ever changed in place:
         # compiled code holds them.
         self._wire_networks: dict[str, SiteSlots] = {}
@@ -158,9 +158,7 @@ class SiteCache:
             return self._wire_networks.setdefault(network_id, {})
         return self._wire_routers.setdefault(router_id, {})
 
-    def remember_wire(
-        self, key: tuple[str, str, object], peer: str, site: Site, path: bytes, entry: WireEntry
-    ) -> None:
+    def remember_wire(self, key: tuple[str, str, object], peer: str, site: Site, path: bytes, entry: WireEntry) -> None:
         """Let the fast path repeat a reply the Python path just gave the caller
         cached under ``key`` (network id, router id, address), whose address the
         request spelled ``peer``.

@@ -19,38 +19,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Literal
 
 from meta169.errors import HTTPError, ValidationError
+from meta169.http.stamp import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER
 from meta169.model import Caller, check_id, parse_ip
-
-BindingKind = Literal["network", "router", "proxy", "neutron"]
-
-# The proxy's own stamp. Guests' copies are removed by the proxy before it stamps.
-HDR_CALLER_IP = "x-meta169-caller-ip"
-HDR_NETWORK = "x-meta169-network-id"
-HDR_ROUTER = "x-meta169-router-id"
-IDENTITY_PREFIX = "x-meta169-"
-# serve asks the proxy to send a reply with this IP TTL / hop limit (IMDSv2 token
-# replies); the proxy applies it on the guest's socket and never forwards the header.
-HDR_HOP_LIMIT = "X-Meta169-Hop-Limit"
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    kind: BindingKind
-    id: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind in ("network", "router"):
-            check_id(self.kind, self.id)
-        elif self.kind not in ("proxy", "neutron"):
-            raise ValidationError(f"unknown listener binding {self.kind!r}")
-
-    @property
-    def scope(self) -> str:
-        return f"{self.kind} {self.id}" if self.id else self.kind
-
 
 
 def caller_from_proxy_headers(headers: dict[str, str]) -> Caller:

@@ -1,7 +1,7 @@
 """The metadata plane: identify the caller, find its site, answer the path.
 
 Owns method rules, the password API and the mapping of typed errors to statuses.
-Does not own framing (``api.http``), identity parsing (``api.identity``) or document
+Does not own framing (``http``), identity parsing (``api.identity``) or document
 content (``render``).
 """
 
@@ -11,22 +11,26 @@ import logging
 from collections.abc import Awaitable
 from urllib.parse import unquote
 
-from meta169.api import tokens, wire
+from meta169.api import tokens
 from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
-from meta169.api.http import Fast, Limits, Request, Response, document_head, error_response
-from meta169.api.identity import (
-    HDR_CALLER_IP,
-    HDR_HOP_LIMIT,
-    Binding,
-    NeutronIdentity,
-    caller_from_proxy_headers,
-    neutron_identity,
-)
+from meta169.api.identity import NeutronIdentity, caller_from_proxy_headers, neutron_identity
 from meta169.api.ratelimit import Buckets, retry_after
 from meta169.api.tokens import TOKEN_HEADER, TTL_HEADER, KeyRing
 from meta169.errors import ConfigError, Conflict, HTTPError, NotFound, RegistryError
+from meta169.http import wire
+from meta169.http.limits import Limits
+from meta169.http.listen import Binding
+from meta169.http.message import Fast, Request, Response, document_head, error_response
+from meta169.http.stamp import (
+    HDR_CALLER_IP,
+    HDR_HOP_LIMIT,
+    HDR_NETWORK,
+    HDR_ROUTER,
+    IDENTITY_PREFIX,
+    ReplayGuard,
+    verify,
+)
 from meta169.model import Caller, MetadataOptions
-from meta169.proxy.stamp import ReplayGuard, verify
 from meta169.render import Site, is_password_path
 from meta169.render.document import SEED_TEXT_BYTES, Document, SeededJSON
 
@@ -36,6 +40,24 @@ log = logging.getLogger("meta169.api")
 PASSWORD_MAX = 4 * 255
 _READ_METHODS = frozenset(("GET", "HEAD"))
 _ALLOW = (("Allow", "GET, HEAD"),)
+
+# The request headers whose presence or value can change what this app answers (read
+# here, in api.identity and in api.tokens; tests/unit/test_owned_headers.py holds the
+# list to their source). The compiled fast path repeats only answers given without
+# any of them, so it declines every request that carries one (http.wire); on a proxy
+# socket it reads the stamp itself (HDR_CALLER_IP with HDR_NETWORK or HDR_ROUTER).
+PYTHON_OWNED_HEADERS = frozenset(
+    (
+        TOKEN_HEADER,  # IMDSv2: a token that is sent must be valid, else 401
+        TTL_HEADER,  # IMDSv2 token PUT
+        "x-forwarded-for",  # a token PUT relayed from inside the guest is refused; Neutron's hop
+        "x-instance-id",  # the Neutron agent's identity (api.identity.neutron_identity)
+        "x-instance-id-signature",
+        "x-tenant-id",
+    )
+)
+# Every X-Meta169-* header: the trusted proxy's stamp and markers, refused from anyone else.
+PYTHON_OWNED_PREFIXES = (IDENTITY_PREFIX,)
 
 
 def _describe(caller: Caller | NeutronIdentity) -> str:
@@ -113,18 +135,23 @@ class MetadataApp:
         buckets = self._buckets.table if self._buckets is not None else None
         sites: wire.SiteSlots | dict[str, wire.SiteSlots]
         routers: dict[str, wire.SiteSlots] | None
+        stamp: tuple[str, str, str] | None = None
         if self._direct is not None:
             sites = self._cache.wire_sites(*self._direct)
             routers = None
         else:
             sites, routers = self._cache.wire_scopes
+            stamp = (HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER)
         return wire.fast_path(
             sites,
             buckets,
             max_header_bytes=limits.max_header_bytes,
             max_headers=limits.max_headers,
             max_url_bytes=limits.max_url_bytes,
+            owned=PYTHON_OWNED_HEADERS,
+            owned_prefixes=PYTHON_OWNED_PREFIXES,
             routers=routers,
+            stamp=stamp,
         )
 
     def __call__(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
@@ -193,7 +220,7 @@ class MetadataApp:
             if caller is None:
                 caller = self._identify(req)
             # Nova answers 404 for an unknown instance; say in the log which network
-            # and IP had none, the first thing an operator needs (BRIEF section 2).
+            # and IP had none: the first thing an operator asks when a guest gets no keys.
             if entry.reason == MISS_AMBIGUOUS:
                 log.error("refusing ambiguous caller: %s", entry.error)
             else:

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meta169.api.wire import Bucket, BucketLike
 from meta169.errors import ConfigError
+from meta169.http.wire import Bucket, BucketLike
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class RateLimit:
 
 class Buckets:
     """Buckets by instance uuid. ``table`` is shared with the compiled fast path
-    (``api.wire``), which takes from the same bucket objects: one budget per
+    (``http.wire``), which takes from the same bucket objects: one budget per
     instance whichever path answers. It is only ever changed in place."""
 
     __slots__ = ("_burst", "_clock", "_max", "_rate", "table")

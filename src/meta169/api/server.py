@@ -14,70 +14,25 @@ import logging
 import os
 import signal
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from meta169.api import wire
 from meta169.api.cache import SiteCache
-from meta169.api.http import ConnectionTracker, HTTPProtocol, Limits, Ticker
+from meta169.api.config import ServeConfig
 from meta169.api.metadata import MetadataApp
 from meta169.api.ratelimit import Buckets
 from meta169.api.tokens import KeyRing
-from meta169.config import ListenAddress, ServeConfig
 from meta169.errors import ConfigError
+from meta169.http import wire
+from meta169.http.limits import Limits
+from meta169.http.listen import LISTEN_BACKLOG, ListenAddress, open_listen_socket
+from meta169.http.loop import loop_factory
+from meta169.http.protocol import ConnectionTracker, HTTPProtocol, Ticker
 from meta169.registry import Registry, open_registry
 from meta169.render import RenderOptions
 from meta169.render.document import seed_pool_bytes
 
 log = logging.getLogger("meta169.serve")
-
-# Connections waiting to be accepted. Given again to create_server: uvloop listens
-# anew with its own backlog (100 by default), which a burst of per-request
-# connections (Neutron's haproxy, a proxy opening its pool) overflows into EAGAIN.
-LISTEN_BACKLOG = 4096
-
-
-def open_listen_socket(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
-    """Bind a listening socket (TCP or Unix); errors name the address."""
-    if address.unix_path is not None:
-        return _open_unix(address.unix_path)
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((address.host, address.port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
-    sock.setblocking(False)
-    return sock
-
-
-def _open_unix(path: Path) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-        else:
-            raise ConfigError(f"cannot listen on unix:{path}: a non-socket file is in the way")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old = os.umask(0o117)  # srw-rw----: trust comes from who may connect
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
-    sock.setblocking(False)
-    return sock
 
 
 @dataclass
@@ -173,8 +128,10 @@ async def start(
         cache.close()
         raise
     if not wire.compiled():
-        log.warning("compiled fast path not built (needs gcc and Python headers at install): all requests take "
-                    "the Python path, several times slower")
+        log.warning(
+            "compiled fast path not built (needs gcc and Python headers at install): all requests take "
+            "the Python path, several times slower"
+        )
     running = RunningServer(cache, servers, addresses, ticker)
     running._tasks.append(loop.create_task(cache.poll_forever(config.poll_interval)))
     return running
@@ -236,12 +193,3 @@ async def _serve_until_signal(
         on_ready(running.addresses)
     await stop.wait()
     await running.close()
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory

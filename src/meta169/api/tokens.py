@@ -3,9 +3,9 @@
 A token is ``base64url(version | key id | expiry | instance uuid | nonce | mac)``
 where ``mac`` is HMAC-SHA256 over everything before it, truncated to 16 bytes. No
 server-side state: any ``serve`` process or node holding the key ring accepts any
-other's tokens, and memory does not grow with tokens issued (issue 5: "no
-unbounded memory per token"). Rotation: the ring's first key seals, every key in it
-opens, so a retiring key stays listed for one maximum TTL (6 h) as a grace period.
+other's tokens, and memory does not grow with tokens issued. Rotation: the ring's
+first key seals, every key in it opens, so a retiring key stays listed for one
+maximum TTL (6 h) as a grace period.
 
 Rules from the EC2 user guide ("Use IMDSv2") and botocore's IMDSFetcher:
 TTL 1..21600 seconds, 400 for a missing or bad TTL, 401 for an invalid or expired
@@ -23,7 +23,6 @@ import os
 import struct
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +93,7 @@ class KeyRing:
 
 
 def load_key_ring(path: Path) -> KeyRing:
-    from meta169.config import read_secret_file
+    from meta169.secretfile import read_secret_file
 
     return KeyRing.parse(read_secret_file(path, what="--token-key-file").decode(), source=str(path))
 
@@ -129,7 +128,7 @@ def is_valid(ring: KeyRing, token: str, instance_uuid: str, *, now: float | None
         return False
     # The decoder ignores the spare low bits of the last character, so 16 spellings
     # (and padded ones) would open the same token: accept only the canonical one,
-    # or a tampered token passes (issue 5 hostile suite, "tampered token -> 401").
+    # or a tampered token with a changed last character passes.
     if len(raw) != _TOKEN_LEN or base64.urlsafe_b64encode(raw).rstrip(b"=") != token.encode("ascii", "replace"):
         return False
     head, mac = raw[: _HEAD.size], raw[_HEAD.size :]
@@ -144,12 +143,3 @@ def is_valid(ring: KeyRing, token: str, instance_uuid: str, *, now: float | None
     if expiry <= (time.time() if now is None else now):
         return False
     return bool(uuid_bytes == uuidlib.UUID(instance_uuid).bytes)
-
-
-def seconds_left(token: str) -> int:
-    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    return int(_HEAD.unpack(raw[: _HEAD.size])[2] - time.time())
-
-
-def key_ring_text(keys: Sequence[TokenKey]) -> str:
-    return "".join(f"{k.id}:{k.secret.hex()}\n" for k in keys)

@@ -19,13 +19,11 @@ from meta169.client.client import ClientConfig, IMDSv2Mode, MetadataClient
 from meta169.client.tree import leaf_to_json, tree_to_json
 from meta169.client.url import DEFAULT_URL, parse_url
 from meta169.errors import ClientError
+from meta169.exits import EXIT_FINDINGS, EXIT_RUNTIME, cli_errors, fail
 
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    # meta169.cli imports this module to register the command: import it lazily.
-    from meta169.cli import EXIT_FINDINGS, EXIT_RUNTIME, cli_errors, fail
-
     with cli_errors():
         try:
             yield
@@ -108,4 +106,3 @@ def _write_body(body: bytes) -> None:
     if body and not body.endswith(b"\n") and sys.stdout.isatty():
         out.write(b"\n")
     out.flush()
-

@@ -143,9 +143,7 @@ class MetadataClient:
         """The body of ``path``; ``ClientError(reason="status")`` unless the reply is 2xx."""
         reply = self.get(path)
         if not reply.ok:
-            raise ClientError(
-                f"HTTP {reply.status}", reason="status", url=self.endpoint.url(path), status=reply.status
-            )
+            raise ClientError(f"HTTP {reply.status}", reason="status", url=self.endpoint.url(path), status=reply.status)
         return reply.body
 
     def crawl(self, path: str) -> Crawl:

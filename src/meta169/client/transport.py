@@ -44,9 +44,7 @@ class Reply:
 class Transport(Protocol):
     """Sends one request and returns the reply; raises ``ClientError`` on failure."""
 
-    def __call__(
-        self, method: str, path: str, headers: Mapping[str, str], *, body: bytes | None = None
-    ) -> Reply: ...
+    def __call__(self, method: str, path: str, headers: Mapping[str, str], *, body: bytes | None = None) -> Reply: ...
 
 
 def classify_connect_error(exc: OSError) -> str:
@@ -125,9 +123,7 @@ class HTTPTransport:
     user_agent: str = USER_AGENT
     connect: Callable[[Endpoint, float], socket.socket] = open_connection
 
-    def __call__(
-        self, method: str, path: str, headers: Mapping[str, str], *, body: bytes | None = None
-    ) -> Reply:
+    def __call__(self, method: str, path: str, headers: Mapping[str, str], *, body: bytes | None = None) -> Reply:
         url = self.endpoint.url(path)
         sock = self.connect(self.endpoint, self.timeout)
         conn = _Connection(sock, self.timeout)
@@ -154,4 +150,3 @@ class HTTPTransport:
             raise ClientError(f"connection failed: {exc.strerror or exc}", reason="connect", url=url) from exc
         finally:
             conn.close()
-

@@ -20,7 +20,9 @@ IPV6_METADATA = ipaddress.IPv6Address("fe80::a9fe:a9fe")
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _ZONE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
-_BRACKETED_RE = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)\[(?P<addr>[^\]%]+)(?:%(?P<zone>[^\]]*))?\](?P<rest>.*)$")
+_BRACKETED_RE = re.compile(
+    r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)\[(?P<addr>[^\]%]+)(?:%(?P<zone>[^\]]*))?\](?P<rest>.*)$"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,7 +122,7 @@ def bundle_path(guest_path: str) -> str:
 
 def guest_files(bundle: Mapping[str, str]) -> dict[str, str]:
     """The ``files/`` part of a bundle keyed by guest path."""
-    return {"/" + k[len(FILES):]: v for k, v in bundle.items() if k.startswith(FILES)}
+    return {"/" + k[len(FILES) :]: v for k, v in bundle.items() if k.startswith(FILES)}
 
 
 # --- live collection (IO through injected callables) -----------------------------------------
@@ -191,17 +191,20 @@ def collect(collector: Collector) -> dict[str, str]:
                                                                                    *knobs.NO_PROXY_VARS)}  # fmt: skip
     bundle[ENV] = json.dumps(proxy_env, indent=2, sort_keys=True) + "\n"
     bundle[PS] = "".join(f"{name}\n" for name in sorted(set(collector.processes())))
-    bundle[META] = json.dumps(
-        {
-            "format": FORMAT,
-            "platform": "linux",
-            "hostname": socket.gethostname(),
-            "kernel": platform.release(),
-            "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "errors": errors,
-        },
-        indent=2,
-    ) + "\n"
+    bundle[META] = (
+        json.dumps(
+            {
+                "format": FORMAT,
+                "platform": "linux",
+                "hostname": socket.gethostname(),
+                "kernel": platform.release(),
+                "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "errors": errors,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return bundle
 
 

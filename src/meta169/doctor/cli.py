@@ -11,8 +11,6 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +32,8 @@ from meta169.doctor.model import Report
 from meta169.doctor.probes import DEFAULT_TIMEOUT, run_probes
 from meta169.doctor.render import render_human, render_json
 from meta169.errors import ConfigError, PlumbingError, ValidationError
+from meta169.exits import cli_errors
 from meta169.model import Caller, check_id, parse_ip
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    # meta169.cli imports this module to register the command: import it lazily.
-    from meta169.cli import cli_errors
-
-    with cli_errors():
-        yield
 
 
 def _unicode(force_ascii: bool) -> bool:
@@ -69,7 +59,7 @@ def live_bundle(
         return b.read_text_file(path)
 
     def find(pattern: str) -> list[str]:
-        return [p[len(root):] for p in glob.glob(root + pattern)]
+        return [p[len(root) :] for p in glob.glob(root + pattern)]
 
     def read_config(path: str) -> str | None:
         return b.read_text_file(root + path)
@@ -123,7 +113,7 @@ def _netns(items: tuple[str, ...]) -> tuple[tuple[str, host.Role | None], ...]:
 
 
 def _read_secret(path: str) -> bytes:
-    from meta169.config import read_secret_file
+    from meta169.secretfile import read_secret_file
 
     return read_secret_file(Path(path), what="the proxy's --secret-file")
 
@@ -196,7 +186,7 @@ def doctor(
     serve, shared secret, registry. Exit 0: no error findings; 1: error findings;
     2: usage; 4: could not run.
     """
-    with _errors():
+    with cli_errors():
         unicode = _unicode(force_ascii)
         if sum(bool(x) for x in (host_mode, collect_dir, offline_dir)) > 1:
             raise ConfigError("give at most one of --host, --collect DIR and --offline DIR")
@@ -256,4 +246,3 @@ def _run_host(
         raise PlumbingError("could not inspect any namespace (root needed for ip netns exec): "
                             + "; ".join(e for ns in facts.namespaces for e in ns.errors[:1]))  # fmt: skip
     _emit(host.analyse(facts), as_json, unicode)
-

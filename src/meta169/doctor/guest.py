@@ -6,11 +6,12 @@ for 169.254.169.254, the metadata NIC, the current DHCP lease per interface);
 it and draws the path guest -> route -> gateway or DHCP port -> REDIRECT ->
 proxy -> server -> registry with the hop that breaks.
 
-The seed [BRIEF 1]: ``169.254.0.0/16 dev eth0 scope link metric 1002`` beats the
-default route by longest prefix, so 169.254.169.254 is sent on-link and the guest
-ARPs for it; behind a router nobody answers. The same on-link route works in an
-isolated network, where the DHCP port itself holds 169.254.169.254, which is why
-the zeroconf finding is an error only without evidence of an on-link answer.
+CentOS 6's zeroconf route (tests/unit/corpus/centos6-zeroconf),
+``169.254.0.0/16 dev eth0 scope link metric 1002``, beats the default route by
+longest prefix, so 169.254.169.254 is sent on-link and the guest ARPs for it;
+behind a router nobody answers. The same on-link route works in an isolated
+network, where the DHCP port itself holds 169.254.169.254, which is why the
+zeroconf finding is an error only without evidence of an on-link answer.
 """
 
 from __future__ import annotations
@@ -66,9 +67,6 @@ class GuestView:
         name = self.facts.source(fact)
         return f"{name}: " if name else ""
 
-    def lease_for(self, interface: str) -> DhcpLease | None:
-        return next((lease for lease in self.leases if lease.interface == interface), None)
-
     def has_host_route(self) -> bool:
         return any(r.destination == METADATA_HOST_ROUTE and r.table == "main" for r in self.facts.routes)
 
@@ -119,8 +117,10 @@ def view(facts: Facts) -> GuestView:
         primary = next((lease.interface for lease in leases if lease.has_metadata_host_route and lease.interface), None)
     if primary is None:
         primary = next((link.name for link in facts.links if _usable_v4(link)), None)
-    ipv6_only = bool(facts.links) and not any(_usable_v4(link) for link in facts.links) and any(
-        not link.is_loopback and link.ipv6 for link in facts.links
+    ipv6_only = (
+        bool(facts.links)
+        and not any(_usable_v4(link) for link in facts.links)
+        and any(not link.is_loopback and link.ipv6 for link in facts.links)
     )
     return GuestView(facts, choice, primary, default, leases, ipv6_only)
 
@@ -195,8 +195,10 @@ def _persistent_link_local_fixes(v: GuestView, dev: str) -> list[Remedy]:
         fixes.append(Remedy("persist", "remove avahi-autoipd (apt-get remove avahi-autoipd) or its ifupdown hook "
                                        f"{knobs.AVAHI_HOOK}"))  # fmt: skip
     if not fixes and v.facts.platform != "windows":
-        text = (f"on RHEL-family images: NOZEROCONF=yes in {knobs.SYSCONFIG_NETWORK}; otherwise disable IPv4 "
-                "link-local in the network manager that adds the route")
+        text = (
+            f"on RHEL-family images: NOZEROCONF=yes in {knobs.SYSCONFIG_NETWORK}; otherwise disable IPv4 "
+            "link-local in the network manager that adds the route"
+        )
         fixes.append(Remedy("persist", text))
     return fixes
 
@@ -310,8 +312,10 @@ def check_ipv6_only(v: GuestView) -> Iterator[Hit]:
     v6_links = [ln.name for ln in v.facts.links if ln.ipv6 and not ln.is_loopback]
     dev = v6_ok[0].interface if v6_ok else (v6_links[0] if v6_links else "eth0")
     url = f"http://[fe80::a9fe:a9fe%{dev}]/"
-    client = (f"point the metadata client at {url} (cloud-init: datasource: OpenStack: "
-              f"metadata_urls: ['http://[fe80::a9fe:a9fe%25{dev}]'])")
+    client = (
+        f"point the metadata client at {url} (cloud-init: datasource: OpenStack: "
+        f"metadata_urls: ['http://[fe80::a9fe:a9fe%25{dev}]'])"
+    )
     fixes = (
         Remedy("check", f"meta169 query --url '{url}' /openstack", ("meta169", "query", "--url", url, "/openstack")),
         Remedy("persist", client),
@@ -439,9 +443,11 @@ def check_gateway_unreachable(v: GuestView) -> Iterator[Hit]:
         return
     for n in v.facts.neighbours:
         if n.address == route.gateway and n.unanswered and (not route.dev or n.dev == route.dev):
-            yield Hit(f"the next hop {route.gateway} does not answer ARP on {n.dev}",
-                      (f"{v.src('routes')}{route.evidence}", f"{v.src('neighbours')}{n.evidence}"),
-                      (Remedy("host", f"check the router or DHCP port owning {route.gateway}: {HOST_DOCTOR}"),))
+            yield Hit(
+                f"the next hop {route.gateway} does not answer ARP on {n.dev}",
+                (f"{v.src('routes')}{route.evidence}", f"{v.src('neighbours')}{n.evidence}"),
+                (Remedy("host", f"check the router or DHCP port owning {route.gateway}: {HOST_DOCTOR}"),),
+            )
 
 
 # --- guest settings ---------------------------------------------------------------------------------
@@ -599,11 +605,15 @@ def check_metadata_no_answer(v: GuestView) -> Iterator[Hit]:
     if route is not None:
         ev.append(f"{v.src('routes')}{route.evidence}")
     if tcp.outcome == "unreachable":
-        summary = ("connecting to 169.254.169.254:80 failed with 'no route to host': ARP for the next hop got no "
-                   "answer, or the router answered with ICMP unreachable because it does not REDIRECT 169.254.169.254")
+        summary = (
+            "connecting to 169.254.169.254:80 failed with 'no route to host': ARP for the next hop got no "
+            "answer, or the router answered with ICMP unreachable because it does not REDIRECT 169.254.169.254"
+        )
     else:
-        summary = ("connecting to 169.254.169.254:80 timed out: the next hop drops it; a router without the "
-                   "REDIRECT rule, or an isolated network whose DHCP port lacks 169.254.169.254")
+        summary = (
+            "connecting to 169.254.169.254:80 timed out: the next hop drops it; a router without the "
+            "REDIRECT rule, or an isolated network whose DHCP port lacks 169.254.169.254"
+        )
     yield Hit(summary, tuple(ev), (Remedy("host", f"{HOST_DOCTOR} on the network node: REDIRECT rules, isolated "
                                                   "address, proxy"),))  # fmt: skip
 
@@ -640,9 +650,12 @@ def check_metadata_not_found(v: GuestView) -> Iterator[Hit]:
         ips = _guest_ips(v)
         if ips:
             ev.append(f"this guest's addresses: {ips}")
-        yield Hit("the metadata service answers but does not know this instance (404 on every tree): the registry "
-                  "has no instance with this guest's address on its network, or several", tuple(ev),
-                  (Remedy("host", f"{HOST_DOCTOR} --network <id> --ip <guest address>; meta169 instance list"),))
+        yield Hit(
+            "the metadata service answers but does not know this instance (404 on every tree): the registry "
+            "has no instance with this guest's address on its network, or several",
+            tuple(ev),
+            (Remedy("host", f"{HOST_DOCTOR} --network <id> --ip <guest address>; meta169 instance list"),),
+        )
 
 
 def check_metadata_forbidden(v: GuestView) -> Iterator[Hit]:

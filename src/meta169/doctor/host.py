@@ -8,7 +8,7 @@ What "right" means comes from the code that builds the path, not from a second
 copy of it: the router rules are :func:`meta169.plumbing.iptables.router_rules`
 compared line by line through :func:`~meta169.plumbing.iptables.expected_lines`;
 the proxy's listeners are its own listener file or flags; the secret check is a
-request signed by :func:`meta169.proxy.stamp.sign`, which ``serve`` answers 403
+request signed by :func:`meta169.http.stamp.sign`, which ``serve`` answers 403
 "proxy signature mismatch" when the secrets differ.
 """
 
@@ -173,20 +173,6 @@ def parse_proc_net_tcp(text: str) -> tuple[ListenSocket, ...]:
             continue
         addr, _, port = cols[1].partition(":")
         out.append(ListenSocket(_hex_addr(addr), int(port, 16)))
-    return tuple(out)
-
-
-def parse_ss_listen(text: str) -> tuple[ListenSocket, ...]:
-    """LISTEN sockets from ``ss -ltn`` (with or without -p)."""
-    out = []
-    for raw in text.splitlines():
-        cols = raw.split()
-        if len(cols) < 4 or cols[0] != "LISTEN":
-            continue
-        host, _, port = cols[3].rpartition(":")
-        host = host.strip("[]").split("%", 1)[0]
-        address = ipaddress.ip_address("0.0.0.0" if host == "*" else host)
-        out.append(ListenSocket(address, int(port)))
     return tuple(out)
 
 

@@ -211,7 +211,7 @@ def collect_namespace(
 def _server_answer(
     col: HostCollector, upstream: str, secret_file: str, caller: Caller, notes: list[str]
 ) -> ServerAnswer:
-    from meta169.proxy.stamp import HDR_SIGNATURE, sign, stamp_headers
+    from meta169.http.stamp import HDR_SIGNATURE, sign, stamp_headers
 
     label = f"{caller.ip} on {caller.scope}"
     if caller is PROBE_CALLER:

@@ -6,7 +6,7 @@ Pure readers of configuration text:
   ``169.254.0.0/16 dev DEV metric 1000+ifindex scope link`` unless ``NOZEROCONF``
   is non-empty (``[ -z "${NOZEROCONF}" ]``: even ``NOZEROCONF=no`` disables it);
   ``ifup-eth`` sources /etc/sysconfig/network and the interface's ifcfg file, so
-  either may set it [initscripts network-scripts/ifup-eth; the seed].
+  either may set it [initscripts network-scripts/ifup-eth; tests/unit/corpus/centos6-zeroconf].
 - NetworkManager keyfiles: ``[ipv4] link-local=`` (NMSettingIP4LinkLocal: 0
   default, 1 auto, 2 disabled, 3 enabled, 4 fallback), ``method=link-local``,
   ``ignore-auto-routes=true``; the global default ``ipv4.link-local`` in a

@@ -153,8 +153,10 @@ def parse_dhclient(text: str, source: str, *, client: LeaseClient = "dhclient") 
             if name not in opts:
                 continue
             raw = opts[name]
-            routes = dhcp_options.from_dhclient(raw) if not name.startswith("unknown") else dhcp_options.decode(
-                _hex_octets(raw)
+            routes = (
+                dhcp_options.from_dhclient(raw)
+                if not name.startswith("unknown")
+                else dhcp_options.decode(_hex_octets(raw))
             )
             evidence.append(f"option {name} {raw};  (= {', '.join(str(r) for r in routes)})")
             if code == 121:

@@ -20,7 +20,8 @@ HopState: TypeAlias = Literal["ok", "broken", "warning", "unknown", "n/a"]
 When: TypeAlias = Literal["now", "persist", "cloud", "host", "check"]
 
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
-# The metadata path, guest first [BRIEF 4; issue 4 "Output"].
+# The hops of the metadata path, guest first: the path the doctor draws, and the
+# order its findings are sorted in.
 HOPS: tuple[HopId, ...] = ("guest", "route", "next-hop", "redirect", "proxy", "server", "registry")
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 

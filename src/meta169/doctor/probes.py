@@ -28,7 +28,6 @@ from meta169.errors import ClientError, ValidationError
 
 Outcome: TypeAlias = Literal["ok", "http", "refused", "timeout", "unreachable", "read-timeout", "error", "skipped"]
 OUTCOMES: tuple[Outcome, ...] = ("ok", "http", "refused", "timeout", "unreachable", "read-timeout", "error", "skipped")
-PROBE_NAMES = ("tcp", "openstack", "ec2", "imdsv2", "ipv6")
 DEFAULT_TIMEOUT = 3.0
 
 # ClientError.reason -> outcome; "connect", "protocol" and "status" are plain errors.

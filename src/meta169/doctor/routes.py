@@ -540,15 +540,15 @@ def matching(routes: Iterable[Route], destination: IPAddress, table: str = "main
     found = [
         r
         for r in routes
-        if r.table == table and r.version == destination.version and destination in r.destination
+        if r.table == table
+        and r.version == destination.version
+        and destination in r.destination
         and r.type not in ("broadcast", "multicast")
     ]
     return tuple(sorted(found, key=lambda r: (-r.destination.prefixlen, r.metric)))
 
 
-def select_route(
-    routes: Sequence[Route], destination: IPAddress, rules: Sequence[Rule] = ()
-) -> RouteChoice:
+def select_route(routes: Sequence[Route], destination: IPAddress, rules: Sequence[Rule] = ()) -> RouteChoice:
     """What the kernel does with a packet to ``destination`` (see the module docstring)."""
     active = tuple(sorted(rules, key=lambda r: r.priority)) if rules else DEFAULT_RULES
     skipped: list[Rule] = []

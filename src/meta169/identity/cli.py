@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
 from meta169.errors import ConfigError
+from meta169.exits import cli_errors
 from meta169.identity.signer import (
     CERT_FILE,
     DEFAULT_ACCOUNT,
@@ -41,15 +40,6 @@ _dir_option = click.option(
 )
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    # meta169.cli imports this module to register the group: import it lazily.
-    from meta169.cli import cli_errors
-
-    with cli_errors():
-        yield
-
-
 def _resolve(directory: Path | None) -> Path:
     if directory is not None:
         return directory
@@ -69,7 +59,7 @@ def identity() -> None:
 )
 def init(directory: Path | None, account: str, bits: str) -> None:
     """Make the signing key (mode 0600) and its self-signed certificate (10 years)."""
-    with _errors():
+    with cli_errors():
         target = _resolve(directory)
         generate_identity_key(target, account_id=account, bits=int(bits))
     click.echo(f"wrote {target / KEY_FILE} (mode 0600) and {target / CERT_FILE}")
@@ -82,7 +72,7 @@ def cert(directory: Path | None) -> None:
     """Print the certificate (PEM) that guests and services verify documents with."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    with _errors():
+    with cli_errors():
         certificate = load_identity_certificate(_resolve(directory))
     click.echo(certificate.public_bytes(Encoding.PEM).decode("ascii"), nl=False)
 
@@ -91,13 +81,26 @@ _input = click.Path(dir_okay=False, path_type=Path)
 
 
 @identity.command("verify")
-@click.option("--cert", "cert_file", required=True, type=_input,
-              help="The operator's certificate (PEM), as printed by meta169 identity cert.")
-@click.option("--document", "document_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="The document as served (FILE, or - for stdin) [default: the one the pkcs7 carries].")
+@click.option(
+    "--cert",
+    "cert_file",
+    required=True,
+    type=_input,
+    help="The operator's certificate (PEM), as printed by meta169 identity cert.",
+)
+@click.option(
+    "--document",
+    "document_file",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="The document as served (FILE, or - for stdin) [default: the one the pkcs7 carries].",
+)
 @click.option("--signature", "signature_file", type=_input, help="dynamic/instance-identity/signature.")
-@click.option("--pkcs7", "pkcs7_file", type=_input,
-              help="dynamic/instance-identity/pkcs7 (with or without BEGIN/END PKCS7 lines).")
+@click.option(
+    "--pkcs7",
+    "pkcs7_file",
+    type=_input,
+    help="dynamic/instance-identity/pkcs7 (with or without BEGIN/END PKCS7 lines).",
+)
 @click.option("--rsa2048", "rsa2048_file", type=_input, help="dynamic/instance-identity/rsa2048.")
 def verify(
     cert_file: Path,
@@ -107,7 +110,7 @@ def verify(
     rsa2048_file: Path | None,
 ) -> None:
     """Check an instance identity document: exit 0 if valid, 1 if not."""
-    with _errors():
+    with cli_errors():
         result = verify_document(
             None if document_file is None else _read(document_file, "--document"),
             _text(signature_file, "--signature"),

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from meta169.config import read_secret_file
 from meta169.errors import ConfigError, ValidationError
+from meta169.secretfile import read_secret_file
 
 KEY_FILE = "identity-key.pem"
 CERT_FILE = "identity-cert.pem"
@@ -66,9 +66,7 @@ class IdentityKey:
         if not isinstance(self.private_key, rsa.RSAPrivateKey):
             raise ValidationError("the identity key must be an RSA key")
         if self.private_key.key_size not in KEY_SIZES:
-            raise ValidationError(
-                f"the identity key has {self.private_key.key_size} bits; use one of {KEY_SIZES}"
-            )
+            raise ValidationError(f"the identity key has {self.private_key.key_size} bits; use one of {KEY_SIZES}")
         if self.certificate.public_key() != self.private_key.public_key():
             raise ValidationError("the certificate does not belong to the identity key")
 
@@ -202,7 +200,7 @@ def load_identity_key(directory: Path) -> IdentityKey:
     """Load the key and certificate written by :func:`generate_identity_key`.
 
     The key file must be readable by its owner only, like every secret meta169
-    reads (:func:`meta169.config.read_secret_file`); errors are :class:`ConfigError`.
+    reads (:func:`meta169.secretfile.read_secret_file`); errors are :class:`ConfigError`.
     """
     key_path = directory / KEY_FILE
     key_pem = read_secret_file(key_path, what="identity key")

@@ -5,39 +5,46 @@ namespace's REDIRECT, tenant B (isolated) through its DHCP namespace, which owns
 metadata address. Real dnsmasq, dhclient, ``meta169 serve`` and one ``meta169 proxy``
 run in it; cloud-init (or anything else) runs inside the VM namespaces.
 
-- ``plan``       the topology as data (names, addresses, registry objects, configs); pure
-- ``state``      the state file ``lab up`` writes as it goes, so ``lab down`` is exact
-- ``processes``  detached background processes, stopped by PID after a cmdline check
-- ``faults``     the faults ``lab break``/``lab heal`` inflict and undo, as a table
-- ``lab``        :class:`Lab`: up, load, status, exec, fault seams, break/heal, down
-- ``cli``        the ``meta169 lab`` click group
+- ``names``        the defaults (name, state root, VMs per network); constants only
+- ``plan``         the topology as data (names, addresses, registry objects, configs); pure
+- ``state``        the state file ``lab up`` writes as it goes, so ``lab down`` is exact
+- ``network``      namespaces, bridges, veths, addresses, router rules; VM checks
+- ``seed``         the lab's own registry, filled from the plan
+- ``processes``    detached background processes, stopped by PID after a cmdline check
+- ``supervise``    the lab's processes by role: serve, proxy, dnsmasq, dhclient
+- ``guest``        inside a VM: its metadata routes, a GET of 169.254.169.254
+- ``doctor_argv``  the ``meta169 doctor`` command lines for a VM and for the host
+- ``status``       what ``lab status`` shows
+- ``lifecycle``    ``lab up`` and ``lab down``: order, and cleanup on failure
+- ``faults``       the faults ``lab break``/``lab heal`` inflict and undo, as a table
+- ``lab``          :class:`Lab`, a facade over the modules above
+- ``cli``          the ``meta169 lab`` click group
 
 Never creates anything in the host's namespace (no veth leg, no address, no rule)
 and never touches host files outside its state directory.
+
+This package only re-exports; its submodules import each other, never it. The
+heavy names load on first use, so that building the CLI does not import the lab.
 """
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from meta169.lab.lab import Lab, TeardownReport, check_prerequisites, lab_namespaces
-    from meta169.lab.plan import LabConfig, LabPlan, TenantPlan, VMPlan, plan_lab
+from meta169.lab.names import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
 
-# Defaults the CLI shows in --help. They live here, not in ``plan``, so that
-# ``meta169 serve`` and friends do not import the lab to build their command line.
-DEFAULT_NAME = "default"
-DEFAULT_STATE_ROOT = Path("/run/meta169-lab")
-DEFAULT_VMS_PER_NETWORK = 2
-MAX_VMS_PER_NETWORK = 9
+if TYPE_CHECKING:
+    from meta169.lab.lab import Lab
+    from meta169.lab.lifecycle import TeardownReport, check_prerequisites
+    from meta169.lab.network import lab_namespaces
+    from meta169.lab.plan import LabConfig, LabPlan, TenantPlan, VMPlan, plan_lab
 
 _EXPORTS = {
     "Lab": "meta169.lab.lab",
-    "TeardownReport": "meta169.lab.lab",
-    "check_prerequisites": "meta169.lab.lab",
-    "lab_namespaces": "meta169.lab.lab",
+    "TeardownReport": "meta169.lab.lifecycle",
+    "check_prerequisites": "meta169.lab.lifecycle",
+    "lab_namespaces": "meta169.lab.network",
     "LabConfig": "meta169.lab.plan",
     "LabPlan": "meta169.lab.plan",
     "TenantPlan": "meta169.lab.plan",

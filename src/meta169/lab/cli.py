@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from meta169.lab import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
+from meta169.exits import cli_errors
+from meta169.lab.names import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
 
 if TYPE_CHECKING:
     from meta169.lab.plan import LabConfig
@@ -42,15 +42,6 @@ def _lab_options(fn: F) -> F:
         help="Lab name (1-12 of a-z0-9); namespaces are m169lab-NAME-... [env META169_LAB].",
     )(fn)
     return fn
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    # meta169.cli imports this module to register the group: import it lazily.
-    from meta169.cli import cli_errors
-
-    with cli_errors():
-        yield
 
 
 def _config(name: str, state_dir: Path | None, **extra: Any) -> LabConfig:
@@ -93,7 +84,7 @@ def up(
     """Build the lab and wait until every VM has its DHCP lease."""
     from meta169.lab.lab import Lab
 
-    with _errors():
+    with cli_errors():
         config = _config(
             name, state_dir, vms_per_network=vms_per_network,
             dnsmasq_binary=dnsmasq_binary, dhclient_binary=dhclient_binary,
@@ -116,7 +107,7 @@ def status(name: str, state_dir: Path | None, as_json: bool) -> None:
     """Show the lab's VMs, processes and namespaces."""
     from meta169.lab.lab import Lab
 
-    with _errors():
+    with cli_errors():
         _print_status(Lab.load(_config(name, state_dir)).status(), as_json)
 
 
@@ -133,7 +124,7 @@ def exec_(name: str, state_dir: Path | None, vm: str, argv: tuple[str, ...]) -> 
         argv = argv[1:]
     if not argv:
         raise click.UsageError("give a command after the VM: meta169 lab exec a1 -- ip route")
-    with _errors():
+    with cli_errors():
         command = Lab.load(_config(name, state_dir)).exec_argv(vm, argv)
     try:
         os.execvp(command[0], command)  # noqa: S606 - argv list, no shell; the command's exit code is ours
@@ -174,7 +165,7 @@ def break_(name: str, state_dir: Path | None, fault: str, vm: str | None) -> Non
     from meta169.lab.faults import fault as fault_row
     from meta169.lab.lab import Lab
 
-    with _errors():
+    with cli_errors():
         built = Lab.load(_config(name, state_dir))
         record = built.break_fault(fault, vm)
         row = fault_row(record.fault)
@@ -204,7 +195,7 @@ def heal(name: str, state_dir: Path | None, vm: str | None, everything: bool) ->
 
     if vm is not None and everything:
         raise click.UsageError("give a VM or --all, not both")
-    with _errors():
+    with cli_errors():
         built = Lab.load(_config(name, state_dir))
         healed = built.heal(vm, everything=everything)
         left = ", ".join(describe(f) for f in built.faults)
@@ -230,7 +221,7 @@ def doctor(name: str, state_dir: Path | None, vm: str | None, host_mode: bool, a
     if vm is None and not host_mode:
         raise click.UsageError("name a VM (meta169 lab doctor a1) or pass --host")
     extra = ("--json",) if as_json else ()
-    with _errors():
+    with cli_errors():
         built = Lab.load(_config(name, state_dir))
         if host_mode:
             command = built.host_doctor_argv(vm, *extra)
@@ -252,7 +243,7 @@ def down(name: str, state_dir: Path | None, keep_files: bool) -> None:
     """Remove every namespace, veth, rule and process of the lab (also after a crash)."""
     from meta169.lab.lab import Lab
 
-    with _errors():
+    with cli_errors():
         report = Lab.down_named(_config(name, state_dir), keep_files=keep_files)
         click.echo(
             f"lab {name} down: {len(report.namespaces)} namespaces and {len(report.processes)} processes removed"

@@ -6,27 +6,62 @@ faults never fight over one thing and heal knows what to put back), which findin
 the guest doctor (inside an affected VM) and the host doctor report first, and how
 to inflict and heal it through :class:`~meta169.lab.lab.Lab`'s seams.
 
-Choosing a fault's target, finding conflicts, and choosing what a heal undoes are
-pure functions of the plan and the recorded faults. The actions at the bottom are
-the IO shell; they only call Lab methods. Knows nothing of the CLI.
+The rows are the ways the metadata path commonly breaks in the field; ``zeroconf``
+is the seed's own: a CentOS guest with ifup-eth's on-link 169.254.0.0/16 and
+without the DHCP /32 (the README's "Lab faults" has the table with each doctor's
+finding).
 
-[issue 4 "Lab faults"; BRIEF section 4 for the faults, section 1 for the seed's]
+Choosing a fault's target, finding conflicts, and choosing what a heal undoes are
+pure functions of the plan and the recorded faults. The IO shell at the bottom is
+the actions, which only call Lab's seams, and :func:`break_fault` and :func:`heal`,
+which record a fault in the lab's ledger before inflicting it and drop the record
+before healing it. Knows nothing of the CLI.
 """
 
 from __future__ import annotations
 
 import secrets
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import Literal, Protocol, TypeAlias
 
-from meta169.errors import ConfigError, ValidationError
+from meta169.errors import ConfigError, LabError, ValidationError
+from meta169.lab.names import DEFAULT_NAME
 from meta169.lab.plan import LabPlan, Mode, VMPlan
-from meta169.lab.state import FaultRecord
+from meta169.lab.state import FaultRecord, Ledger
 
-if TYPE_CHECKING:
-    from meta169.lab.lab import Lab
+
+class Lab(Protocol):
+    """The seams a fault acts through; :class:`meta169.lab.lab.Lab` provides them.
+
+    A protocol, not an import of that class: the lab imports this table, not the
+    other way round.
+    """
+
+    plan: LabPlan
+    ledger: Ledger
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def faults(self) -> tuple[FaultRecord, ...]: ...
+    def await_metadata(self, vm: str, *, status: int = 200, timeout: float = ...) -> None: ...
+    def add_zeroconf_route(self, vm: str, *, drop_host_route: bool = True) -> None: ...
+    def remove_host_route(self, vm: str) -> None: ...
+    def restore_routes(self, vm: str) -> None: ...
+    def remove_router_rules(self, tenant: str = "a") -> None: ...
+    def apply_router_rules(self, tenant: str = "a") -> None: ...
+    def stop_proxy(self) -> None: ...
+    def ensure_proxy(self) -> None: ...
+    def stop_server(self) -> None: ...
+    def ensure_server(self) -> None: ...
+    def use_tcp_upstream(self, port: int, *, serve_secret: bytes, proxy_secret: bytes) -> None: ...
+    def use_unix_upstream(self) -> None: ...
+    def unregister(self, vm: str) -> None: ...
+    def register(self, vm: str) -> None: ...
+
 
 Scope: TypeAlias = Literal["vm", "router", "lab"]
 # What a fault changes; qualified by its target ("routes:a1", "rules:a", "proxy").
@@ -34,7 +69,7 @@ Resource: TypeAlias = Literal["routes", "registry", "rules", "proxy", "serve"]
 
 SCOPES: tuple[Scope, ...] = ("vm", "router", "lab")
 MODES: tuple[Mode, ...] = ("router", "isolated")
-Action: TypeAlias = Callable[["Lab", FaultRecord], None]
+Action: TypeAlias = Callable[[Lab, FaultRecord], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +222,66 @@ def still_broken(plan: LabPlan, active: Sequence[FaultRecord], vms: Sequence[VMP
     return tuple(vm for vm in vms if any(affects(plan, r, vm) for r in active))
 
 
-# --- the IO shell: each action calls Lab seams only ---------------------------------------------------
+# --- the IO shell: lab break, lab heal, and each fault's actions (Lab seams only) -----------------
+
+
+def break_fault(lab: Lab, name: str, vm: str | None = None) -> FaultRecord:
+    """``lab break NAME [VM]``: inflict fault ``name`` and record it.
+
+    ConfigError for an unknown fault or a VM it cannot break; LabError when
+    something it would change is already broken, or when inflicting fails (what
+    it had changed is then healed again).
+    """
+    ledger = lab.ledger
+    if ledger.state.status != "up":
+        raise LabError(f"lab {lab.name} is {ledger.state.status}, not up: nothing to break")
+    row = fault(name)
+    target = target_of(lab.plan, row, vm)
+    busy = conflict(ledger.state.faults, row, target)
+    if busy is not None:
+        again = "is already active" if busy.key == (row.name, target) else "already changes what it would change"
+        hint = heal_command(busy) + ("" if lab.name == DEFAULT_NAME else f" --name {lab.name}")
+        raise LabError(f"fault {describe(busy)} {again}; heal it first: {hint}")
+    record = FaultRecord(row.name, target, vm, time.time())
+    # Recorded first: a break killed halfway is still known to heal.
+    ledger.update(ledger.state.with_fault(record))
+    try:
+        row.inflict(lab, record)
+    except BaseException as exc:
+        ledger.update(ledger.state.without_fault(record))
+        problem = ""
+        try:
+            row.heal(lab, record)
+        except Exception as undo:  # the original failure must still be reported
+            problem = f"; undoing it failed too: {undo}"
+        if not isinstance(exc, Exception):
+            raise
+        raise LabError(f"lab break {name}: {exc}{problem}") from exc
+    return record
+
+
+def heal(lab: Lab, vm: str | None = None, *, everything: bool = False) -> tuple[FaultRecord, ...]:
+    """``lab heal [VM] [--all]``: undo recorded faults (see :func:`to_heal`), last first.
+
+    Then waits until every VM they broke, and no other fault still breaks, gets
+    its own instance id again (LabError when one does not). A no-op returning ()
+    when nothing is broken.
+    """
+    ledger = lab.ledger
+    chosen = to_heal(lab.plan, ledger.state.faults, vm, everything=everything)
+    for record in chosen:
+        ledger.update(ledger.state.without_fault(record))
+        try:
+            fault(record.fault).heal(lab, record)
+        except BaseException:
+            ledger.update(ledger.state.with_fault(record))  # still broken: heal can be retried
+            raise
+    touched = {v.name: v for r in chosen for v in affected(lab.plan, r)}
+    broken = set(v.name for v in still_broken(lab.plan, ledger.state.faults, list(touched.values())))
+    for name in touched:
+        if name not in broken:
+            lab.await_metadata(name)
+    return chosen
 
 
 def _zeroconf(lab: Lab, record: FaultRecord) -> None:

@@ -2,11 +2,13 @@
 
 Pure. Everything the lab builds follows from a :class:`LabConfig` (name, state
 directory, VMs per network), so ``lab status`` and ``lab down`` recompute the same
-plan from the config stored in the state file. No IO here; :mod:`meta169.lab.lab`
-turns the plan into namespaces, veths, rules and processes.
+plan from the config stored in the state file. No IO here: :mod:`~meta169.lab.network`,
+:mod:`~meta169.lab.seed` and :mod:`~meta169.lab.supervise` turn the plan into
+namespaces, veths, rules, registry rows and processes.
 
-Topology [BRIEF 2 "lab", issue 3 "meta169 lab"]: two tenants whose networks both
-use 10.0.0.0/24, the same VM addresses (10.0.0.11, 10.0.0.12, ...) in both.
+Topology: two tenants whose networks both use 10.0.0.0/24, with the same VM
+addresses (10.0.0.11, 10.0.0.12, ...) in both, so the metadata service must tell
+two guests apart by their network (or router), not by address alone.
 
 - tenant A, routed (``net-a``, ``router-a``): a router namespace holds the gateway
   10.0.0.1 and the REDIRECT rules of :mod:`meta169.plumbing.iptables` for IPv4 and
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from meta169.errors import ConfigError
-from meta169.lab import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
+from meta169.lab.names import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
 from meta169.model import Instance, Network, Port, Router, SSHKey, Subnet
 from meta169.plumbing import dnsmasq, iptables
 from meta169.plumbing.dhclient import DhclientPaths

@@ -6,7 +6,8 @@ removes exactly that even when ``lab up`` was killed halfway. ``lab break``
 records a fault before inflicting it and ``lab heal`` removes the record, so
 ``lab status`` shows what is broken and ``heal`` knows what to undo. (It also sweeps by
 the lab's namespace prefix and process markers, which covers the instant between
-creating something and recording it.) Knows nothing of how things are created.
+creating something and recording it.) :class:`Ledger` holds the current state of
+one lab and writes the file at every change. Knows nothing of how things are created.
 """
 
 from __future__ import annotations
@@ -171,3 +172,42 @@ def load(path: Path) -> LabState | None:
     except ValueError as exc:
         raise LabError(f"{path}: lab state is not JSON: {exc}") from exc
     return LabState.from_json(data, source=str(path))
+
+
+class Ledger:
+    """One lab's current :class:`LabState`, written to ``path`` at every :meth:`update`.
+
+    Nothing is written while ``persist`` is false (a ``lab down`` without a state
+    file; a lab whose files were removed on purpose) or while the state directory
+    does not exist. The constructor does no IO.
+    """
+
+    def __init__(self, state: LabState, path: Path, *, persist: bool = True) -> None:
+        self._state = state
+        self.path = path
+        self.persist = persist
+
+    @property
+    def state(self) -> LabState:
+        return self._state
+
+    def update(self, state: LabState) -> None:
+        """Make ``state`` the current one and write it."""
+        self._state = state
+        self.save()
+
+    def save(self) -> None:
+        if self.persist and self.path.parent.is_dir():
+            save(self._state, self.path)
+
+    def reload(self) -> bool:
+        """Adopt what another process (``meta169 lab break``/``heal``) recorded since.
+
+        False, keeping the current state, when there is nothing to adopt: no file,
+        not persisting, or the file records another lab.
+        """
+        found = load(self.path) if self.persist else None
+        if found is None or found.config.name != self._state.config.name:
+            return False
+        self._state = found
+        return True

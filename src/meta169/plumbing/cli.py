@@ -7,23 +7,13 @@ anything, which is also how an operator reviews a change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import click
 
 from meta169.errors import ConfigError, PlumbingError
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    # meta169.cli imports this module to register the group: import it lazily.
-    from meta169.cli import cli_errors
-
-    with cli_errors():
-        yield
+from meta169.exits import cli_errors
 
 
 @click.group()
@@ -33,8 +23,13 @@ def plumb() -> None:
 
 @plumb.command("router")
 @click.option("--netns", required=True, help="The router's namespace (Neutron: qrouter-ID).")
-@click.option("--iface", "ifaces", multiple=True, required=True,
-              help="Internal (guest-facing) interface; repeatable; '+' wildcard allowed (qr-+).")
+@click.option(
+    "--iface",
+    "ifaces",
+    multiple=True,
+    required=True,
+    help="Internal (guest-facing) interface; repeatable; '+' wildcard allowed (qr-+).",
+)
 @click.option("--port", default=9697, show_default=True, help="Where the proxy listens behind the REDIRECT.")
 @click.option("--family", type=click.Choice(["4", "6", "both"]), default="both", show_default=True)
 @click.option("--remove", is_flag=True, help="Remove our chains and jumps instead.")
@@ -43,7 +38,7 @@ def router(netns: str, ifaces: tuple[str, ...], port: int, family: str, remove: 
     """REDIRECT 169.254.169.254:80 (and [fe80::a9fe:a9fe]:80) to the proxy; MARK, ACCEPT, DROP."""
     from meta169.plumbing import iptables
 
-    with _errors():
+    with cli_errors():
         families: list[Literal[4, 6]] = [4, 6] if family == "both" else [4 if family == "4" else 6]
         for fam in families:
             ruleset = iptables.router_rules(list(ifaces), family=fam, proxy_port=port)
@@ -68,7 +63,7 @@ def isolated(netns: str, iface: str, remove: bool) -> None:
     """Put 169.254.169.254/32 and fe80::a9fe:a9fe/128 on the DHCP port (idempotent)."""
     from meta169.plumbing import netns as ns
 
-    with _errors():
+    with cli_errors():
         fams: tuple[Literal[4, 6], ...] = (4, 6)
         for fam in fams:
             if remove:
@@ -84,8 +79,12 @@ def isolated(netns: str, iface: str, remove: bool) -> None:
 @click.option("--network", "network_id", required=True, help="Registry network id.")
 @click.option("--iface", required=True, help="The DHCP port's interface inside --netns.")
 @click.option("--netns", help="Namespace to run dnsmasq in (needed unless --show).")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Where the config, hosts, leases and pid file live (absolute, world-searchable).")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where the config, hosts, leases and pid file live (absolute, world-searchable).",
+)
 @click.option("--isolated", is_flag=True, help="No router: the metadata /32 goes via the DHCP port.")
 @click.option("--dhcp-ip", "dhcp_ips", multiple=True, help="The DHCP port's IP (per subnet); repeatable.")
 @click.option("--show", is_flag=True, help="Print the configuration and hosts; start nothing.")
@@ -108,7 +107,7 @@ def dnsmasq(
     from meta169.plumbing import dnsmasq as dm
 
     assert isinstance(obj, Ctx)
-    with _errors():
+    with cli_errors():
         registry = obj.open_registry()
         try:
             network = registry.get_network(network_id)

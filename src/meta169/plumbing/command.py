@@ -34,9 +34,7 @@ class CommandResult:
 class Runner(Protocol):
     """Runs ``argv``; with ``check`` a non-zero exit raises ``CommandFailed``."""
 
-    def __call__(
-        self, argv: Sequence[str], *, input: str | None = None, check: bool = True
-    ) -> CommandResult: ...
+    def __call__(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> CommandResult: ...
 
 
 def run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> CommandResult:

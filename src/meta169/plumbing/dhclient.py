@@ -4,7 +4,8 @@ Owns the client configuration (which declares and requests options 121 and
 249), the argv, the run-once-then-daemon lifecycle and a parser for dhclient's
 lease file. dhclient always gets our script (``-sf``), config (``-cf``), lease
 (``-lf``) and pid file (``-pf``): nothing of the host's /etc or /var/lib/dhcp is
-read or written [BRIEF 5]. Knows nothing of dnsmasq or of the metadata service.
+read or written, so labs and tests leave the host's own DHCP client alone. Knows
+nothing of dnsmasq or of the metadata service.
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ def render_conf(*, timeout: int = 15, request_ms_routes: bool = True) -> str:
     ]
     lines = [
         "# meta169: dhclient configuration (generated)",
-        f"option {RFC3442_OPTION} code {dhcp_options.OPTION_CLASSLESS_STATIC_ROUTE}"
-        " = array of unsigned integer 8;",
+        f"option {RFC3442_OPTION} code {dhcp_options.OPTION_CLASSLESS_STATIC_ROUTE} = array of unsigned integer 8;",
     ]
     if request_ms_routes:
         lines.append(
@@ -157,9 +157,7 @@ def start(
             stale.unlink(missing_ok=True)
     except OSError as exc:
         raise PlumbingError(f"cannot prepare dhclient files in {state_dir}: {exc}") from exc
-    argv = netns.in_netns(
-        netns_name, [*dhclient_argv(paths, script=script or script_path(), binary=binary), "-d"]
-    )
+    argv = netns.in_netns(netns_name, [*dhclient_argv(paths, script=script or script_path(), binary=binary), "-d"])
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
     try:
         with open(paths.log, "wb") as log:

@@ -4,7 +4,7 @@ Pure: which routes a subnet pushes, and their encodings (wire bytes, dnsmasq's
 ``dhcp-option`` text, dhclient's lease text). No IO, no knowledge of dnsmasq
 processes or namespaces.
 
-Route order [BRIEF 3 "Network plumbing"; openstack/neutron agent/linux/dhcp.py
+Route order [openstack/neutron agent/linux/dhcp.py
 ``_generate_opts_per_subnet``]: ``169.254.169.254/32`` via the metadata next hop,
 then the subnet's host routes, then ``0.0.0.0/0`` via the gateway. RFC 3442 section
 "DHCP Client Behavior": a client that receives option 121 MUST ignore option 3, so
@@ -30,14 +30,15 @@ OPTION_MS_CLASSLESS_STATIC_ROUTE = 249
 METADATA_V4 = ipaddress.IPv4Address("169.254.169.254")
 METADATA_V4_ROUTE = ipaddress.IPv4Network("169.254.169.254/32")
 DEFAULT_V4_ROUTE = ipaddress.IPv4Network("0.0.0.0/0")
-# A router of 0.0.0.0 means "on link": neutron uses it for a network's other
-# subnets, and dhclient-script installs such a route with scope link.
-ON_LINK = ipaddress.IPv4Address("0.0.0.0")
 
 
 @dataclass(frozen=True, slots=True)
 class ClasslessRoute:
-    """One RFC 3442 route: ``destination`` reached via ``router``."""
+    """One RFC 3442 route: ``destination`` reached via ``router``.
+
+    A ``router`` of 0.0.0.0 means "on link": neutron pushes such routes for a
+    network's other subnets, and dhclient-script installs them with scope link.
+    """
 
     destination: ipaddress.IPv4Network
     router: ipaddress.IPv4Address
@@ -135,9 +136,7 @@ def decode(data: bytes | Sequence[int]) -> tuple[ClasslessRoute, ...]:
         n = _significant_octets(width)
         end = pos + 1 + n + 4
         if end > len(raw):
-            raise ValidationError(
-                f"option 121 at octet {pos}: route needs {1 + n + 4} octets, {len(raw) - pos} left"
-            )
+            raise ValidationError(f"option 121 at octet {pos}: route needs {1 + n + 4} octets, {len(raw) - pos} left")
         dest_octets = raw[pos + 1 : pos + 1 + n] + bytes(4 - n)
         # "the client MUST zero any bits in the subnet number where the
         # corresponding bit in the mask is zero" [RFC 3442 section 3]

@@ -338,9 +338,7 @@ def _cmdline(pid: int) -> list[str]:
 def is_ours(pid: int, paths: DnsmasqPaths) -> bool:
     """True when ``pid`` is alive and is a dnsmasq reading our config file."""
     args = _cmdline(pid)
-    return bool(args) and os.path.basename(args[0]).startswith("dnsmasq") and (
-        f"--conf-file={paths.conf}" in args
-    )
+    return bool(args) and os.path.basename(args[0]).startswith("dnsmasq") and (f"--conf-file={paths.conf}" in args)
 
 
 def _read_pid(path: Path) -> int | None:

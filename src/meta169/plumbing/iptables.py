@@ -337,9 +337,7 @@ def save(ns: str, family: Family = 4, *, runner: Runner = run) -> str:
     return runner(netns.in_netns(ns, [_tool(family, "iptables-save")])).stdout
 
 
-def remove(
-    ns: str, family: Family = 4, *, chain_prefix: str = DEFAULT_CHAIN_PREFIX, runner: Runner = run
-) -> None:
+def remove(ns: str, family: Family = 4, *, chain_prefix: str = DEFAULT_CHAIN_PREFIX, runner: Runner = run) -> None:
     """Delete our jumps and chains from namespace ``ns``; a no-op when none exist."""
     text = render_removal(parse_save(save(ns, family, runner=runner)), chain_prefix)
     if text:

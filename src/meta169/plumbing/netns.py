@@ -206,9 +206,7 @@ def _inet6_flags(text: str) -> list[dict[str, Any]]:
     return [info for link in links for info in link.get("addr_info", ()) if info.get("family") == "inet6"]
 
 
-def add_address(
-    ns: str, iface: str, address: IPInterface, *, nodad: bool = False, runner: Runner = run
-) -> None:
+def add_address(ns: str, iface: str, address: IPInterface, *, nodad: bool = False, runner: Runner = run) -> None:
     argv = ip_argv(ns, "addr", "add", str(address), "dev", check_ifname(iface))
     if nodad and address.version == 6:
         argv.append("nodad")
@@ -230,9 +228,11 @@ def add_route(
     """``ip route replace`` (idempotent) of ``destination`` via a gateway and/or device."""
     if via is None and dev is None:
         raise ValidationError("a route needs a gateway, a device or both")
-    family = "-6" if (via is not None and via.version == 6) or (
-        destination != "default" and destination.version == 6
-    ) else "-4"
+    family = (
+        "-6"
+        if (via is not None and via.version == 6) or (destination != "default" and destination.version == 6)
+        else "-4"
+    )
     argv = ip_argv(ns, family, "route", "replace", str(destination))
     if via is not None:
         argv += ["via", str(via)]
@@ -263,9 +263,7 @@ def add_metadata_address(
     return True
 
 
-def remove_metadata_address(
-    ns: str, iface: str, *, family: Literal[4, 6] = 4, runner: Runner = run
-) -> bool:
+def remove_metadata_address(ns: str, iface: str, *, family: Literal[4, 6] = 4, runner: Runner = run) -> bool:
     """Undo :func:`add_metadata_address`; returns False when it was not there."""
     wanted = _metadata_interface(family)
     if wanted not in addresses(ns, iface, runner=runner):
@@ -275,6 +273,7 @@ def remove_metadata_address(
 
 
 # --- crossing in-process -------------------------------------------------------------
+
 
 @functools.cache
 def _libc() -> ctypes.CDLL:

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meta169.api.identity import Binding
 from meta169.errors import ConfigError, RegistryError, ValidationError
+from meta169.http.listen import Binding
 from meta169.model import parse_ip
 from meta169.proxy.server import (
     ProxyListener,
@@ -101,7 +101,7 @@ async def serve_proxy(config: ProxyConfig, stop: asyncio.Event, on_ready: Callab
 
 
 def run_proxy(config: ProxyConfig, on_ready: Callable[[int], None] | None = None) -> None:
-    from meta169.api.server import loop_factory
+    from meta169.http.loop import loop_factory
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -21,14 +21,18 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meta169.api import wire
-from meta169.api.acceptor import Listener
-from meta169.api.http import FastHook, HTTPProtocol, Later, Limits, Request, Response, Ticker, error_response
-from meta169.api.identity import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER, Binding
-from meta169.api.identity import HDR_HOP_LIMIT as _SERVE_HOP_LIMIT
 from meta169.errors import ConfigError, PlumbingError, ValidationError
-from meta169.model import IPAddress, check_id, parse_ip
-from meta169.proxy.stamp import (
+from meta169.http import wire
+from meta169.http.acceptor import Listener
+from meta169.http.limits import Limits
+from meta169.http.listen import Binding
+from meta169.http.message import Request, Response, error_response
+from meta169.http.protocol import FastHook, HTTPProtocol, Later, Ticker
+from meta169.http.stamp import (
+    HDR_CALLER_IP,
+    HDR_HOP_LIMIT,
+    HDR_NETWORK,
+    HDR_ROUTER,
     HDR_SIGNATURE,
     HOP_BY_HOP,
     IDENTITY_HEADER_PREFIXES,
@@ -36,13 +40,10 @@ from meta169.proxy.stamp import (
     is_identity_header,
     sign_stamp,
 )
+from meta169.model import IPAddress, check_id, parse_ip
 from meta169.proxy.upstream import Reply, Upstream
 
 log = logging.getLogger("meta169.proxy")
-
-# serve asks the proxy to send a reply with a given IP TTL / hop limit (IMDSv2 token
-# replies); the proxy applies it on the guest's socket and never forwards the header.
-HDR_HOP_LIMIT = _SERVE_HOP_LIMIT.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +161,7 @@ class ProxyApp:
             self._scope_text = f"router:{binding.id}"
 
     def fast_path(self, limits: Limits) -> FastHook | None:
-        """The compiled stamping of simple GET/HEAD requests (api.wire), or None: over
+        """The compiled stamping of simple GET/HEAD requests (http.wire), or None: over
         TCP every request is signed here in Python, and without the extension."""
         if self._secret is not None:
             return None
@@ -184,7 +185,7 @@ class ProxyApp:
                 return None
             payload, head, keep_alive, target = stamped
             req = Request("HEAD" if head else "GET", target, {}, b"", peer, keep_alive)
-            req.forward = payload
+            req.prepared = payload
             return req
 
         return fast
@@ -192,10 +193,10 @@ class ProxyApp:
     def __call__(self, req: Request) -> Response | Later:
         if not req.peer_key:
             return error_response(400, "no peer address")
-        if req.forward is not None:
+        if req.prepared is not None:
             later = Later()
             # The stamped request is always a body-less GET (a HEAD is asked as GET).
-            self._upstream.request(req.forward, _relay_head if req.method == "HEAD" else _relay, later, pipeline=True)
+            self._upstream.request(req.prepared, _relay_head if req.method == "HEAD" else _relay, later, pipeline=True)
             return later
         # Listener sockets are AF_INET or v6-only AF_INET6, so the peer text is the
         # caller's address as the registry knows it (never an IPv4-mapped form).
@@ -265,9 +266,7 @@ class ProxyServer:
     secret: bytes | None = None
     limits: Limits = field(default_factory=Limits)
     opener: SocketOpener = open_in_namespace
-    _servers: dict[tuple[str | None, str, int], tuple[ProxyListener, Listener]] = field(
-        default_factory=dict
-    )
+    _servers: dict[tuple[str | None, str, int], tuple[ProxyListener, Listener]] = field(default_factory=dict)
     _ticker: Ticker | None = None
 
     @property

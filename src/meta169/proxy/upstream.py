@@ -2,7 +2,7 @@
 
 Replies from ``serve`` are small (user data is at most 64 KiB) and always carry
 Content-Length, so a reply is read whole, bounded, and relayed verbatim. Failures
-map to what the guest should see (BRIEF: never hang): cannot connect -> 502,
+map to what the guest should see, and a guest never hangs: cannot connect -> 502,
 pool exhausted -> 503, no reply in time -> 504.
 
 The steady state costs no task, no coroutine and no timer per request: a pooled
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar, cast
 
-from meta169.api import wire
 from meta169.errors import HTTPError
+from meta169.http import wire
+from meta169.http.grammar import TOKEN, TOKEN_RE
 
 MAX_REPLY = 1 << 20
 MAX_HEAD = 64 << 10
@@ -33,13 +34,13 @@ MAX_HEAD = 64 << 10
 PIPELINE_DEPTH = 8
 T = TypeVar("T")
 
-# serve's replies always frame by Content-Length (api.http.encode_response).
+# serve's replies always frame by Content-Length (http.message.encode_response).
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*(?=\r\n|$)", re.IGNORECASE)
 _UNUSUAL_RE = re.compile(rb"\r\n(?:transfer-encoding|connection|x-meta169-)", re.IGNORECASE)
 _STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?", re.DOTALL)
-_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2
-_NAME_RE = re.compile(_TOKEN)
-_FIELDS_RE = re.compile(rb"(?:\r\n" + _TOKEN + rb":[^\r\n]*)*")
+
+_NAME_RE = TOKEN_RE
+_FIELDS_RE = re.compile(rb"(?:\r\n" + TOKEN + rb":[^\r\n]*)*")
 
 
 @dataclass(frozen=True, slots=True)

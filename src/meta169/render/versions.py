@@ -33,7 +33,7 @@ ROCKY: Final = "2018-08-27"
 VICTORIA: Final = "2020-10-14"
 
 # Nova has since added 2025-04-04 (EPOXY), which only adds 'share' entries to
-# ``devices``; the brief pins the list at VICTORIA, and we have no shares to show.
+# ``devices``; we have no shares to show, so the list stops at VICTORIA.
 OPENSTACK_VERSIONS: Final[tuple[str, ...]] = (
     FOLSOM,
     GRIZZLY,

@@ -1,12 +1,14 @@
 /*
- * meta169.api._wire: serve's compiled fast path (see wire.py for the contract).
+ * meta169.http._wire: serve's compiled fast path (see wire.py for the contract).
  *
  * One call turns a complete, simple GET or HEAD for a document already answered
  * once into the bytes of its reply: it recognises the request, finds the caller's
  * table and the path in it, takes a token from the instance's rate-limit bucket and
  * assembles status line, headers, Date and body. Whatever it does not recognise it
  * declines (returns None), and the Python path answers as before; it never answers
- * differently from that path, only faster.
+ * differently from that path, only faster. It knows HTTP/1.1 framing and serve's
+ * limits; which headers are the Python path's to judge is passed in from Python
+ * when a FastPath or Stamper is made (wire.py says where those lists live).
  *
  * Everything here runs with the GIL held, so the static Date and seed state needs
  * no lock; the seed pool is emptied in a forked child so workers never share seeds.
@@ -118,7 +120,7 @@ static PyMemberDef Bucket_members[] = {
 
 static PyTypeObject BucketType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "meta169.api._wire.Bucket",
+    .tp_name = "meta169.http._wire.Bucket",
     .tp_basicsize = sizeof(BucketObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Bucket(rate, burst, now): one instance's token bucket.",
@@ -247,13 +249,6 @@ base64_encode(const unsigned char *in, size_t n, char *out)
 
 /* ----------------------------------------------------------- Recogniser */
 
-/* Who sent the request, and so which headers recognise() lets through. */
-enum {
-    MODE_DIRECT = 0,  /* a guest, straight to serve: no identity or token header */
-    MODE_STAMPED = 1, /* the trusted proxy on serve's Unix socket: its stamp is read */
-    MODE_GUEST = 2,   /* a guest at the proxy: anything goes through the stamper's filter */
-};
-
 typedef struct {
     int head;           /* HEAD rather than GET */
     const char *target; /* the whole request target */
@@ -261,7 +256,7 @@ typedef struct {
     const char *path;   /* the request target up to '?' */
     Py_ssize_t path_len;
     int keep_alive;
-    /* On a proxy listener: the stamp of the trusted meta169 proxy (values trimmed). */
+    /* With a stamp to read (a trusted proxy's Unix socket): its values, trimmed. */
     const char *caller;
     Py_ssize_t caller_len;
     const char *scope;
@@ -302,22 +297,167 @@ name_is(const char *name, Py_ssize_t len, const char *lower, Py_ssize_t want)
 
 #define NAME_IS(name, len, lit) name_is((name), (len), (lit), (Py_ssize_t)(sizeof(lit) - 1))
 
+/* Bounds on the lists Python passes in; a metadata service reads a handful of headers. */
+#define MAX_OWNED 32
+#define STAMP_NAMES 3 /* caller IP, network id, router id */
+enum { STAMP_CALLER = 0, STAMP_NETWORK = 1, STAMP_ROUTER = 2 };
+
+/*
+ * Which request headers send a request to the Python path, as Python defines them
+ * (api.metadata.PYTHON_OWNED_HEADERS / PYTHON_OWNED_PREFIXES): exact lower-case
+ * names and name prefixes, matched case-insensitively on the wire. With ``stamped``
+ * the trusted proxy's stamp (caller IP, network id, router id; also given by
+ * Python, from http.stamp) is read instead of declined. The pointers are into bytes
+ * objects their owner keeps alive (the FastPath's tuples, or a call's arguments).
+ */
+typedef struct {
+    Py_ssize_t n_names;
+    Py_ssize_t n_prefixes;
+    const char *names[MAX_OWNED];
+    Py_ssize_t name_lens[MAX_OWNED];
+    const char *prefixes[MAX_OWNED];
+    Py_ssize_t prefix_lens[MAX_OWNED];
+    int stamped;
+    const char *stamp[STAMP_NAMES];
+    Py_ssize_t stamp_lens[STAMP_NAMES];
+    /* The first bytes, in either case, of every name above: most headers a guest
+     * sends (Host, Accept, User-Agent) start with none of them and skip the lists. */
+    unsigned char first[256];
+} Rules;
+
+/*
+ * Check that ``tuple`` is a tuple of at most ``max`` non-empty lower-case tokens
+ * (bytes), with ``what`` naming it in the error. A name with an upper-case letter
+ * would never match the lower-cased wire name, silently letting its header through.
+ */
+static int
+check_names(PyObject *tuple, Py_ssize_t max, const char *what)
+{
+    if (!PyTuple_CheckExact(tuple)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple of bytes", what);
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(tuple) > max) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd names, more than %zd", what, PyTuple_GET_SIZE(tuple), max);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
+        PyObject *item = PyTuple_GET_ITEM(tuple, i);
+        if (!PyBytes_CheckExact(item)) {
+            PyErr_Format(PyExc_TypeError, "%s must be a tuple of bytes", what);
+            return -1;
+        }
+        const char *s = PyBytes_AS_STRING(item);
+        Py_ssize_t len = PyBytes_GET_SIZE(item);
+        if (len == 0) {
+            PyErr_Format(PyExc_ValueError, "%s holds an empty name", what);
+            return -1;
+        }
+        for (Py_ssize_t j = 0; j < len; j++) {
+            unsigned char c = (unsigned char)s[j];
+            if (!tchar[c] || (c >= 'A' && c <= 'Z')) {
+                PyErr_Format(PyExc_ValueError, "%s must hold lower-case header names (RFC 9110 tokens), not %R",
+                             what, item);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Fill ``r`` from the tuples (``stamp`` may be Py_None); -1 with an exception set. */
+static int
+rules_init(Rules *r, PyObject *owned, PyObject *prefixes, PyObject *stamp)
+{
+    if (check_names(owned, MAX_OWNED, "owned") < 0 || check_names(prefixes, MAX_OWNED, "owned_prefixes") < 0) {
+        return -1;
+    }
+    if (stamp != Py_None) {
+        if (check_names(stamp, STAMP_NAMES, "stamp") < 0) {
+            return -1;
+        }
+        if (PyTuple_GET_SIZE(stamp) != STAMP_NAMES) {
+            PyErr_SetString(PyExc_ValueError, "stamp names the caller IP, network id and router id headers");
+            return -1;
+        }
+    }
+    r->n_names = PyTuple_GET_SIZE(owned);
+    for (Py_ssize_t i = 0; i < r->n_names; i++) {
+        r->names[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(owned, i));
+        r->name_lens[i] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(owned, i));
+    }
+    r->n_prefixes = PyTuple_GET_SIZE(prefixes);
+    for (Py_ssize_t i = 0; i < r->n_prefixes; i++) {
+        r->prefixes[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(prefixes, i));
+        r->prefix_lens[i] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(prefixes, i));
+    }
+    r->stamped = stamp != Py_None;
+    for (int i = 0; r->stamped && i < STAMP_NAMES; i++) {
+        r->stamp[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(stamp, i));
+        r->stamp_lens[i] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(stamp, i));
+    }
+    memset(r->first, 0, sizeof r->first);
+    PyObject *lists[] = {owned, prefixes, stamp};
+    for (size_t l = 0; l < sizeof lists / sizeof lists[0]; l++) {
+        for (Py_ssize_t i = 0; lists[l] != Py_None && i < PyTuple_GET_SIZE(lists[l]); i++) {
+            unsigned char c = (unsigned char)PyBytes_AS_STRING(PyTuple_GET_ITEM(lists[l], i))[0];
+            r->first[c] = 1;
+            if (c >= 'a' && c <= 'z') {
+                r->first[c - 32] = 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Whether Python owns the header ``name``: length first, then a case-insensitive compare. */
+static int
+owned_by_python(const Rules *r, const char *name, Py_ssize_t len)
+{
+    for (Py_ssize_t i = 0; i < r->n_names; i++) {
+        if (r->name_lens[i] == len && name_is(name, len, r->names[i], len)) {
+            return 1;
+        }
+    }
+    for (Py_ssize_t i = 0; i < r->n_prefixes; i++) {
+        Py_ssize_t plen = r->prefix_lens[i];
+        if (len >= plen && name_is(name, plen, r->prefixes[i], plen)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Which stamp header ``name`` is (STAMP_*), or -1. */
+static int
+stamp_index(const Rules *r, const char *name, Py_ssize_t len)
+{
+    for (int i = 0; i < STAMP_NAMES; i++) {
+        if (r->stamp_lens[i] == len && name_is(name, len, r->stamp[i], len)) {
+            return i;
+        }
+    }
+    return -1;
+}
+
 /*
  * Accept exactly one complete "GET|HEAD <target> HTTP/1.1" request with no body,
  * or decline. Declined, among others: pipelined or partial data, bytes outside
  * the grammar (controls, lone CR or LF, obs-fold), a target that is not origin-form
  * visible ASCII or holds '%', headers that frame a body or change the protocol
  * (Content-Length other than 0, Transfer-Encoding, Upgrade, Expect), a Connection
- * header other than one "close" or "keep-alive", and the headers whose meaning the
- * Python path owns: IMDSv2 tokens and X-Meta169-* identity. With ``proxy`` set (a
- * trusted proxy's Unix socket) the proxy's stamp is read instead: one caller IP and
- * one network or router id, and no other X-Meta169-* header.
+ * header other than one "close" or "keep-alive", anything over serve's limits as
+ * HTTPProtocol counts them, and (with ``rules``) every header Python owns. With
+ * ``rules->stamped`` (a trusted proxy's Unix socket) the proxy's stamp is read
+ * instead: one caller IP and one network or router id. Without ``rules`` (a guest
+ * at the proxy) any header passes: the Stamper's own lists filter them.
  */
 static int
-recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_url, int mode, Simple *r)
+recognise(const char *d, Py_ssize_t n, Py_ssize_t max_header_bytes, Py_ssize_t max_headers, Py_ssize_t max_url,
+          const Rules *rules, Simple *r)
 {
     const char *end = d + n;
-    if (n < 18 || memcmp(end - 4, "\r\n\r\n", 4) != 0) {
+    if (n < 18 || n > max_header_bytes || memcmp(end - 4, "\r\n\r\n", 4) != 0) {
         return 0;
     }
     const char *p;
@@ -356,6 +496,9 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
     }
     p += 11;
     Py_ssize_t count = 0;
+    /* HTTPProtocol.on_header's count: name + value as httptools gives it (leading
+     * whitespace dropped, trailing kept) + 4, per header line. */
+    Py_ssize_t header_bytes = 0;
     int connection = 0, length = 0;
     r->keep_alive = 1;
     r->caller = NULL;
@@ -391,6 +534,10 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
         const char *value_end = p;
         p += 2;
         while (value < value_end && (*value == ' ' || *value == '\t')) value++;
+        header_bytes += name_len + (value_end - value) + 4;
+        if (header_bytes > max_header_bytes) {
+            return 0;
+        }
         while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
         Py_ssize_t value_len = value_end - value;
         switch (name_len) {
@@ -421,35 +568,73 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_headers, Py_ssize_t max_ur
         case 17:
             if (NAME_IS(name, name_len, "transfer-encoding")) return 0;
             break;
-        case 24:
-            if (NAME_IS(name, name_len, "x-aws-ec2-metadata-token") && mode != MODE_GUEST) return 0;
-            break;
         default:
             break;
         }
-        if (name_len >= 10 && NAME_IS(name, 10, "x-meta169-") && mode != MODE_GUEST) {
-            if (mode != MODE_STAMPED || value_len == 0) {
-                return 0;
-            }
-            if (NAME_IS(name, name_len, "x-meta169-caller-ip")) {
-                if (r->caller != NULL) return 0;
-                r->caller = value;
-                r->caller_len = value_len;
-            } else if (NAME_IS(name, name_len, "x-meta169-network-id") ||
-                       NAME_IS(name, name_len, "x-meta169-router-id")) {
-                if (r->scope != NULL) return 0;
-                r->scope = value;
-                r->scope_len = value_len;
-                r->scope_is_router = name_len == 19;
-            } else {
-                return 0;
-            }
+        if (rules == NULL || !rules->first[(unsigned char)name[0]]) {
+            continue;
+        }
+        int stamp = rules->stamped ? stamp_index(rules, name, name_len) : -1;
+        if (stamp == STAMP_CALLER) {
+            if (r->caller != NULL || value_len == 0) return 0;
+            r->caller = value;
+            r->caller_len = value_len;
+        } else if (stamp >= 0) {
+            if (r->scope != NULL || value_len == 0) return 0;
+            r->scope = value;
+            r->scope_len = value_len;
+            r->scope_is_router = stamp == STAMP_ROUTER;
+        } else if (owned_by_python(rules, name, name_len)) {
+            return 0;
         }
     }
-    if (mode == MODE_STAMPED && (r->caller == NULL || r->scope == NULL)) {
+    if (rules != NULL && rules->stamped && (r->caller == NULL || r->scope == NULL)) {
         return 0;
     }
     return p == end - 2;
+}
+
+/* ---------------------------------------------------------------- Output */
+
+/*
+ * A reply or request assembled into a buffer allocated for it: every write is
+ * checked against the end of that buffer first, so a size computed wrong declines
+ * the request (the Python path answers it) instead of writing past the allocation.
+ */
+typedef struct {
+    char *w;
+    char *end;
+    int overflow;
+} Out;
+
+static void
+out_put(Out *o, const char *s, Py_ssize_t n)
+{
+    if (o->overflow || n > o->end - o->w) {
+        o->overflow = 1;
+        return;
+    }
+    memcpy(o->w, s, (size_t)n);
+    o->w += n;
+}
+
+/* Room for ``n`` bytes written in place, or NULL (and the overflow noted). */
+static char *
+out_reserve(Out *o, Py_ssize_t n)
+{
+    if (o->overflow || n > o->end - o->w) {
+        o->overflow = 1;
+        return NULL;
+    }
+    char *at = o->w;
+    o->w += n;
+    return at;
+}
+
+static void
+out_bytes(Out *o, PyObject *b)
+{
+    out_put(o, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
 }
 
 /* -------------------------------------------------------------- FastPath */
@@ -461,20 +646,39 @@ typedef struct {
     PyObject *sites;
     PyObject *routers; /* NULL on a direct listener */
     PyObject *buckets; /* dict: instance uuid -> Bucket, or NULL without rate limit */
+    /* The tuples of bytes ``rules`` points into, kept alive with it. */
+    PyObject *owned;
+    PyObject *owned_prefixes;
+    PyObject *stamp;
+    Rules rules;
     Py_ssize_t max_header_bytes;
     Py_ssize_t max_headers;
     Py_ssize_t max_url_bytes;
 } FastPathObject;
 
+static int
+check_limits(Py_ssize_t max_header_bytes, Py_ssize_t max_headers, Py_ssize_t max_url_bytes)
+{
+    if (max_header_bytes < 0 || max_headers < 0 || max_url_bytes < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_header_bytes, max_headers and max_url_bytes must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"sites", "buckets", "max_header_bytes", "max_headers", "max_url_bytes", "routers",
-                             NULL};
-    PyObject *sites, *buckets, *routers = Py_None;
+    static char *kwlist[] = {"sites", "buckets", "max_header_bytes", "max_headers", "max_url_bytes", "owned",
+                             "owned_prefixes", "routers", "stamp", NULL};
+    PyObject *sites, *buckets, *owned, *owned_prefixes, *routers = Py_None, *stamp = Py_None;
     Py_ssize_t max_header_bytes, max_headers, max_url_bytes;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!Onnn|O", kwlist, &PyDict_Type, &sites, &buckets,
-                                     &max_header_bytes, &max_headers, &max_url_bytes, &routers)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OnnnOO|OO", kwlist, &PyDict_Type, &sites, &buckets,
+                                     &max_header_bytes, &max_headers, &max_url_bytes, &owned, &owned_prefixes,
+                                     &routers, &stamp)) {
+        return NULL;
+    }
+    if (check_limits(max_header_bytes, max_headers, max_url_bytes) < 0) {
         return NULL;
     }
     if (buckets != Py_None && !PyDict_Check(buckets)) {
@@ -485,10 +689,23 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "routers must be a dict or None");
         return NULL;
     }
+    /* A proxy listener is keyed by the stamp, so it needs the stamp's names, and only it reads them. */
+    if ((routers == Py_None) != (stamp == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "routers and stamp are given together (a proxy listener) or not at all");
+        return NULL;
+    }
+    Rules rules;
+    if (rules_init(&rules, owned, owned_prefixes, stamp) < 0) {
+        return NULL;
+    }
     FastPathObject *self = (FastPathObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
         return NULL;
     }
+    self->owned = Py_NewRef(owned);
+    self->owned_prefixes = Py_NewRef(owned_prefixes);
+    self->stamp = Py_NewRef(stamp);
+    self->rules = rules;
     Py_INCREF(sites);
     self->sites = sites;
     if (buckets != Py_None) {
@@ -511,6 +728,9 @@ FastPath_dealloc(FastPathObject *self)
     Py_XDECREF(self->sites);
     Py_XDECREF(self->routers);
     Py_XDECREF(self->buckets);
+    Py_XDECREF(self->owned);
+    Py_XDECREF(self->owned_prefixes);
+    Py_XDECREF(self->stamp);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -558,8 +778,7 @@ answer_one(FastPathObject *self, const char *d, Py_ssize_t n, PyObject *peer, in
 {
     Simple req;
     int proxy = self->routers != NULL;
-    if (n > self->max_header_bytes ||
-        !recognise(d, n, self->max_headers, self->max_url_bytes, proxy ? MODE_STAMPED : MODE_DIRECT, &req)) {
+    if (!recognise(d, n, self->max_header_bytes, self->max_headers, self->max_url_bytes, &self->rules, &req)) {
         Py_RETURN_NONE;
     }
     PyObject *slot;
@@ -638,27 +857,28 @@ answer_one(FastPathObject *self, const char *d, Py_ssize_t n, PyObject *peer, in
         }
     }
     date_refresh();
-    PyObject *out = PyBytes_FromStringAndSize(NULL, head_len + date_len + tail_len + body_len);
+    Py_ssize_t size = head_len + date_len + tail_len + body_len;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (out == NULL) {
         return NULL;
     }
-    char *w = PyBytes_AS_STRING(out);
-    memcpy(w, PyBytes_AS_STRING(head), (size_t)head_len);
-    w += head_len;
-    memcpy(w, date_line, (size_t)date_len);
-    w += date_len;
-    memcpy(w, tail, (size_t)tail_len);
-    w += tail_len;
+    Out o = {PyBytes_AS_STRING(out), PyBytes_AS_STRING(out) + size, 0};
+    out_bytes(&o, head);
+    out_put(&o, date_line, date_len);
+    out_put(&o, tail, tail_len);
     if (!req.head) {
         for (Py_ssize_t i = 1; i < parts; i++) {
-            PyObject *part = PyTuple_GET_ITEM(entry, i);
-            memcpy(w, PyBytes_AS_STRING(part), (size_t)PyBytes_GET_SIZE(part));
-            w += PyBytes_GET_SIZE(part);
-            if (seed != NULL && i == 1) {
-                base64_encode(seed, SEED_BYTES, w);
-                w += SEED_TEXT;
+            out_bytes(&o, PyTuple_GET_ITEM(entry, i));
+            char *text = seed != NULL && i == 1 ? out_reserve(&o, SEED_TEXT) : NULL;
+            if (text != NULL) {
+                base64_encode(seed, SEED_BYTES, text);
             }
         }
+    }
+    if (o.overflow || o.w != o.end) {
+        /* Sized from the very parts written: never, short of a bug. The Python path answers. */
+        Py_DECREF(out);
+        Py_RETURN_NONE;
     }
     *keep = req.keep_alive;
     return out;
@@ -752,13 +972,15 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         out = PyBytes_FromStringAndSize(NULL, total);
         if (out != NULL) {
-            char *w = PyBytes_AS_STRING(out);
-            memcpy(w, PyBytes_AS_STRING(first), (size_t)PyBytes_GET_SIZE(first));
-            w += PyBytes_GET_SIZE(first);
+            Out o = {PyBytes_AS_STRING(out), PyBytes_AS_STRING(out) + total, 0};
+            out_bytes(&o, first);
             for (Py_ssize_t i = 0; i < PyList_GET_SIZE(more); i++) {
-                PyObject *part = PyList_GET_ITEM(more, i);
-                memcpy(w, PyBytes_AS_STRING(part), (size_t)PyBytes_GET_SIZE(part));
-                w += PyBytes_GET_SIZE(part);
+                out_bytes(&o, PyList_GET_ITEM(more, i));
+            }
+            if (o.overflow || o.w != o.end) {
+                /* Summed from the very replies joined: never, short of a bug. */
+                Py_CLEAR(out);
+                PyErr_SetString(PyExc_SystemError, "FastPath.answer: pipelined replies changed size");
             }
         }
         Py_DECREF(first);
@@ -782,15 +1004,19 @@ static PyMemberDef FastPath_members[] = {
     {"sites", T_OBJECT, offsetof(FastPathObject, sites), READONLY, NULL},
     {"routers", T_OBJECT, offsetof(FastPathObject, routers), READONLY, NULL},
     {"buckets", T_OBJECT, offsetof(FastPathObject, buckets), READONLY, NULL},
+    {"owned", T_OBJECT, offsetof(FastPathObject, owned), READONLY, NULL},
+    {"owned_prefixes", T_OBJECT, offsetof(FastPathObject, owned_prefixes), READONLY, NULL},
+    {"stamp", T_OBJECT, offsetof(FastPathObject, stamp), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject FastPathType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "meta169.api._wire.FastPath",
+    .tp_name = "meta169.http._wire.FastPath",
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, routers=None)",
+    .tp_doc = "FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, owned, owned_prefixes, "
+              "routers=None, stamp=None)",
     .tp_new = FastPath_new,
     .tp_dealloc = (destructor)FastPath_dealloc,
     .tp_methods = FastPath_methods,
@@ -820,19 +1046,8 @@ typedef struct {
     Py_ssize_t max_url_bytes;
 } StamperObject;
 
-static int
-all_bytes(PyObject *tuple)
-{
-    if (!PyTuple_CheckExact(tuple)) {
-        return 0;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
-        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(tuple, i))) {
-            return 0;
-        }
-    }
-    return 1;
-}
+/* The proxy drops some dozens of names (hop-by-hop, identity, IMDS); far more is a mistake. */
+#define MAX_DROP 256
 
 static PyObject *
 Stamper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -845,8 +1060,17 @@ Stamper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                                      &before, &after, &max_header_bytes, &max_headers, &max_url_bytes)) {
         return NULL;
     }
-    if (!all_bytes(drop) || !all_bytes(prefixes)) {
-        PyErr_SetString(PyExc_TypeError, "drop and prefixes must be tuples of bytes");
+    if (check_names(drop, MAX_DROP, "drop") < 0 || check_names(prefixes, MAX_DROP, "prefixes") < 0 ||
+        check_limits(max_header_bytes, max_headers, max_url_bytes) < 0) {
+        return NULL;
+    }
+    PyObject *marker_names = PyTuple_Pack(1, marker_for);
+    if (marker_names == NULL) {
+        return NULL;
+    }
+    int bad_marker = check_names(marker_names, 1, "marker_for");
+    Py_DECREF(marker_names);
+    if (bad_marker < 0) {
         return NULL;
     }
     StamperObject *self = (StamperObject *)type->tp_alloc(type, 0);
@@ -919,12 +1143,14 @@ Stamper_forward(StamperObject *self, PyObject *const *args, Py_ssize_t nargs)
     const char *d = PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     Simple req;
-    if (peer_len == 0 || n > self->max_header_bytes ||
-        !recognise(d, n, self->max_headers < MAX_NAMES ? self->max_headers : MAX_NAMES, self->max_url_bytes,
-                   MODE_GUEST, &req)) {
+    if (peer_len == 0 || !recognise(d, n, self->max_header_bytes,
+                                    self->max_headers < MAX_NAMES ? self->max_headers : MAX_NAMES,
+                                    self->max_url_bytes, NULL, &req)) {
         Py_RETURN_NONE;
     }
-    /* Output head <= input head + ' ' per header (name:value -> name: value) + the marker. */
+    /* Output head <= input head + ' ' per header (name:value -> name: value) + the
+     * marker + what follows the guest's headers; every write below is checked
+     * against it all the same (an estimate too small declines, never overflows). */
     Py_ssize_t cap = n + MAX_NAMES + PyBytes_GET_SIZE(self->marker) + PyBytes_GET_SIZE(self->before) + peer_len +
                      PyBytes_GET_SIZE(self->after) + 16;
     PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
@@ -934,13 +1160,10 @@ Stamper_forward(StamperObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyMem_Free(scratch);
         return PyErr_NoMemory();
     }
-    char *w = PyBytes_AS_STRING(out);
-    memcpy(w, "GET ", 4);
-    w += 4;
-    memcpy(w, req.target, (size_t)req.target_len);
-    w += req.target_len;
-    memcpy(w, " HTTP/1.1\r\n", 11);
-    w += 11;
+    Out o = {PyBytes_AS_STRING(out), PyBytes_AS_STRING(out) + cap, 0};
+    out_put(&o, "GET ", 4);
+    out_put(&o, req.target, req.target_len);
+    out_put(&o, " HTTP/1.1\r\n", 11);
     const char *names[MAX_NAMES];
     Py_ssize_t name_lens[MAX_NAMES];
     int seen = 0;
@@ -952,6 +1175,9 @@ Stamper_forward(StamperObject *self, PyObject *const *args, Py_ssize_t nargs)
         const char *colon = memchr(p, ':', (size_t)(end - p));
         const char *eol = memchr(colon, '\r', (size_t)(end + 2 - colon));
         Py_ssize_t name_len = colon - p;
+        if (name_len > scratch + n - sp) {
+            goto decline; /* names are disjoint parts of the input: never */
+        }
         char *lname = sp;
         for (Py_ssize_t i = 0; i < name_len; i++) {
             char c = p[i];
@@ -975,30 +1201,24 @@ Stamper_forward(StamperObject *self, PyObject *const *args, Py_ssize_t nargs)
         while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
         if (dropped(self, lname, name_len)) {
             if (bytes_equal(self->marker_for, lname, name_len)) {
-                memcpy(w, PyBytes_AS_STRING(self->marker), (size_t)PyBytes_GET_SIZE(self->marker));
-                w += PyBytes_GET_SIZE(self->marker);
-                memcpy(w, "\r\n", 2);
-                w += 2;
+                out_bytes(&o, self->marker);
+                out_put(&o, "\r\n", 2);
             }
             continue;
         }
-        memcpy(w, lname, (size_t)name_len);
-        w += name_len;
-        memcpy(w, ": ", 2);
-        w += 2;
-        memcpy(w, value, (size_t)(value_end - value));
-        w += value_end - value;
-        memcpy(w, "\r\n", 2);
-        w += 2;
+        out_put(&o, lname, name_len);
+        out_put(&o, ": ", 2);
+        out_put(&o, value, value_end - value);
+        out_put(&o, "\r\n", 2);
+    }
+    out_bytes(&o, self->before);
+    out_put(&o, peer, peer_len);
+    out_bytes(&o, self->after);
+    if (o.overflow) {
+        goto decline;
     }
     PyMem_Free(scratch);
-    memcpy(w, PyBytes_AS_STRING(self->before), (size_t)PyBytes_GET_SIZE(self->before));
-    w += PyBytes_GET_SIZE(self->before);
-    memcpy(w, peer, (size_t)peer_len);
-    w += peer_len;
-    memcpy(w, PyBytes_AS_STRING(self->after), (size_t)PyBytes_GET_SIZE(self->after));
-    w += PyBytes_GET_SIZE(self->after);
-    if (_PyBytes_Resize(&out, w - PyBytes_AS_STRING(out)) < 0) {
+    if (_PyBytes_Resize(&out, o.w - PyBytes_AS_STRING(out)) < 0) {
         return NULL;
     }
     PyObject *target = PyBytes_FromStringAndSize(req.target, req.target_len);
@@ -1022,7 +1242,7 @@ static PyMethodDef Stamper_methods[] = {
 
 static PyTypeObject StamperType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "meta169.api._wire.Stamper",
+    .tp_name = "meta169.http._wire.Stamper",
     .tp_basicsize = sizeof(StamperObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Stamper(drop, prefixes, marker_for, marker, before, after, max_header_bytes, max_headers, "
@@ -1034,38 +1254,110 @@ static PyTypeObject StamperType = {
 
 /* ---------------------------------------------------------------- module */
 
+/* The header lines of a request recognise() accepted: ((lower-case name, trimmed value), ...). */
 static PyObject *
-wire_recognise(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+header_pairs(const char *d, Py_ssize_t n)
+{
+    PyObject *pairs = PyList_New(0);
+    if (pairs == NULL) {
+        return NULL;
+    }
+    const char *p = (const char *)memchr(d, '\n', (size_t)n) + 1;
+    const char *end = d + n - 2;
+    while (p < end) {
+        const char *colon = memchr(p, ':', (size_t)(end - p));
+        const char *eol = memchr(colon, '\r', (size_t)(end + 2 - colon));
+        const char *value = colon + 1, *value_end = eol;
+        while (value < value_end && (*value == ' ' || *value == '\t')) value++;
+        while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
+        PyObject *name = PyBytes_FromStringAndSize(p, colon - p);
+        if (name == NULL) {
+            Py_DECREF(pairs);
+            return NULL;
+        }
+        char *lower = PyBytes_AS_STRING(name);
+        for (Py_ssize_t i = 0; i < PyBytes_GET_SIZE(name); i++) {
+            if (lower[i] >= 'A' && lower[i] <= 'Z') {
+                lower[i] = (char)(lower[i] + 32);
+            }
+        }
+        PyObject *pair = Py_BuildValue("(Ny#)", name, value, (Py_ssize_t)(value_end - value));
+        if (pair == NULL || PyList_Append(pairs, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(pairs);
+            return NULL;
+        }
+        Py_DECREF(pair);
+        p = eol + 2;
+    }
+    PyObject *tuple = PyList_AsTuple(pairs);
+    Py_DECREF(pairs);
+    return tuple;
+}
+
+/*
+ * recognise(data, max_header_bytes, max_headers, max_url_bytes, owned=None, owned_prefixes=(), stamp=None):
+ * what the recogniser makes of ``data``, for tests and diagnosis. With ``owned``
+ * None no rules apply (the Stamper's view); else the FastPath's (``stamp`` as there).
+ */
+static PyObject *
+wire_recognise(PyObject *module, PyObject *args, PyObject *kwds)
 {
     (void)module;
-    if ((nargs != 3 && nargs != 4) || !PyBytes_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "recognise(data: bytes, max_headers, max_url_bytes, mode=0)");
+    static char *kwlist[] = {"data", "max_header_bytes", "max_headers", "max_url_bytes", "owned", "owned_prefixes",
+                             "stamp", NULL};
+    PyObject *data, *owned = Py_None, *owned_prefixes = NULL, *stamp = Py_None;
+    Py_ssize_t max_header_bytes, max_headers, max_url;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnn|OOO", kwlist, &PyBytes_Type, &data, &max_header_bytes,
+                                     &max_headers, &max_url, &owned, &owned_prefixes, &stamp)) {
         return NULL;
     }
-    Py_ssize_t max_headers = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t max_url = PyLong_AsSsize_t(args[2]);
-    if ((max_headers == -1 || max_url == -1) && PyErr_Occurred()) {
+    if (check_limits(max_header_bytes, max_headers, max_url) < 0) {
         return NULL;
     }
-    long mode = nargs == 4 ? PyLong_AsLong(args[3]) : MODE_DIRECT;
-    if (mode == -1 && PyErr_Occurred()) {
+    Rules rules;
+    const Rules *use = NULL;
+    if (owned != Py_None) {
+        PyObject *empty = PyTuple_New(0);
+        if (empty == NULL) {
+            return NULL;
+        }
+        int failed = rules_init(&rules, owned, owned_prefixes != NULL ? owned_prefixes : empty, stamp);
+        Py_DECREF(empty); /* ``rules`` keeps no pointer into an empty tuple */
+        if (failed < 0) {
+            return NULL;
+        }
+        use = &rules;
+    } else if (owned_prefixes != NULL || stamp != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "owned_prefixes and stamp go with owned");
         return NULL;
     }
-    if (mode < MODE_DIRECT || mode > MODE_GUEST) {
-        PyErr_SetString(PyExc_ValueError, "mode is 0 (direct), 1 (stamped) or 2 (guest)");
-        return NULL;
-    }
+    const char *d = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
     Simple req;
-    if (!recognise(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), max_headers, max_url, (int)mode, &req)) {
+    if (!recognise(d, n, max_header_bytes, max_headers, max_url, use, &req)) {
         Py_RETURN_NONE;
     }
-    if (mode != MODE_STAMPED) {
-        return Py_BuildValue("(sy#O)", req.head ? "HEAD" : "GET", req.path, req.path_len,
-                             req.keep_alive ? Py_True : Py_False);
+    PyObject *headers = header_pairs(d, n);
+    if (headers == NULL) {
+        return NULL;
     }
-    return Py_BuildValue("(sy#Oy#sy#)", req.head ? "HEAD" : "GET", req.path, req.path_len,
-                         req.keep_alive ? Py_True : Py_False, req.caller, req.caller_len,
-                         req.scope_is_router ? "router" : "network", req.scope, req.scope_len);
+    PyObject *out = Py_BuildValue("{s:s,s:y#,s:y#,s:O,s:N}", "method", req.head ? "HEAD" : "GET", "target", req.target,
+                                  req.target_len, "path", req.path, req.path_len, "keep_alive",
+                                  req.keep_alive ? Py_True : Py_False, "headers", headers);
+    if (out == NULL || use == NULL || !use->stamped) {
+        return out;
+    }
+    PyObject *stamp_fields = Py_BuildValue("{s:y#,s:s,s:y#}", "caller", req.caller, req.caller_len, "scope_kind",
+                                           req.scope_is_router ? "router" : "network", "scope", req.scope,
+                                           req.scope_len);
+    if (stamp_fields == NULL || PyDict_Update(out, stamp_fields) < 0) {
+        Py_XDECREF(stamp_fields);
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(stamp_fields);
+    return out;
 }
 
 static PyObject *
@@ -1207,16 +1499,16 @@ static PyMethodDef wire_methods[] = {
      "or -1 (not plain)."},
     {"set_seed_source", wire_set_seed_source, METH_O,
      "set_seed_source(callable | None): where pools of random seed bytes come from (None: getrandom)."},
-    {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_FASTCALL,
-     "recognise(data, max_headers, max_url_bytes, mode=0) -> (method, path, keep_alive[, caller, kind, "
-     "scope]) or None."},
+    {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_VARARGS | METH_KEYWORDS,
+     "recognise(data, max_header_bytes, max_headers, max_url_bytes, owned=None, owned_prefixes=(), stamp=None) "
+     "-> dict of method, target, path, keep_alive, headers (and caller, scope_kind, scope with a stamp), or None."},
     {"date_line", wire_date_line, METH_NOARGS, "The current Date header line, as the fast path writes it."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef wire_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "meta169.api._wire",
+    .m_name = "meta169.http._wire",
     .m_doc = "serve's compiled fast path for cached documents",
     .m_size = -1,
     .m_methods = wire_methods,

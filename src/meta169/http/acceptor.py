@@ -11,7 +11,8 @@ the running loop as an accepted socket (docs/benchmarks.md, finding 13).
 
 The proxy listens with it: what it accepts together it forwards together (one
 pipelined write to serve, see proxy.upstream). serve keeps uvloop's own server,
-whose accept in C costs less per connection when nothing is forwarded (finding 14).
+whose accept in C costs less per connection when nothing is forwarded
+(docs/benchmarks.md, finding 14).
 """
 
 from __future__ import annotations

@@ -1,15 +1,30 @@
-"""serve's compiled fast path, and the rate-limit bucket it shares with Python.
+"""The compiled wire layer (``_wire.c``): serve's fast path, the proxy's stamping, the
+framing of serve's replies, and the rate-limit bucket it shares with Python.
 
 A booting guest asks for the same few dozen documents everyone asks for; once the
 Python path has answered a document for a caller, it records the encoded reply in
 that caller's *wire table*, and the next identical request is answered by one call
 into ``_wire.c``: recognise the request, find the table and the path, take a token
-from the instance's bucket, assemble the reply. Anything else (IMDSv2 tokens,
-identity headers, percent-encoding, bodies, odd framing, misses) is declined and
-answered by the Python path, which stays the single definition of behaviour: the
-fast path only ever repeats an answer that path gave.
+from the instance's bucket, assemble the reply. Anything else (percent-encoding,
+bodies, odd framing, misses, and every header the Python path reads) is declined
+and answered by the Python path, which stays the single definition of behaviour:
+the fast path only ever repeats an answer that path gave.
 
-Tables (owned by :class:`meta169.api.cache.SiteCache`, which drops them together
+Where the rules come from: ``_wire.c`` itself knows only HTTP/1.1 framing (RFC 9112:
+the request line, header syntax, Content-Length, Transfer-Encoding, Connection,
+Upgrade, Expect) and serve's :class:`~meta169.http.limits.Limits`, counted as
+``HTTPProtocol`` counts them. Which request headers make a request the Python
+path's is data passed in by :func:`fast_path`'s caller: ``owned`` (exact lower-case
+names) and ``owned_prefixes``, both defined once next to the code that reads those
+headers (``api.metadata.PYTHON_OWNED_HEADERS`` / ``PYTHON_OWNED_PREFIXES``: the IMDSv2
+token and TTL headers, Neutron's and X-Forwarded-For, every ``X-Meta169-*``), and
+on a proxy listener ``stamp``, the names of the proxy's stamp (``http.stamp``),
+the one owned group the fast path reads instead of declining. Names are matched
+case-insensitively on the wire. The proxy's :func:`stamper` likewise gets its drop
+lists from ``proxy.server``. Every reply or request the C code assembles is written
+into a buffer it sized first, with each write checked against that size.
+
+Tables (owned by the metadata application's site cache, which drops them together
 with the cached site):
 
 - ``sites``: caller address text -> ``(wire, uuid)``, for one network or router
@@ -23,7 +38,7 @@ with the cached site):
 The proxy has its own compiled step, :func:`stamper`: a simple guest request becomes
 the stamped upstream request the Python ``ProxyApp`` would have written.
 
-When the extension is not built (no C compiler), :data:`COMPILED` is False,
+When the extension is not built (no C compiler), :func:`compiled` is False,
 :func:`fast_path` and :func:`stamper` return None and every request takes the
 Python path.
 """
@@ -31,7 +46,7 @@ Python path.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 # (head, body), or (head, prefix, suffix) around a fresh random seed.
@@ -77,16 +92,15 @@ class PyBucket:
 
 
 try:
-    from meta169.api import _wire  # type: ignore[attr-defined]
+    from meta169.http import _wire  # type: ignore[attr-defined]
 except ImportError:  # built without a C compiler: the Python path serves everything
     _wire = None
 
-COMPILED: bool = _wire is not None
-
 
 def compiled() -> bool:
-    """Whether the extension is in use (read at call time, unlike COMPILED)."""
+    """Whether the extension is in use."""
     return _wire is not None
+
 
 # The proxy's framing of serve's plain replies (proxy.upstream has the Python twin).
 reply_frame: Callable[[bytes, int], tuple[int, int] | int] | None = _wire.reply_frame if _wire is not None else None
@@ -106,22 +120,41 @@ def fast_path(
     max_header_bytes: int,
     max_headers: int,
     max_url_bytes: int,
+    owned: Iterable[str],
+    owned_prefixes: Iterable[str],
     routers: dict[str, SiteSlots] | None = None,
+    stamp: tuple[str, str, str] | None = None,
 ) -> Answer | None:
     """The compiled ``answer(data, peer)`` over these tables, or None without the
-    extension. With ``routers`` it serves a proxy listener: ``sites`` is then the
-    network-id map and ``peer`` is ignored in favour of the stamp."""
+    extension.
+
+    A request carrying any header named in ``owned`` or starting with one of
+    ``owned_prefixes`` (lower case; matched case-insensitively) is declined. With
+    ``routers`` it serves a proxy listener: ``sites`` is then the network-id map,
+    ``stamp`` names the caller IP, network id and router id headers, and ``peer`` is
+    ignored in favour of that stamp; the stamp is read even where it is also owned.
+    """
     if _wire is None:
         return None
-    fast = _wire.FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, routers)
+    fast = _wire.FastPath(
+        sites,
+        buckets,
+        max_header_bytes,
+        max_headers,
+        max_url_bytes,
+        _encoded(tuple(owned)),
+        _encoded(tuple(owned_prefixes)),
+        routers,
+        None if stamp is None else tuple(n.encode("latin-1") for n in stamp),
+    )
     answer: Answer = fast.answer
     return answer
 
 
 @functools.cache
 def _encoded(names: frozenset[str] | tuple[str, ...]) -> tuple[bytes, ...]:
-    # One tuple shared by every listener's Stamper (a proxy may have thousands).
-    return tuple(sorted(n.encode("latin-1") for n in names))
+    # One tuple shared by every listener's FastPath or Stamper (a proxy may have thousands).
+    return tuple(sorted(set(n.encode("latin-1") for n in names)))
 
 
 def stamper(

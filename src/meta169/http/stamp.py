@@ -1,7 +1,9 @@
 """The identity stamp the proxy puts on each request, and its HMAC for TCP upstreams.
 
-Pure functions. The proxy is the trust boundary (BRIEF section 2): it removes every
-identity header a guest may have sent, then stamps its own. Over a Unix socket the
+Pure functions and the header names both sides agree on: ``meta169 proxy`` writes a
+stamp, ``serve`` reads it, and neither imports the other. The proxy is the trust
+boundary: it removes every identity header a guest may have sent, then stamps its
+own. Over a Unix socket the
 stamp is trusted by file permissions; over TCP each request carries an HMAC-SHA256
 over the identity, method, path, a timestamp and a nonce, so a captured stamp is
 useless for another request and stale after the window (unlike Neutron's static
@@ -17,10 +19,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from meta169.api.identity import HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER
 from meta169.errors import HTTPError
 from meta169.model import Caller
 
+# The proxy's own stamp. Guests' copies are removed by the proxy before it stamps.
+HDR_CALLER_IP = "x-meta169-caller-ip"
+HDR_NETWORK = "x-meta169-network-id"
+HDR_ROUTER = "x-meta169-router-id"
+IDENTITY_PREFIX = "x-meta169-"
+# serve asks the proxy to send a reply with this IP TTL / hop limit (IMDSv2 token
+# replies); the proxy applies it on the guest's socket and never forwards the header.
+HDR_HOP_LIMIT = "x-meta169-hop-limit"
 HDR_SIGNATURE = "x-meta169-signature"
 # Headers that carry, or have carried, caller identity somewhere in this field:
 # Neutron's agent and OVN agent, Nova's handler, generic reverse proxies.

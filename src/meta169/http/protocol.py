@@ -1,124 +1,32 @@
 """A small, strict HTTP/1.1 server protocol on asyncio and httptools.
 
-Owns framing only: parsing requests within limits, keep-alive, pipelining order,
-timeouts, and writing responses. It knows nothing about metadata; a ``Handler``
-turns a :class:`Request` into a :class:`Response` (or an awaitable of one).
-
-Limits follow what a metadata client needs (cloud-init and the SDKs send a few
-hundred bytes of headers and at most a 1020-byte password body), so anything far
-beyond that is refused early instead of buffered.
+Owns framing only: parsing requests within :class:`Limits`, keep-alive, pipelining
+order, timeouts, and writing replies. It knows nothing about metadata or proxying:
+a ``Handler`` turns a :class:`Request` into a :class:`Response`, a ``(head, body)``
+pair, a :class:`Later` (a reply another protocol hands over) or an awaitable of one.
+Requests are parsed by httptools alone; a compiled ``FastHook`` (``http.wire``) may
+answer or prepare a request before that.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import ipaddress
 import logging
-import re
 import socket
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import cast
 
 import httptools
 
-from meta169.api.identity import IDENTITY_PREFIX
 from meta169.errors import HTTPError
-from meta169.model import IPAddress
+from meta169.http.limits import Limits
+from meta169.http.message import Fast, Request, Response, date_line, encode_response, error_response
+from meta169.http.stamp import IDENTITY_PREFIX
 
 log = logging.getLogger("meta169.http")
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_header_bytes: int = 8192
-    max_headers: int = 64
-    max_url_bytes: int = 2048
-    max_body_bytes: int = 16384
-    # A client must finish sending a request within this many seconds once it
-    # started (slowloris), and an idle keep-alive connection is closed after idle.
-    request_timeout: float = 10.0
-    keepalive_timeout: float = 30.0
-    max_pipelined: int = 32
-    # Open connections per process and per client address; beyond them a new
-    # connection is answered 503 and closed, so one guest cannot exhaust the server.
-    max_connections: int = 8192
-    max_connections_per_ip: int = 64
-
-
-class Request:
-    """One parsed request. ``peer_key`` is the client address as the kernel spelled
-    it (canonical text: a cheap, cached hash for cache keys); ``peer`` parses it only
-    when something needs the address itself."""
-
-    __slots__ = (
-        "_peer",
-        "body",
-        "forward",
-        "headers",
-        "identity_header",
-        "keep_alive",
-        "method",
-        "peer_key",
-        "raw_path",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        raw_path: bytes,
-        headers: dict[str, str],
-        body: bytes = b"",
-        peer_key: str = "",
-        keep_alive: bool = True,
-        identity_header: bool = False,
-    ) -> None:
-        self.method = method
-        self.raw_path = raw_path
-        self.headers = headers
-        self.body = body
-        self.peer_key = peer_key
-        self.keep_alive = keep_alive
-        # Whether any X-Meta169-* header came with the request (set while parsing).
-        self.identity_header = identity_header
-        # The proxy's upstream request, when its compiled path already wrote it.
-        self.forward: bytes | None = None
-        self._peer: IPAddress | bool | None = False  # False: not parsed yet
-
-    @property
-    def peer(self) -> IPAddress | None:
-        if self._peer is False:
-            try:
-                self._peer = ipaddress.ip_address(self.peer_key) if self.peer_key else None
-            except ValueError:
-                self._peer = None
-        assert self._peer is not True
-        return self._peer
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = ()
-    close: bool = False
-    # When set, the connection's IP TTL / hop limit is lowered to this before the
-    # reply is written (IMDSv2 token replies, EC2 user guide "hop limit").
-    ip_ttl: int | None = None
-    head: bool = field(default=False)
-    # A complete HTTP/1.1 message relayed verbatim (the proxy's upstream reply).
-    raw: bytes | None = None
-
-
-# A handler answers with a Response, an awaitable of one, a Later, or, on the hot
-# path, a ``(head, body)`` pair from :func:`document_head` (status line and fixed
-# headers already encoded; the Date line and the blank line are added when writing).
-Fast = tuple[bytes, bytes]
 Handler = Callable[[Request], "Response | Fast | Later | Awaitable[Response | Fast]"]
 
 
@@ -159,7 +67,7 @@ class Later:
         self._request = req
 
 
-# A compiled first look at a connection's data (api.wire): the finished replies and
+# A compiled first look at a connection's data (http.wire): the finished replies and
 # whether to keep the connection, the same with the offset where the usual parsing
 # goes on (pipelined requests it does not answer), a Request already prepared for
 # the handler, or None to parse as usual.
@@ -195,67 +103,6 @@ class ConnectionTracker:
         else:
             self.per_ip.pop(peer, None)
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
-class _DateLine:
-    """The Date header changes once a second, not per request."""
-
-    __slots__ = ("line", "second")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.line = b""
-
-    def __call__(self) -> bytes:
-        now = int(time.time())
-        if now != self.second:
-            self.second = now
-            self.line = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
-        return self.line
-
-
-_date_header = _DateLine()
-
-
-# Status line and fixed headers per (status, type, length): a metadata site has few
-# distinct documents, so the hot path joins four bytes objects instead of formatting.
-_prefix_cache: dict[tuple[int, str, int], bytes] = {}
-
-
-def _prefix(status: int, content_type: str, length: int) -> bytes:
-    key = (status, content_type, length)
-    prefix = _prefix_cache.get(key)
-    if prefix is None:
-        if len(_prefix_cache) > 50_000:
-            _prefix_cache.clear()
-        reason = _REASONS.get(status, "Unknown")
-        prefix = (
-            f"HTTP/1.1 {status} {reason}\r\nServer: meta169\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
-        ).encode()
-        _prefix_cache[key] = prefix
-    return prefix
-
-
-def document_head(content_type: str, length: int) -> bytes:
-    """The encoded status line and fixed headers of a 200 reply."""
-    return _prefix(200, content_type, length)
-
-
-def encode_response(resp: Response, *, keep_alive: bool) -> bytes:
-    head = _prefix(resp.status, resp.content_type, len(resp.body))
-    extra = b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in resp.headers) if resp.headers else b""
-    if not keep_alive:
-        extra += b"Connection: close\r\n"
-    body = b"" if resp.head else resp.body
-    return b"".join((head, _date_header(), extra, b"\r\n", body))
-
-
-def error_response(
-    status: int, message: str = "", *, close: bool = False, headers: tuple[tuple[str, str], ...] = ()
-) -> Response:
-    text = message or _REASONS.get(status, "Error")
-    return Response(status, (text + "\n").encode(), close=close, headers=headers)
-
 
 class _Reject(Exception):
     """Internal: stop parsing and answer with this status, then close."""
@@ -273,63 +120,6 @@ def _header_name(raw: bytes) -> str:
     if len(_HEADER_NAMES) < 1024:  # common names only; a flood of odd ones is not cached
         _HEADER_NAMES[raw] = name
     return name
-
-
-# RFC 9110 token characters for header names; a request target of visible ASCII.
-_TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_TARGET_RE = re.compile(rb"/[\x21-\x7e]*")
-# Bytes a request head may hold at all (RFC 9110 field-value: HTAB, SP, VCHAR, obs-text).
-_HEAD_BYTES_RE = re.compile(rb"[\t\r\n\x20-\x7e\x80-\xff]*")
-_SLOW_HEADERS = frozenset(("content-length", "transfer-encoding", "upgrade", "expect"))
-
-
-def _simple_get(data: bytes, peer_key: str, max_headers: int, max_url_bytes: int) -> Request | None:
-    """Parse one complete, body-less ``GET ... HTTP/1.1`` request by hand, or None.
-
-    This is the shape of nearly every metadata request (cloud-init, SDKs, curl), so
-    it skips httptools' per-header callbacks. Anything unusual (pipelining, a body
-    or its headers, Connection/Upgrade/Expect, duplicate or odd headers, HTTP/1.0,
-    bytes outside the grammar) returns None and goes through httptools instead,
-    which keeps one strict parser in charge of every edge case.
-    """
-    end = data.find(b"\r\n\r\n")
-    if end != len(data) - 4 or not _HEAD_BYTES_RE.fullmatch(data):
-        return None
-    lines = data[:end].split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not _TARGET_RE.fullmatch(parts[1]):
-        return None
-    if len(parts[1]) > max_url_bytes:
-        return None  # httptools answers 414
-    if len(lines) - 1 > max_headers:
-        return None
-    headers: dict[str, str] = {}
-    identity = False
-    keep_alive = True
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or b"\n" in line:
-            return None
-        key = _HEADER_NAMES.get(name)
-        if key is None:
-            if not _TOKEN_RE.fullmatch(name):
-                return None
-            key = _header_name(name)
-        if key in headers or key in _SLOW_HEADERS:
-            return None
-        if key.startswith(IDENTITY_PREFIX):
-            identity = True
-        text = value.strip(b" \t")
-        if key == "connection":
-            # python-requests (cloud-init) sends "keep-alive", wrk and curl may send
-            # "close"; any other token list goes to httptools.
-            token = text.lower()
-            if token == b"close":
-                keep_alive = False
-            elif token != b"keep-alive":
-                return None
-        headers[key] = text.decode("latin-1")
-    return Request("GET", parts[1], headers, b"", peer_key, keep_alive, identity)
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -380,7 +170,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._tracker = tracker
         self._tracked = False
         self._limits = limits
-        # The compiled answer for repeated document requests (api.wire), if any.
+        # The compiled answer for repeated document requests (http.wire), if any.
         self._fast = fast
         # Given by the server: asking asyncio costs a getpid() per call on Python 3.11.
         self._loop = loop if loop is not None else asyncio.get_running_loop()
@@ -454,12 +244,6 @@ class HTTPProtocol(asyncio.Protocol):
                     # Answered the first of pipelined requests; the rest is parsed below.
                     transport.write(reply[0])
                     data = data[reply[2] :]
-            if data[:4] == b"GET " and data[-4:] == b"\r\n\r\n" and len(data) <= self._limits.max_header_bytes:
-                req = _simple_get(data, self._peer_key, self._limits.max_headers, self._limits.max_url_bytes)
-                if req is not None:
-                    self._progress += 1
-                    self._dispatch(req)
-                    return
         parser = self._parser
         if parser is None:
             parser = self._parser = httptools.HttpRequestParser(self)
@@ -641,9 +425,9 @@ class HTTPProtocol(asyncio.Protocol):
         if req.method == "HEAD":
             body = b""
         if req.keep_alive:
-            transport.write(b"".join((head, _date_header(), b"\r\n", body)))
+            transport.write(b"".join((head, date_line(), b"\r\n", body)))
         else:
-            self._write_last(transport, head, _date_header(), b"Connection: close\r\n\r\n", body)
+            self._write_last(transport, head, date_line(), b"Connection: close\r\n\r\n", body)
 
     def _relay(self, req: Request, raw: bytes, *, keep: bool) -> None:
         transport = self._transport
