@@ -24,7 +24,7 @@ ROOT = "meta169"
 # Lowest first. A component is a top-level module or package of meta169.
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"errors"}),
-    frozenset({"model", "secretfile", "exits"}),
+    frozenset({"model", "secretfile", "exits", "sdnotify", "health"}),
     frozenset({"http", "render", "registry", "identity", "client", "plumbing"}),
     frozenset({"inventory", "api"}),
     frozenset({"proxy", "admin"}),
