@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from meta169.api.metadata import PYTHON_OWNED_HEADERS, PYTHON_OWNED_PREFIXES
+from meta169.api.metadata import NOT_ON_THE_FAST_PATH, PYTHON_OWNED_HEADERS, PYTHON_OWNED_PREFIXES
 from meta169.api.tokens import TOKEN_HEADER, TTL_HEADER
 
 # What MetadataApp runs on a request: itself, caller identity, tokens, the proxy's stamp.
@@ -64,4 +64,10 @@ def test_the_scan_sees_the_reads_it_must() -> None:
 def test_every_header_read_is_owned(module: str) -> None:
     for name in sorted(headers_read(importlib.import_module(module))):
         assert name == name.lower(), name  # headers are keyed lower case (http.protocol)
-        assert name in PYTHON_OWNED_HEADERS or name.startswith(PYTHON_OWNED_PREFIXES), (module, name)
+        owned = name in PYTHON_OWNED_HEADERS or name.startswith(PYTHON_OWNED_PREFIXES)
+        assert owned or name in NOT_ON_THE_FAST_PATH, (module, name)
+
+
+def test_headers_off_the_fast_path_are_not_owned() -> None:
+    # A header in both lists would make the fast path decline what it may answer.
+    assert not NOT_ON_THE_FAST_PATH & PYTHON_OWNED_HEADERS
