@@ -8,8 +8,6 @@ content (``render``).
 from __future__ import annotations
 
 import logging
-import re
-import time
 from collections.abc import Awaitable
 from urllib.parse import unquote
 
@@ -32,9 +30,6 @@ from meta169.http.stamp import (
     ReplayGuard,
     verify,
 )
-from meta169.logs import AccessLog
-from meta169.metrics.core import status_class
-from meta169.metrics.instruments import ServeMetrics, request_class
 from meta169.model import Caller, MetadataOptions
 from meta169.render import Site, is_password_path
 from meta169.render.document import SEED_TEXT_BYTES, Document, SeededJSON
@@ -79,46 +74,6 @@ def _describe(caller: Caller | NeutronIdentity) -> str:
     return f"{caller.ip} on {caller.scope}"
 
 
-_EC2_VERSION = re.compile(r"[0-9]+\.[0-9]+|[0-9]{4}-[0-9]{2}-[0-9]{2}")
-_EC2_DIRECTORIES = frozenset(("meta-data", "dynamic"))
-_KINDS: dict[bytes, tuple[str, str]] = {}
-
-
-def request_kind(raw_path: bytes) -> tuple[str, str]:
-    """(tree, kind) of a request path for the metrics: tree ``openstack``, ``ec2`` or
-    ``other``; kind ``token``, ``user-data``, ``listing`` (a path ending in ``/``, a
-    tree's root, a version, or an EC2 version's ``meta-data`` or ``dynamic``) or
-    ``document``. A deeper EC2 directory asked without its slash counts as a
-    document: clients follow the listings' ``name/`` entries with the slash."""
-    known = _KINDS.get(raw_path)
-    if known is not None:
-        return known
-    path = raw_path.partition(b"?")[0].decode("latin-1")
-    segments = [s for s in path.split("/") if s]
-    if segments[:1] == ["openstack"]:
-        tree = "openstack"
-    elif not segments or segments[0] == "latest" or _EC2_VERSION.fullmatch(segments[0]):
-        tree = "ec2"
-    else:
-        tree = "other"
-    if _token_path_kind(path):
-        kind = "token"
-    elif segments and segments[-1] in ("user-data", "user_data"):
-        kind = "user-data"
-    elif (
-        path.endswith("/")
-        or (tree == "openstack" and len(segments) <= 2)
-        or (tree == "ec2" and (len(segments) <= 1 or (len(segments) == 2 and segments[1] in _EC2_DIRECTORIES)))
-    ):
-        kind = "listing"
-    else:
-        kind = "document"
-    if len(_KINDS) >= 4096:  # paths a guest made up are not kept for ever
-        _KINDS.clear()
-    _KINDS[raw_path] = (tree, kind)
-    return tree, kind
-
-
 def _token_path_kind(path: str) -> str:
     """ "latest" for the token path, "dated" for /<version>/api/token, "" otherwise."""
     stripped = path.rstrip("/")
@@ -134,14 +89,12 @@ class MetadataApp:
     """One per listener: knows the listener's binding, shares the site cache."""
 
     __slots__ = (
-        "_access",
         "_binding",
         "_buckets",
         "_cache",
         "_defaults",
         "_direct",
         "_guard",
-        "_metrics",
         "_neutron",
         "_ring",
         "_scope",
@@ -159,12 +112,8 @@ class MetadataApp:
         default_options: MetadataOptions | None = None,
         buckets: Buckets | None = None,
         neutron_secret: bytes | None = None,
-        metrics: ServeMetrics | None = None,
-        access_log: AccessLog | None = None,
     ) -> None:
         self._cache = cache
-        self._metrics = metrics
-        self._access = access_log
         self._binding = binding
         self._scope = binding.scope
         self._direct: tuple[str, str] | None = None
@@ -201,8 +150,7 @@ class MetadataApp:
         else:
             sites, routers = self._cache.wire_scopes
             stamp = (HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER)
-        metrics = self._metrics
-        answer = wire.fast_path(
+        return wire.fast_path(
             sites,
             buckets,
             max_header_bytes=limits.max_header_bytes,
@@ -212,23 +160,7 @@ class MetadataApp:
             owned_prefixes=PYTHON_OWNED_PREFIXES,
             routers=routers,
             stamp=stamp,
-            latency_bounds=metrics.duration.bounds if metrics is not None else None,
         )
-        if answer is None:
-            return None
-        if metrics is not None:
-            stats = wire.fast_stats(answer)
-            if stats is not None:
-                metrics.fast_paths.append(stats)
-        if self._access is not None:
-            return self._logged_fast(answer, self._access)
-        return answer
-
-    @property
-    def observed(self) -> bool:
-        """Whether requests are counted or logged: then the server's handler is
-        :meth:`handle_observed`, else the app itself (nothing in the way)."""
-        return self._metrics is not None or self._access is not None
 
     def __call__(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
         direct = self._direct
@@ -239,8 +171,6 @@ class MetadataApp:
             key: tuple[str, str, object] = (direct[0], direct[1], req.peer_key)
             entry = self._cache.by_caller.get(key)
             if entry is not None:
-                if self._metrics is not None:
-                    self._metrics.cache.inc(_HIT)
                 return self._answer(req, None, entry)
             return self._slow(req, self._identify(req), key)
         try:
@@ -253,8 +183,6 @@ class MetadataApp:
         entry = self._cache.by_caller.get(key)
         if entry is None:
             return self._slow(req, caller, key)
-        if self._metrics is not None:
-            self._metrics.cache.inc(_HIT)
         return self._answer(req, caller, entry)
 
     def _neutron_request(self, req: Request, secret: bytes) -> Response | Fast | Awaitable[Response | Fast]:
@@ -263,8 +191,6 @@ class MetadataApp:
         entry = self._cache.by_caller.get(key)
         if entry is None:
             return self._slow(req, ident, key)
-        if self._metrics is not None:
-            self._metrics.cache.inc(_HIT)
         return self._answer(req, ident, entry)
 
     def _identify(self, req: Request) -> Caller:
@@ -285,8 +211,6 @@ class MetadataApp:
     async def _slow(
         self, req: Request, caller: Caller | NeutronIdentity, key: tuple[str, str, object]
     ) -> Response | Fast:
-        if self._metrics is not None:
-            self._metrics.cache.inc(_MISS)
         try:
             entry = await self._cache.lookup(key, caller)
         except RegistryError as exc:
@@ -309,14 +233,10 @@ class MetadataApp:
                 log.error("refusing ambiguous caller: %s", entry.error)
             else:
                 log.warning("no instance for caller %s", _describe(caller))
-            if self._metrics is not None:
-                self._metrics.unknown_callers.inc((entry.reason,))
             return error_response(404)
         if self._buckets is not None:
             wait = self._buckets.take(entry.instance.uuid)
             if wait:
-                if self._metrics is not None:
-                    self._metrics.rate_limited.inc()
                 return error_response(429, headers=(("Retry-After", retry_after(wait)),))
         raw = req.raw_path
         qpos = raw.find(b"?")
@@ -379,13 +299,11 @@ class MetadataApp:
             key = (caller.network_id or "", caller.router_id or "", caller.ip)
         else:
             return
-        # Its metrics class: the fast path counts its answers by it.
-        cls = request_class(*request_kind(raw))
         if doc.fresh is None:
-            entry: wire.WireEntry = (reply[0], reply[1], cls)
+            entry: wire.WireEntry = reply
         elif isinstance(doc.fresh, SeededJSON):
             fresh = doc.fresh
-            entry = (reply[0], fresh.head, fresh.tail, cls)
+            entry = (reply[0], fresh.head, fresh.tail)
             if len(fresh.head) + SEED_TEXT_BYTES + len(fresh.tail) != len(reply[1]):
                 return
         else:
@@ -396,25 +314,14 @@ class MetadataApp:
         """IMDSv2: a token that is sent must be valid; with ``required`` one must be sent."""
         token = req.headers.get(TOKEN_HEADER)
         if token is None:
-            refused = options.http_tokens == "required"
-            reason = "missing"
-        else:
-            refused = not tokens.is_valid(self._ring, token, uuid)
-            reason = "invalid"
-        if refused and self._metrics is not None:
-            self._metrics.tokens_refused.inc((reason,))
-        return refused
+            return options.http_tokens == "required"
+        return not tokens.is_valid(self._ring, token, uuid)
 
     def _token(self, req: Request, uuid: str, options: MetadataOptions, *, dated: bool) -> Response:
-        metrics = self._metrics
         if req.method != "PUT":
-            if metrics is not None:
-                metrics.tokens_refused.inc(("method",))
             return Response(405, b"405 Method Not Allowed\n", headers=(("Allow", "PUT"),))
         if dated:
             # Only /latest/api/token issues tokens (EC2 user guide).
-            if metrics is not None:
-                metrics.tokens_refused.inc(("dated-path",))
             return error_response(403)
         if self._binding.kind == "proxy":
             forwarded = "x-meta169-guest-forwarded" in req.headers
@@ -426,17 +333,11 @@ class MetadataApp:
         if forwarded:
             # A token PUT relayed by a proxy inside the guest (SSRF, containers behind
             # NAT) is refused outright (EC2 user guide, IMDSv2 X-Forwarded-For rule).
-            if metrics is not None:
-                metrics.tokens_refused.inc(("forwarded",))
             return error_response(403)
         ttl = tokens.parse_ttl(req.headers.get(TTL_HEADER))
         if ttl is None:
-            if metrics is not None:
-                metrics.tokens_refused.inc(("ttl",))
             return error_response(400, f"{TTL_HEADER} must be an integer in 1..21600")
         token = tokens.issue(self._ring, uuid, ttl)
-        if metrics is not None:
-            metrics.tokens_issued.inc()
         hop = options.http_put_response_hop_limit
         headers: tuple[tuple[str, str], ...] = (("X-aws-ec2-metadata-token-ttl-seconds", str(ttl)),)
         if self._binding.kind == "proxy":
