@@ -17,6 +17,10 @@ from typing import Any
 
 pytest_plugins = ["tests.harness.fixtures", "tests.integration.conftest_postgres"]
 
+# Every meta169 the suite runs (in process, as a subprocess, in the lab) reads this
+# empty configuration instead of a real /etc/meta169/meta169.toml on the machine.
+os.environ.setdefault("META169_CONFIG", "/dev/null")
+
 _HOST_NETNS = os.stat("/proc/self/ns/net").st_ino
 
 
