@@ -8,8 +8,9 @@ PORT ?= 8775
 RUN_DIR := .run
 DEMO_DB := $(CURDIR)/$(RUN_DIR)/demo.db
 CACHE ?= $(CURDIR)/.cache
+DEB_OUT ?= $(CURDIR)/dist
 
-.PHONY: run test lint typecheck unit integration e2e bench venv system-deps cloud-init clean
+.PHONY: run test lint typecheck unit integration e2e bench venv system-deps cloud-init clean deb
 
 venv: $(BIN)/.installed
 
@@ -60,6 +61,11 @@ integration: venv cloud-init
 
 e2e: venv system-deps cloud-init
 	META169_CACHE=$(CACHE) $(BIN)/pytest -q tests/e2e
+
+# dist/meta169_VERSION_ARCH.deb (see packaging/build-deb and docs/deployment.md).
+deb:
+	@scripts/install-system-deps deb
+	packaging/build-deb --out $(DEB_OUT)
 
 bench: venv
 	@scripts/install-system-deps bench

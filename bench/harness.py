@@ -38,6 +38,8 @@ class Settings:
     work_dir: Path = Path("/tmp")
     namespaces: int = 1000
     pin: bool = True
+    # serve: also run a second serve with --metrics-listen and report its cost
+    metrics: bool = False
     meta169: Path = VENV_BIN / "meta169"
     python: Path = VENV_BIN / "python"
 

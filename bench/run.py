@@ -1,4 +1,4 @@
-"""Entry point: ``python -m bench.run [serve|proxy-rss|proxy-rps|all|clean] [options]``.
+"""Entry point: ``python -m bench.run [serve|proxy-rss|proxy-rps|boot-storm|all|clean] [options]``.
 
 Needs root (namespaces, haproxy in them), wrk, nginx and haproxy
 (``scripts/install-system-deps bench``). Prints Markdown tables with absolute
@@ -18,10 +18,10 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import netns, proxy_rps, proxy_rss, serve_bench
+from bench import netns, proxy_rps, proxy_rss, serve_bench, storm
 from bench.harness import BenchError, Settings, guarded, machine_facts, table
 
-BENCHES = ("serve", "proxy-rss", "proxy-rps")
+BENCHES = ("serve", "proxy-rss", "proxy-rps", "boot-storm")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,9 +32,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     p.add_argument("--namespaces", type=int, default=1000, help="namespaces for proxy-rss (default 1000)")
     p.add_argument("--no-pin", action="store_true", help="do not taskset servers and wrk to CPUs")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve: also load a serve with --metrics-listen on and report the cost of its metrics",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 s, 1 repeat, 50 namespaces")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    storm.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         connections=args.connections,
         namespaces=50 if args.quick and args.namespaces == 1000 else args.namespaces,
         pin=not args.no_pin,
+        metrics=args.metrics,
     )
     chosen = BENCHES if args.which == "all" else (args.which,)
     facts = machine_facts()
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 if name == "serve":
                     results[name] = serve_bench.run(settings, cleanup, sub)
+                elif name == "boot-storm":
+                    results[name] = storm.run(settings, cleanup, sub, storm.options(args))
                 elif name == "proxy-rss":
                     results[name] = proxy_rss.run(settings, cleanup, sub)
                 else:

@@ -5,10 +5,16 @@ the same number of processes: 1 vs 1 (server pinned to CPU 1, wrk -t1 to CPU 0) 
 2 vs 2 (``serve --workers 2`` vs ``worker_processes 2``; with two cores nothing can
 be pinned apart, so servers and wrk -t2 share both). Each point is run
 ``repeats`` times, alternating which server goes first, and the median is reported.
+
+With ``--metrics`` a second serve runs beside the first, the same but with
+``--metrics-listen`` on (counting every request, the compiled path's included, and
+timing each call), loaded in the same rotation; a second table gives both against
+nginx and against each other, and a scrape after the load shows the counts.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +66,8 @@ class Point:
     mode: str
     serve: Series
     nginx: Series
+    # serve with --metrics-listen (bench.run serve --metrics)
+    metered: Series | None = None
 
     @property
     def ratio(self) -> float:
@@ -77,6 +85,9 @@ def run(settings: Settings, cleanup: Cleanup, work: Path) -> list[Point]:
         points.extend(_run_layout(settings, cleanup, work / layout.name.replace(" ", ""), registry, layout))
     print()
     print(report(points))
+    if settings.metrics:
+        print()
+        print(metrics_report(points))
     return points
 
 
@@ -109,6 +120,29 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
     print(f"\n== serve vs nginx, {layout.name}: serve pid {serve.pid} :{sport}, nginx pid {nginx.pid} :{nport}")
     servers = {"serve": sport, "nginx": nport}
     pids = {"serve": serve.pid, "nginx": nginx.pid}
+    scrape_port = 0
+    metered = None
+    if settings.metrics:
+        mport, scrape_port = free_port(), free_port()
+        metered = start_serve(
+            settings,
+            registry,
+            [f"127.0.0.1:{mport}"],
+            network=NETWORK,
+            workers=layout.workers,
+            cpus=layout.server_cpus,
+            cleanup=cleanup,
+            log=work / "serve-metrics.log",
+            extra=("--metrics-listen", f"127.0.0.1:{scrape_port}"),
+            name="meta169 serve+metrics",
+        )
+        for path in PATHS:
+            got = fetch(mport, path)
+            if got.status != 200 or len(got.body) != len(routes[path][1]):
+                raise BenchError(f"serve with metrics answered {got.status} for {path}: {got.body[:200]!r}")
+        print(f"   serve with --metrics-listen: pid {metered.pid} :{mport}, metrics on :{scrape_port}")
+        servers["serve+metrics"] = mport
+        pids["serve+metrics"] = metered.pid
 
     def load(name: str, path: str, mode: str, duration: float) -> Series:
         return Series(
@@ -130,13 +164,13 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
     points = []
     for path in PATHS:
         for mode in MODES:
-            runs: dict[str, Series] = {"serve": Series(), "nginx": Series()}
+            runs: dict[str, Series] = {name: Series() for name in servers}
             for r in range(settings.repeats):
                 order = list(servers) if r % 2 == 0 else list(reversed(servers))
                 for name in order:
                     runs[name].runs.extend(load(name, path, mode, settings.duration).runs)
                     time.sleep(0.2)
-            point = Point(layout.name, path, mode, runs["serve"], runs["nginx"])
+            point = Point(layout.name, path, mode, runs["serve"], runs["nginx"], runs.get("serve+metrics"))
             points.append(point)
             print(
                 f"  {path:35} {mode:10} serve {point.serve.median:9.0f}/s {point.serve.spread:5} "
@@ -145,6 +179,15 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
                 f"other load {point.serve.other_load:.0%}",
                 flush=True,
             )
+            if point.metered is not None:
+                print(
+                    f"  {'':35} {'':10} serve+metrics {point.metered.median:9.0f}/s {point.metered.spread:5} "
+                    f"on/off {ratio(point.metered, point.serve)}  "
+                    f"CPU/req {point.metered.cpu_us('server'):.0f} us",
+                    flush=True,
+                )
+    if scrape_port:
+        print(f"  {scraped(scrape_port)}")
     mem_serve, mem_nginx = memory_tree(serve.pid), memory_tree(nginx.pid)
     print(
         f"  memory after load: serve RSS {mem_serve.rss // 1024} MB (PSS {mem_serve.pss // 1024}), "
@@ -152,7 +195,57 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
     )
     cleanup.run_now(nginx.stop)
     cleanup.run_now(serve.stop)
+    if metered is not None:
+        cleanup.run_now(metered.stop)
     return points
+
+
+def scraped(port: int) -> str:
+    """What the metered serve counted, from one scrape of its /metrics."""
+    got = fetch(port, "/metrics")
+    if got.status != 200:
+        raise BenchError(f"/metrics answered {got.status}")
+    text = got.body.decode()
+    by_path: dict[str, float] = {}
+    for match in re.finditer(r'^meta169_serve_requests_total\{[^}]*path="(\w+)"[^}]*\} (\S+)$', text, re.M):
+        by_path[match.group(1)] = by_path.get(match.group(1), 0.0) + float(match.group(2))
+    procs = re.search(r"^meta169_metrics_processes (\S+)$", text, re.M)
+    counted = ", ".join(f"{name} {value:,.0f}" for name, value in sorted(by_path.items()))
+    return f"metrics scrape ({len(got.body):,} bytes, {procs.group(1) if procs else '?'} processes): requests {counted}"
+
+
+def metrics_report(points: list[Point]) -> str:
+    rows = []
+    for p in points:
+        if p.metered is None:
+            continue
+        rows.append(
+            (
+                p.layout,
+                p.path,
+                p.mode,
+                p.serve.cell(),
+                p.metered.cell(),
+                ratio(p.metered, p.serve),
+                ratio(p.serve, p.nginx),
+                ratio(p.metered, p.nginx),
+                f"{p.serve.cpu_us('server'):.0f} / {p.metered.cpu_us('server'):.0f}",
+            )
+        )
+    return "### serve with --metrics-listen on and off (requests/s, median of runs)\n\n" + table(
+        (
+            "procs",
+            "path",
+            "mode",
+            "serve req/s (off)",
+            "serve req/s (on)",
+            "on/off",
+            "serve/nginx off",
+            "serve/nginx on",
+            "CPU us/req off / on",
+        ),
+        rows,
+    )
 
 
 def report(points: list[Point]) -> str:

@@ -28,14 +28,16 @@ def start_serve(
     network: str | None = None,
     workers: int = 1,
     cpus: str | None = None,
+    extra: Sequence[str] = (),
+    name: str = "meta169 serve",
 ) -> Proc:
     argv = [str(settings.meta169), "--registry", registry, "serve"]
     for item in listens:
         argv += ["--listen", item]
     if network:
         argv += ["--network", network]
-    argv += ["--workers", str(workers), *_no_rate_limit(settings)]
-    proc = spawn(f"meta169 serve x{workers}", argv, cleanup=cleanup, log=log, cpus=cpus)
+    argv += ["--workers", str(workers), *_no_rate_limit(settings), *extra]
+    proc = spawn(f"{name} x{workers}", argv, cleanup=cleanup, log=log, cpus=cpus)
     proc.wait_for("listening on")
     return proc
 

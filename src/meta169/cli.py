@@ -12,30 +12,55 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import click
 
+from meta169.config import DEFAULT_CONFIG_PATH, apply_to_command, assign_envvars, exposed_password_warning, load_config
 from meta169.errors import ConfigError
 from meta169.exits import cli_errors
 
 
 class Ctx:
-    def __init__(self, registry_url: str | None) -> None:
+    """What the top-level group hands every subcommand: where the registry is."""
+
+    def __init__(self, registry_url: str | None, registry_password_file: Path | None = None) -> None:
         self._registry_url = registry_url
+        self._password_file = registry_password_file
+        self._joined: str | None = None
 
     @property
-    def registry_url(self) -> str:
+    def configured_registry_url(self) -> str:
+        """The registry URL as configured (or the default), without the password file's password."""
         from meta169.registry import default_registry_url
 
         if self._registry_url:
             return self._registry_url
         return default_registry_url(euid=os.geteuid(), home=Path.home(), xdg_data_home=os.environ.get("XDG_DATA_HOME"))
 
-    def open_registry(self) -> Any:
-        from meta169.registry import open_registry
+    @property
+    def registry_url(self) -> str:
+        """The URL to connect with: the password file's password joined here, never in argv."""
+        if self._joined is None:
+            url = self.configured_registry_url
+            if self._password_file is not None:
+                from meta169.config import with_password
+                from meta169.secretfile import read_secret_file
 
-        return open_registry(self.registry_url)
+                url = with_password(url, read_secret_file(self._password_file, what="registry password-file"))
+            self._joined = url
+        return self._joined
+
+    def open_registry(self, *, create: bool = False) -> Any:
+        """Open the registry; a SQLite file that does not exist is an error unless
+        ``create`` (import), and so is its directory unless it is the default one."""
+        from meta169.registry import default_registry_url, open_registry
+
+        default = default_registry_url(
+            euid=os.geteuid(), home=Path.home(), xdg_data_home=os.environ.get("XDG_DATA_HOME")
+        )
+        is_default = self.configured_registry_url == default
+        return open_registry(self.registry_url, create=create, create_directory=create and is_default)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -64,7 +89,41 @@ class LazyGroup(click.Group):
         return command
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class MainGroup(LazyGroup):
+    """The top-level group: every option of a configured command also comes from its
+    META169_* variable and its section of the configuration file (:mod:`meta169.config`).
+
+    The file is read by the eager ``--config`` option before the other top-level
+    options; the section of the subcommand that runs is resolved when it is chosen,
+    so no other subcommand is imported.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        assign_envvars(None, self)
+        return super().parse_args(ctx, args)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if name is not None and command is not None and not ctx.resilient_parsing:
+            with cli_errors():
+                apply_to_command(ctx, name, command)
+        return name, command, rest
+
+
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="META169_CONFIG",
+    metavar="FILE",
+    is_eager=True,
+    expose_value=False,
+    callback=load_config,
+    help=f"Configuration file (TOML) [env META169_CONFIG; default: {DEFAULT_CONFIG_PATH}, read when it exists].",
+)
 @click.option(
     "--registry",
     "registry_url",
@@ -73,14 +132,38 @@ class LazyGroup(click.Group):
     help="Registry URL: sqlite:///path.db, postgresql://..., memory:// "
     "[env META169_REGISTRY; default: a SQLite file in the data directory].",
 )
+@click.option(
+    "--registry-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="PostgreSQL password (file, mode 0600), joined to the registry URL in the process, never in argv.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text (no time of their own under systemd's journal) or one JSON object each.",
+)
 @click.version_option(package_name="meta169")
 @click.pass_context
-def main(ctx: click.Context, registry_url: str | None, verbose: int) -> None:
-    """meta169: the instance metadata service at 169.254.169.254, and its network path."""
+def main(
+    ctx: click.Context, registry_url: str | None, registry_password_file: Path | None, verbose: int, log_format: str
+) -> None:
+    """meta169: the instance metadata service at 169.254.169.254, and its network path.
+
+    Every option can also be set in the configuration file (meta169 config show) or
+    in META169_[COMMAND_]OPTION; a flag wins over the environment, which wins over the file.
+    """
+    from meta169.logs import setup as setup_logging
+
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx.obj = Ctx(registry_url)
+    setup_logging(level, "json" if log_format == "json" else "text")
+    warning = exposed_password_warning(ctx, "registry_url")
+    if warning is not None:
+        click.echo(f"meta169: warning: {warning}", err=True)
+    ctx.obj = Ctx(registry_url, registry_password_file)
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -158,14 +241,77 @@ def main(ctx: click.Context, registry_url: str | None, verbose: int) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Sign EC2 identity documents with this directory's key (meta169 identity init).",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve /metrics (Prometheus), /healthz and /readyz here [default: off].",
+)
+@click.option("--access-log", is_flag=True, help="Log one line per request (logger meta169.access).")
+@click.option(
+    "--access-log-sample",
+    type=click.FloatRange(0.0, 1.0),
+    default=1.0,
+    show_default=True,
+    metavar="RATE",
+    help="With --access-log: the share of requests logged, chosen at random (0..1).",
+)
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Start even if the registry holds no instances (every guest gets 404 until an import); "
+    "warns every minute and /readyz fails while it is empty.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM, seconds to let requests in flight finish before closing them.",
+)
 @pass_ctx
-def serve(
+def serve(obj: Ctx, /, workers: int, **params: Any) -> None:
+    """Serve the OpenStack and EC2 metadata trees.
+
+    SIGHUP reloads the rate limit, the --vendor-data file and the log level without
+    dropping connections; SIGTERM stops accepting and drains (--drain-timeout).
+    """
+    from meta169.api.server import run
+    from meta169.health import Health
+    from meta169.sdnotify import Notifier
+
+    with cli_errors():
+        if workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        config = _serve_config(obj, _log_level(click.get_current_context().find_root().params), **params)
+        if config.identity_key_dir is not None:  # fail before binding and forking, not in every worker
+            from meta169.identity import load_identity_key
+
+            load_identity_key(config.identity_key_dir)
+        specs = config.listeners
+        health = Health()
+
+        def ready(addresses: list[Any]) -> None:
+            for spec, address in zip(specs, addresses, strict=True):
+                click.echo(f"meta169 serve: listening on {address} ({spec.binding.scope})", err=True)
+
+        run(
+            config,
+            workers=workers,
+            on_ready=ready,
+            notifier=Notifier.from_environ(),
+            health=health,
+            reload=_rebuilder(lambda ctx_obj, level, p: _serve_config(ctx_obj, level, **_without(p, "workers"))),
+        )
+
+
+def _serve_config(
     obj: Ctx,
+    log_level: int,
+    *,
     listens: tuple[str, ...],
     network_id: str | None,
     router_id: str | None,
     proxy_mode: bool,
-    workers: int,
     vendor_data_file: Path | None,
     poll_interval: float,
     proxy_secret_file: Path | None,
@@ -177,78 +323,129 @@ def serve(
     vendordata_dynamic: tuple[str, ...],
     vendordata_timeout: float,
     identity_key_dir: Path | None,
-) -> None:
-    """Serve the OpenStack and EC2 metadata trees."""
+    metrics_listen: str | None,
+    access_log: bool,
+    access_log_sample: float,
+    allow_empty: bool,
+    drain_timeout: float,
+) -> Any:
+    """serve's ServeConfig from its parameters: at start, and again on SIGHUP."""
     from meta169.api.config import ServeConfig
-    from meta169.api.server import run
     from meta169.api.tokens import load_key_ring
     from meta169.api.vendordata import DynamicTarget
     from meta169.http.listen import Binding, ListenerSpec, parse_listen
     from meta169.model import MetadataOptions
     from meta169.secretfile import read_secret_file
 
-    with cli_errors():
-        default: Binding | None = None
-        chosen = [b for b in (network_id, router_id, proxy_mode or None) if b]
-        if len(chosen) > 1:
-            raise ConfigError("give at most one of --network, --router, --proxy (or per-listener =BINDING)")
-        if network_id:
-            default = Binding("network", network_id)
-        elif router_id:
-            default = Binding("router", router_id)
-        elif proxy_mode:
-            default = Binding("proxy")
-        if not listens:
-            raise ConfigError("give at least one --listen ADDR (for example --listen 127.0.0.1:8775 --network NET)")
-        specs = []
-        for item in listens:
-            addr_text, _, bind_text = item.partition("=")
-            binding = _parse_binding(bind_text) if bind_text else default
-            if binding is None:
-                raise ConfigError(f"--listen {item}: no binding; add =network:ID or pass --network ID")
-            specs.append(ListenerSpec(parse_listen(addr_text), binding))
-        vendor: dict[str, Any] = {}
-        if vendor_data_file is not None:
-            try:
-                loaded = json.loads(vendor_data_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"--vendor-data {vendor_data_file}: {exc}") from exc
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"--vendor-data {vendor_data_file}: must hold a JSON object")
-            vendor = loaded
-        if workers < 1:
-            raise ConfigError("--workers must be >= 1")
-        config = ServeConfig(
-            registry_url=obj.registry_url,
-            listeners=tuple(specs),
-            static_vendor_data=vendor,
-            poll_interval=poll_interval,
-            proxy_secret=read_secret_file(proxy_secret_file, what="--proxy-secret-file") if proxy_secret_file else None,
-            neutron_secret=(
-                read_secret_file(neutron_secret_file, what="--neutron-secret-file") if neutron_secret_file else None
-            ),
-            token_keys=load_key_ring(token_key_file) if token_key_file else None,
-            default_metadata_options=MetadataOptions(
-                http_tokens="required" if http_tokens == "required" else "optional",
-                http_put_response_hop_limit=hop_limit,
-            ),
-            rate_limit=_parse_rate(rate_limit),
-            identity_key_dir=identity_key_dir,
-            vendordata_targets=tuple(DynamicTarget.parse(t) for t in vendordata_dynamic),
-            vendordata_timeout=vendordata_timeout,
-        )
-        if identity_key_dir is not None:  # fail before binding and forking, not in every worker
-            from meta169.identity import load_identity_key
+    default: Binding | None = None
+    chosen = [b for b in (network_id, router_id, proxy_mode or None) if b]
+    if len(chosen) > 1:
+        raise ConfigError("give at most one of --network, --router, --proxy (or per-listener =BINDING)")
+    if network_id:
+        default = Binding("network", network_id)
+    elif router_id:
+        default = Binding("router", router_id)
+    elif proxy_mode:
+        default = Binding("proxy")
+    if not listens:
+        raise ConfigError("give at least one --listen ADDR (for example --listen 127.0.0.1:8775 --network NET)")
+    specs = []
+    for item in listens:
+        addr_text, _, bind_text = item.partition("=")
+        binding = _parse_binding(bind_text) if bind_text else default
+        if binding is None:
+            raise ConfigError(f"--listen {item}: no binding; add =network:ID or pass --network ID")
+        specs.append(ListenerSpec(parse_listen(addr_text), binding))
+    vendor: dict[str, Any] = {}
+    if vendor_data_file is not None:
+        try:
+            loaded = json.loads(vendor_data_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--vendor-data {vendor_data_file}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--vendor-data {vendor_data_file}: must hold a JSON object")
+        vendor = loaded
+    config = ServeConfig(
+        registry_url=obj.registry_url,
+        listeners=tuple(specs),
+        static_vendor_data=vendor,
+        poll_interval=poll_interval,
+        proxy_secret=read_secret_file(proxy_secret_file, what="--proxy-secret-file") if proxy_secret_file else None,
+        neutron_secret=(
+            read_secret_file(neutron_secret_file, what="--neutron-secret-file") if neutron_secret_file else None
+        ),
+        token_keys=load_key_ring(token_key_file) if token_key_file else None,
+        default_metadata_options=MetadataOptions(
+            http_tokens="required" if http_tokens == "required" else "optional",
+            http_put_response_hop_limit=hop_limit,
+        ),
+        rate_limit=_parse_rate(rate_limit),
+        identity_key_dir=identity_key_dir,
+        vendordata_targets=tuple(DynamicTarget.parse(t) for t in vendordata_dynamic),
+        vendordata_timeout=vendordata_timeout,
+        metrics_listen=_metrics_address(metrics_listen),
+        access_log_sample=access_log_sample if access_log else None,
+        allow_empty=allow_empty,
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+    )
+    if any(s.binding.kind == "neutron" for s in specs) and config.neutron_secret is None:
+        raise ConfigError("a =neutron listener needs --neutron-secret-file (Nova refuses an empty secret too)")
+    return config
 
-            load_identity_key(identity_key_dir)
-        if any(s.binding.kind == "neutron" for s in specs) and config.neutron_secret is None:
-            raise ConfigError("a =neutron listener needs --neutron-secret-file (Nova refuses an empty secret too)")
 
-        def ready(addresses: list[Any]) -> None:
-            for spec, address in zip(specs, addresses, strict=True):
-                click.echo(f"meta169 serve: listening on {address} ({spec.binding.scope})", err=True)
+T = TypeVar("T")
 
-        run(config, workers=workers, on_ready=ready)
+
+def _log_level(root_params: dict[str, Any]) -> int:
+    """The root logger's level main() sets from -v."""
+    return logging.WARNING - 10 * min(int(root_params.get("verbose") or 0), 2)
+
+
+def _without(params: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in names}
+
+
+def _rebuilder(build: Callable[[Ctx, int, dict[str, Any]], T]) -> Callable[[], T]:
+    """What SIGHUP calls: the running command's configuration built again as a fresh
+    start would build it, from the same command line with the environment and the
+    configuration file read anew. Any error is a ConfigError (the server keeps its
+    running configuration and logs it)."""
+    current = click.get_current_context()
+    name = current.info_name or ""
+    prog = current.find_root().info_name
+    args = sys.argv[1:]
+
+    def rebuild() -> T:
+        try:
+            with main.make_context(prog, list(args)) as root:
+                # The group's callback runs again: root.meta says it is a reload.
+                root.meta["meta169.reload"] = True
+                assert main.callback is not None
+                root.invoke(main.callback, **root.params)
+                _, command, rest = main.resolve_command(root, [name, *root.args])
+                assert command is not None
+                with command.make_context(name, rest, parent=root) as sub:
+                    return build(root.find_object(Ctx) or Ctx(None), _log_level(root.params), dict(sub.params))
+        except click.ClickException as exc:
+            raise ConfigError(f"reload: {exc.format_message()}") from exc
+        except (click.exceptions.Exit, SystemExit) as exc:
+            # cli_errors() in the group already printed the error and asked to exit.
+            raise ConfigError("reload: the configuration is invalid (see the error above)") from exc
+
+    return rebuild
+
+
+def _metrics_address(text: str | None) -> Any:
+    """``--metrics-listen``: None (off) or a TCP address."""
+    if not text:
+        return None
+    from meta169.http.listen import parse_listen
+
+    address = parse_listen(text)
+    if address.unix_path is not None:
+        raise ConfigError("--metrics-listen: expected HOST:PORT (Prometheus scrapes over TCP)")
+    return address
 
 
 def _parse_rate(text: str) -> Any:
@@ -313,38 +510,83 @@ def _parse_binding(text: str) -> Any:
     show_default=True,
     help="Seconds to wait for serve's reply before answering the guest 504.",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve /metrics (Prometheus), /healthz and /readyz here, in the host's namespace [default: off].",
+)
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="With --from-registry: start even if the registry holds no instances.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM, seconds to let requests in flight get their replies before closing them.",
+)
 @pass_ctx
-def proxy(
+def proxy(obj: Ctx, /, **params: Any) -> None:
+    """Per-namespace metadata proxy: stamp caller identity, forward to serve.
+
+    SIGHUP reads the listener file (and the registry) again at once and applies
+    changed --listen flags and log level; SIGTERM stops accepting and drains.
+    """
+    from meta169.health import Health
+    from meta169.proxy.run import run_proxy
+    from meta169.sdnotify import Notifier
+
+    with cli_errors():
+        config = _proxy_config(obj, _log_level(click.get_current_context().find_root().params), **params)
+        run_proxy(
+            config,
+            on_ready=lambda n: click.echo(f"meta169 proxy: {n} listeners up", err=True),
+            notifier=Notifier.from_environ(),
+            health=Health(),
+            reload=_rebuilder(lambda ctx_obj, level, p: _proxy_config(ctx_obj, level, **p)),
+        )
+
+
+def _proxy_config(
     obj: Ctx,
+    log_level: int,
+    *,
     upstream: str,
     secret_file: Path | None,
     listener_file: Path | None,
     from_registry: bool,
     listens: tuple[str, ...],
     upstream_timeout: float,
-) -> None:
-    """Per-namespace metadata proxy: stamp caller identity, forward to serve."""
-    from meta169.proxy.run import ProxyConfig, parse_static_listener, parse_upstream, run_proxy
+    metrics_listen: str | None,
+    allow_empty: bool,
+    drain_timeout: float,
+) -> Any:
+    """proxy's ProxyConfig from its parameters: at start, and again on SIGHUP."""
+    from meta169.proxy.run import ProxyConfig, parse_static_listener, parse_upstream
 
-    with cli_errors():
-        if not (listener_file or from_registry or listens):
-            raise ConfigError("give --listeners FILE, --from-registry or at least one --listen")
-        spec = dataclasses.replace(parse_upstream(upstream), reply_timeout=upstream_timeout)
-        secret = None
-        if secret_file is not None:
-            from meta169.secretfile import read_secret_file
+    if not (listener_file or from_registry or listens):
+        raise ConfigError("give --listeners FILE, --from-registry or at least one --listen")
+    spec = dataclasses.replace(parse_upstream(upstream), reply_timeout=upstream_timeout)
+    secret = None
+    if secret_file is not None:
+        from meta169.secretfile import read_secret_file
 
-            secret = read_secret_file(secret_file, what="--secret-file")
-        elif spec.is_tcp:
-            raise ConfigError("a TCP --upstream needs --secret-file (per-request HMAC); use unix:PATH otherwise")
-        config = ProxyConfig(
-            upstream=spec,
-            secret=secret,
-            static=tuple(parse_static_listener(x) for x in listens),
-            listener_file=listener_file,
-            registry_url=obj.registry_url if from_registry else None,
-        )
-        run_proxy(config, on_ready=lambda n: click.echo(f"meta169 proxy: {n} listeners up", err=True))
+        secret = read_secret_file(secret_file, what="--secret-file")
+    elif spec.is_tcp:
+        raise ConfigError("a TCP --upstream needs --secret-file (per-request HMAC); use unix:PATH otherwise")
+    return ProxyConfig(
+        upstream=spec,
+        secret=secret,
+        static=tuple(parse_static_listener(x) for x in listens),
+        listener_file=listener_file,
+        registry_url=obj.registry_url if from_registry else None,
+        metrics_listen=_metrics_address(metrics_listen),
+        allow_empty=allow_empty,
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+    )
 
 
 # -- admin API ------------------------------------------------------------------------------
@@ -365,44 +607,68 @@ def proxy(
     required=True,
     help="Bearer token (file, mode 0600, at least 16 bytes).",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve /metrics (Prometheus), /healthz and /readyz here [default: off].",
+)
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Start even if the registry holds no instances (to fill it through this API).",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM, seconds to let requests in flight finish before closing them.",
+)
 @pass_ctx
-def admin(obj: Ctx, listen: str, token_file: Path) -> None:
-    """Serve the authenticated admin API (list, show, create, update, delete, import)."""
-    import asyncio
-    import signal
+def admin(obj: Ctx, /, **params: Any) -> None:
+    """Serve the authenticated admin API (list, show, create, update, delete, import).
 
-    from meta169.admin.api import start_admin
-    from meta169.http.listen import parse_listen
-    from meta169.http.loop import loop_factory
-    from meta169.secretfile import read_secret_file
+    SIGHUP reads the token file again and applies the log level; SIGTERM drains.
+    """
+    from meta169.admin.run import run_admin
+    from meta169.health import Health
+    from meta169.sdnotify import Notifier
 
     with cli_errors():
-        token = read_secret_file(token_file, what="--token-file")
-        address = parse_listen(listen)
-        if address.unix_path is not None:
-            raise ConfigError("--listen: the admin API listens on TCP HOST:PORT")
-        registry = obj.open_registry()
+        config = _admin_config(obj, _log_level(click.get_current_context().find_root().params), **params)
+        run_admin(
+            config,
+            on_ready=lambda host, port: click.echo(f"meta169 admin: listening on {host}:{port}", err=True),
+            notifier=Notifier.from_environ(),
+            health=Health(),
+            reload=_rebuilder(lambda ctx_obj, level, p: _admin_config(ctx_obj, level, **p)),
+        )
 
-        async def serve_admin() -> None:
-            try:
-                server, app = await start_admin(registry, token, (address.host, address.port))
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
-            host, port = server.sockets[0].getsockname()[:2]
-            click.echo(f"meta169 admin: listening on {host}:{port}", err=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            server.close()
-            app.close()
 
-        try:
-            with asyncio.Runner(loop_factory=loop_factory()) as runner:
-                runner.run(serve_admin())
-        finally:
-            registry.close()
+def _admin_config(
+    obj: Ctx,
+    log_level: int,
+    *,
+    listen: str,
+    token_file: Path,
+    metrics_listen: str | None,
+    allow_empty: bool,
+    drain_timeout: float,
+) -> Any:
+    """admin's AdminConfig from its parameters: at start, and again on SIGHUP."""
+    from meta169.admin.run import AdminConfig
+    from meta169.http.listen import parse_listen
+    from meta169.secretfile import read_secret_file
+
+    return AdminConfig(
+        registry_url=obj.registry_url,
+        address=parse_listen(listen),
+        token=read_secret_file(token_file, what="--token-file"),
+        allow_empty=allow_empty,
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+        metrics_listen=_metrics_address(metrics_listen),
+    )
 
 
 # -- registry administration --------------------------------------------------------------------
@@ -410,18 +676,51 @@ def admin(obj: Ctx, listen: str, token_file: Path) -> None:
 
 @main.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Make the registry equal to the files: remove the instances they do not list, "
+    "and the networks and routers they do not list once nothing uses them.",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be added, changed and removed; write nothing.")
 @pass_ctx
-def import_(obj: Ctx, files: tuple[Path, ...]) -> None:
-    """Load YAML or JSON inventory files (idempotent: re-import updates)."""
-    from meta169.inventory import apply_inventory, format_import_report, load_inventory
+def import_(obj: Ctx, files: tuple[Path, ...], prune: bool, dry_run: bool) -> None:
+    """Load YAML or JSON inventory files (idempotent: re-import updates).
+
+    Creates a missing SQLite registry file (mode 0600), and its directory (0700)
+    only when it is the default data directory.
+    """
+    _import(obj, files, prune=prune, dry_run=dry_run)
+
+
+def _import(obj: Ctx, files: tuple[Path, ...], *, prune: bool, dry_run: bool) -> None:
+    from meta169.inventory import (
+        apply_inventory,
+        apply_plan,
+        format_import_report,
+        format_plan,
+        load_inventory,
+        plan_inventory,
+    )
 
     with cli_errors():
         inventories = [load_inventory(f) for f in files]  # validate all before writing any
-        registry = obj.open_registry()
+        registry = obj.open_registry(create=not dry_run)
         try:
-            for path, inventory in zip(files, inventories, strict=True):
-                report = apply_inventory(registry, inventory)
-                click.echo(f"{path}: {format_import_report(report)}")
+            if dry_run:
+                # Several files are planned as one inventory, as --prune reads them.
+                click.echo(format_plan(plan_inventory(registry, inventories, prune=prune)))
+            elif prune:
+                plan = plan_inventory(registry, inventories, prune=True)
+                report = apply_plan(registry, plan)
+                for change in plan.changes:
+                    if change.action == "remove":
+                        click.echo(f"removed {str(change).removeprefix('remove ')}")
+                click.echo(f"{', '.join(str(f) for f in files)}: {format_import_report(report)}")
+            else:
+                for path, inventory in zip(files, inventories, strict=True):
+                    report = apply_inventory(registry, inventory)
+                    click.echo(f"{path}: {format_import_report(report)}")
         finally:
             registry.close()
 
@@ -570,6 +869,9 @@ main.lazy_commands.update(
         "query": "meta169.client.cli:query",
         "doctor": "meta169.doctor.cli:doctor",
         "plumb": "meta169.plumbing.cli:plumb",
+        "config": "meta169.config.cli:config",
+        # sync FILE | file FILE | libvirt | openstack: the registry made to match one source.
+        "sync": "meta169.sources.cli:sync",
     }
 )
 

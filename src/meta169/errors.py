@@ -21,6 +21,7 @@ translated at the module boundary that met them, with ``raise ... from exc``.
     │   └── CommandFailed           a subprocess exited non-zero (argv, stderr)
     ├── ProxyError                  the proxy could not reach or trust upstream
     ├── ClientError                 the metadata client got no usable answer (``reason``, ``status``)
+    ├── SourceError                 a source (libvirt, OpenStack) cannot be reached or read (``source``)
     └── LabError                    building or tearing down the lab failed
 """
 
@@ -119,6 +120,18 @@ class ProxyError(Meta169Error):
 
 class LabError(Meta169Error):
     """Building, using or tearing down the lab failed."""
+
+
+class SourceError(Meta169Error):
+    """A source of instances (libvirt, OpenStack) cannot be reached or read.
+
+    Invalid data a source holds (a domain's metadata, a server's field) is an
+    InventoryError naming the source, the object and the field instead.
+    """
+
+    def __init__(self, message: str, *, source: str) -> None:
+        self.source = source
+        super().__init__(f"{source}: {message}")
 
 
 class ClientError(Meta169Error):

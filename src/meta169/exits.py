@@ -7,6 +7,7 @@ Stable and documented in the README:
 - 2  usage or configuration error (bad flag, unreadable file, invalid inventory)
 - 3  registry error (database unreachable, not found, conflict)
 - 4  runtime error in the network path (plumbing, lab, proxy)
+- 5  a source of instances (libvirt, OpenStack) cannot be reached or read
 
 Low level: each subcommand's module uses it without importing the top-level CLI.
 """
@@ -28,6 +29,7 @@ from meta169.errors import (
     PlumbingError,
     ProxyError,
     RegistryError,
+    SourceError,
     ValidationError,
 )
 
@@ -36,6 +38,7 @@ EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_REGISTRY = 3
 EXIT_RUNTIME = 4
+EXIT_SOURCE = 5
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -56,5 +59,7 @@ def cli_errors() -> Iterator[None]:
         fail(f"registry: {exc}", EXIT_REGISTRY)
     except (PlumbingError, LabError, ProxyError) as exc:
         fail(str(exc), EXIT_RUNTIME)
+    except SourceError as exc:
+        fail(str(exc), EXIT_SOURCE)
     except Meta169Error as exc:
         fail(str(exc), EXIT_RUNTIME)

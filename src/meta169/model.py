@@ -39,6 +39,31 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+# Who owns an object in the registry; a sync changes and removes only what its own
+# source owns. "inventory" is `meta169 import`, "admin" the admin API, and the rest
+# name where the objects live: "file:/abs/path" (`meta169 sync FILE`),
+# "libvirt:<connection URI>", "openstack:<cloud name>".
+DEFAULT_SOURCE = "inventory"
+SOURCE_KINDS = ("inventory", "admin", "file", "libvirt", "openstack")
+_SOURCE_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,1023}$")
+
+
+def check_source(value: str) -> str:
+    """``value`` if it names a source: inventory, admin, file:/PATH, libvirt:URI, openstack:CLOUD."""
+    if not isinstance(value, str) or not _SOURCE_RE.fullmatch(value):
+        raise ValidationError(f"source {value!r} must be 1-1024 printable ASCII characters")
+    kind, _, rest = value.partition(":")
+    if value in ("inventory", "admin"):
+        return value
+    if kind == "file" and rest.startswith("/"):
+        return value
+    if kind in ("libvirt", "openstack") and rest.strip():
+        return value
+    raise ValidationError(
+        f"source {value!r} must be inventory, admin, file:/absolute/path, libvirt:URI or openstack:CLOUD"
+    )
+
+
 def normalize_mac(value: str) -> str:
     mac = str(value).strip().lower().replace("-", ":")
     if not _MAC_RE.fullmatch(mac):
@@ -105,9 +130,11 @@ class Network:
     name: str = ""
     mtu: int = 1500
     subnets: tuple[Subnet, ...] = ()
+    source: str = DEFAULT_SOURCE
 
     def __post_init__(self) -> None:
         check_id("network", self.id)
+        check_source(self.source)
         if not 68 <= self.mtu <= 65535:
             raise ValidationError(f"network {self.id}: MTU {self.mtu} outside 68..65535")
 
@@ -123,9 +150,11 @@ class Router:
     id: str
     network_ids: tuple[str, ...] = ()
     project_id: str = ""
+    source: str = DEFAULT_SOURCE
 
     def __post_init__(self) -> None:
         check_id("router", self.id)
+        check_source(self.source)
         for net in self.network_ids:
             check_id("network", net)
         if len(set(self.network_ids)) != len(self.network_ids):
@@ -222,8 +251,10 @@ class Instance:
     ports: tuple[Port, ...] = ()
     metadata_options: MetadataOptions | None = None
     architecture: str = "x86_64"
+    source: str = DEFAULT_SOURCE
 
     def __post_init__(self) -> None:
+        check_source(self.source)
         try:
             canonical = str(uuidlib.UUID(self.uuid))
         except (ValueError, AttributeError, TypeError) as exc:

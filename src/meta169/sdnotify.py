@@ -14,6 +14,7 @@ object is passed down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -82,3 +83,17 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.send(WATCHDOG=1)
+
+
+async def ping_watchdog(notifier: Notifier) -> None:
+    """Send WATCHDOG=1 every ``watchdog_interval`` until cancelled; returns at once without a watchdog.
+
+    Run it as a task on the server's own event loop: a loop that stops turning stops
+    the pings, and systemd restarts the service.
+    """
+    interval = notifier.watchdog_interval
+    if interval is None:
+        return
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)

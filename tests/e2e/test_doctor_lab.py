@@ -202,6 +202,21 @@ def test_doctor_lab_finds_and_fixes_fault(clean_lab: Lab, case: Case) -> None:
     assert guest.errors == [] and host.errors == [], (guest, host)
 
 
+def test_doctor_host_without_arguments_discovers_the_lab(lab: Lab) -> None:
+    # --only keeps other labs and namespaces on this host out of the verdict.
+    argv = [sys.executable, "-m", "meta169", "doctor", "--host", "--json",
+            "--state-root", str(lab.plan.config.directory), "--only", f"{lab.plan.prefix}*"]  # fmt: skip
+    report = _run_doctor(argv)
+    assert report.code == 0 and report.errors == [], report
+    (found,) = [line for line in report.doc["discovered"] if line.startswith(f"lab {lab.name} ")]
+    checked = {ns for t in lab.plan.tenants for ns in (t.router_ns, t.dhcp_ns) if ns is not None}
+    assert all(ns in found for ns in checked), found
+    hops = {h["hop"]: h for h in report.doc["path"]}
+    assert all(ns in hops["next-hop"]["detail"] for ns in checked), hops["next-hop"]
+    assert (hops["proxy"]["state"], hops["server"]["state"]) == ("ok", "ok")
+    assert f"unix:{lab.plan.paths.serve_socket}" in hops["server"]["detail"]
+
+
 def _cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "meta169", "lab", *args, "--name", lab.name,
             "--state-dir", str(lab.plan.config.directory)]  # fmt: skip

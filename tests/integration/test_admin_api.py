@@ -35,7 +35,10 @@ def admin(tmp_path: Path) -> Iterator[tuple[tuple[str, int], str]]:
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, 0o600)
     proc = subprocess.Popen(
-        meta169_argv("--registry", url, "admin", "--listen", "127.0.0.1:0", "--token-file", str(token_file)),
+        # Networks only: instances come through the API, so the registry starts empty.
+        meta169_argv(
+            "--registry", url, "admin", "--listen", "127.0.0.1:0", "--token-file", str(token_file), "--allow-empty"
+        ),
         stderr=subprocess.PIPE,
         text=True,
     )

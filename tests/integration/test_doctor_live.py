@@ -193,3 +193,26 @@ def test_doctor_live_files_root_and_extra_leases(registry_url: str, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert (out / "files/etc/sysconfig/network").read_text().endswith("NOZEROCONF=yes\n")
     assert (out / "files" / str(lease).lstrip("/")).read_text() == lease.read_text()
+
+
+def test_doctor_host_discovers_the_config_files_proxy(served: ServeProcess, registry_url: str, tmp_path: Path) -> None:
+    # The config file names the proxy's upstream (this serve, over TCP with the shared
+    # secret) and its listener file, whose namespace does not exist on this host.
+    host, port = served.addresses[2]
+    namespace = f"qrouter-m169t-{os.getpid()}-absent"
+    listeners = tmp_path / "listeners.json"
+    listeners.write_text(json.dumps({"listeners": [{"netns": namespace, "address": "0.0.0.0", "router": "r1"}]}))
+    config = tmp_path / "meta169.toml"
+    config.write_text(f'[proxy]\nupstream = "{host}:{port}"\nlisteners = "{listeners}"\n'
+                      f'secret-file = "{secret_file(tmp_path / "proxy.secret", SECRET)}"\n')  # fmt: skip
+    result = run_cli(registry_url, "--config", str(config), "doctor", "--json", "--host",
+                     "--state-root", str(tmp_path), "--only", namespace, check=False)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert finding_ids(report) == ["netns-missing"]
+    assert report["discovered"] == [
+        f"config {config} [proxy]: namespaces {namespace}; listener file {listeners}; upstream {host}:{port}; "
+        f"secret file {tmp_path / 'proxy.secret'}"
+    ]
+    server = next(h for h in report["path"] if h["hop"] == "server")  # type: ignore[union-attr]
+    assert server["state"] == "ok" and "signed with the proxy's secret" in server["detail"], server

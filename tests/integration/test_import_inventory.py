@@ -18,7 +18,7 @@ UUID = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
 
 def test_import_example_is_idempotent_in_a_database(sql_url: str) -> None:
     inventory = load_inventory(EXAMPLE)
-    registry = open_registry(sql_url)
+    registry = open_registry(sql_url, create=True)
     try:
         first = apply_inventory(registry, inventory)
         assert first == ImportReport(
@@ -30,7 +30,7 @@ def test_import_example_is_idempotent_in_a_database(sql_url: str) -> None:
     finally:
         registry.close()
     # A later `meta169 import` is another process with its own connection.
-    registry = open_registry(sql_url)
+    registry = open_registry(sql_url, create=True)
     try:
         second = apply_inventory(registry, load_inventory(EXAMPLE))
         assert second == ImportReport(
@@ -49,7 +49,7 @@ def test_import_example_is_idempotent_in_a_database(sql_url: str) -> None:
 
 
 def test_import_update_touches_only_the_changed_instance(sql_url: str) -> None:
-    registry = open_registry(sql_url)
+    registry = open_registry(sql_url, create=True)
     try:
         apply_inventory(registry, load_inventory(EXAMPLE))
         text = EXAMPLE.read_text().replace("ips: [10.0.0.5]", "ips: [10.0.0.7]")
@@ -64,7 +64,7 @@ def test_import_update_touches_only_the_changed_instance(sql_url: str) -> None:
 
 
 def test_import_with_a_bad_reference_writes_nothing(sql_url: str) -> None:
-    registry = open_registry(sql_url)
+    registry = open_registry(sql_url, create=True)
     try:
         text = EXAMPLE.read_text().replace("{network: net-a,", "{network: net-x,")
         with pytest.raises(InventoryError, match="unknown network 'net-x'"):

@@ -35,7 +35,7 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registr
     if request.param == "memory":
         opened: Registry = MemoryRegistry()
     elif request.param == "sqlite":
-        opened = open_registry(f"sqlite://{tmp_path / 'registry.db'}")
+        opened = open_registry(f"sqlite://{tmp_path / 'registry.db'}", create=True)
     else:
         opened = open_registry(str(request.getfixturevalue("postgres_url")))
     try:

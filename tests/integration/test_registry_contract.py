@@ -82,7 +82,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         )
 
         def opener(change_log_size: int = 10_000) -> Registry:
-            return open_registry(url, change_log_size=change_log_size)
+            return open_registry(url, create=True, change_log_size=change_log_size)
 
     def open_tracked(**kw: int) -> Registry:
         registry = opener(**kw)

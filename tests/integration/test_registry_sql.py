@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from meta169.errors import RegistryError, SchemaError
+from meta169.errors import ConfigError, RegistryError, SchemaError
 from meta169.model import Caller, Instance, Network, Port
 from meta169.registry import open_registry, sqlalchemy_url, sqlite_path
 from meta169.registry import schema as t
@@ -35,7 +35,7 @@ def _versions(url: str) -> list[tuple[int, str]]:
 
 
 def _reopen(url: str) -> SqlRegistry:
-    registry = open_registry(url)
+    registry = open_registry(url, create=True)
     assert isinstance(registry, SqlRegistry)
     return registry
 
@@ -141,9 +141,12 @@ def test_registry_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> N
         registry.close()
 
 
-def test_registry_open_creates_parent_directories(tmp_path: Path) -> None:
+def test_registry_open_creates_parent_directories_only_when_asked(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path / 'a' / 'b' / 'registry.db'}"
-    open_registry(url).close()
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_registry(url, create=True)
+    assert not (tmp_path / "a").exists()
+    open_registry(url, create=True, create_directory=True).close()
     assert sqlite_path(url).is_file()
 
 

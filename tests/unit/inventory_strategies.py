@@ -235,8 +235,11 @@ EVERY_FIELD_NETWORK = Network(
     name="réseau",
     mtu=9000,
     subnets=(EVERY_FIELD_SUBNET, Subnet(ipaddress.ip_network("10.9.0.0/24"))),
+    source="file:/etc/meta169/every field.yaml",
 )
-EVERY_FIELD_ROUTER = Router(id="router-every", network_ids=("net-every",), project_id="proj-ü")
+EVERY_FIELD_ROUTER = Router(
+    id="router-every", network_ids=("net-every",), project_id="proj-ü", source="openstack:every-cloud"
+)
 EVERY_FIELD_KEY = SSHKey(name="cert", data="-----BEGIN CERTIFICATE-----\nMIIB\n", type="x509")
 EVERY_FIELD_OPTIONS = MetadataOptions(
     http_tokens="required", http_endpoint="disabled", http_put_response_hop_limit=7, instance_metadata_tags="enabled"
@@ -261,6 +264,7 @@ EVERY_FIELD_INSTANCE = Instance(
     ports=(EVERY_FIELD_PORT,),
     metadata_options=EVERY_FIELD_OPTIONS,
     architecture="aarch64",
+    source="libvirt:qemu+ssh://host/system?keyfile=/k",
 )
 EVERY_FIELD: tuple[Any, ...] = (
     EVERY_FIELD_NETWORK,

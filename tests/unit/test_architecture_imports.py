@@ -24,11 +24,12 @@ ROOT = "meta169"
 # Lowest first. A component is a top-level module or package of meta169.
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"errors"}),
-    frozenset({"model", "secretfile", "exits", "sdnotify", "health"}),
+    frozenset({"model", "secretfile", "exits", "sdnotify", "health", "logs"}),
     frozenset({"http", "render", "registry", "identity", "client", "plumbing"}),
+    frozenset({"metrics"}),
     frozenset({"inventory", "api"}),
-    frozenset({"proxy", "admin"}),
-    frozenset({"doctor", "lab"}),
+    frozenset({"proxy", "admin", "sources"}),
+    frozenset({"doctor", "lab", "config"}),
     frozenset({"cli"}),
     frozenset({"__main__"}),
 )

@@ -89,3 +89,28 @@ def test_doctor_bundle_paths() -> None:
     assert b.bundle_path("/etc/sysconfig/network") == "files/etc/sysconfig/network"
     assert b.guest_files({"files/etc/x": "1", "ip-route.txt": "2"}) == {"/etc/x": "1"}
     assert b.redact("psk=abc\nmethod=auto\nwep-key0=zz\n") == "psk=<redacted>\nmethod=auto\nwep-key0=<redacted>\n"
+
+
+def test_doctor_bundle_a_directory_that_is_not_a_bundle_names_what_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(ConfigError, match=r"not a doctor bundle: no route table: none of ip-route.json, ip-route.txt"):
+        b.read_bundle(tmp_path)
+    (tmp_path / "meta.json").write_text('{"format": "something-else/2"}\n')
+    (tmp_path / "ip-route.txt").write_text("default via 10.0.0.1 dev eth0\n")
+    with pytest.raises(ConfigError, match=r"meta.json does not say format 'meta169-doctor-bundle/1'"):
+        b.read_bundle(tmp_path)
+    # A hand-made bundle: just `ip route > ip-route.txt`.
+    (tmp_path / "meta.json").unlink()
+    assert set(b.read_bundle(tmp_path)) == {"notes.txt", "ip-route.txt"}
+
+
+def test_doctor_bundle_offline_on_a_non_bundle_exits_2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meta169.cli import main
+
+    (tmp_path / "ip-addr.txt").write_text("1: lo: <LOOPBACK,UP>\n")
+    result = CliRunner().invoke(main, ["doctor", "--offline", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"--offline {tmp_path} is not a doctor bundle: no route table" in result.output
+    assert "meta169 doctor --collect DIR" in result.output

@@ -14,12 +14,12 @@ import pytest
 from meta169.api.identity import caller_from_proxy_headers
 from meta169.client.transport import Reply
 from meta169.doctor import host
+from meta169.doctor.discover import find_proxies
 from meta169.doctor.host_collect import (
     PROBE_CALLER,
     HostCollector,
     HostRequest,
     collect_host,
-    find_proxies,
     resolve_with,
 )
 from meta169.errors import ClientError, HTTPError

@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from meta169.cli import main
 from meta169.identity import CERT_FILE, KEY_FILE, RsaIdentitySigner, load_identity_key
+from meta169.lab.plan import LabConfig, LabPaths
+from meta169.lab.state import LabState, Status, save
 
 DOCUMENT = b'{\n  "accountId" : "000000000000",\n  "instanceId" : "i-0abc",\n  "region" : "RegionOne"\n}'
 
@@ -116,3 +118,44 @@ def test_identity_cli_verify_unusable_input_exit_2(files: Path) -> None:
     big.write_bytes(b"A" * ((1 << 20) + 1))
     code, out = _verify(files, "--document", str(files / "document"), "--signature", str(big))
     assert code == 2 and "more than" in out
+
+
+def _lab_up(root: Path, name: str, status: Status = "up") -> Path:
+    """A lab's state file and its identity key, as lab up leaves them (no namespaces needed)."""
+    paths = LabPaths(root / name)
+    paths.root.mkdir(parents=True)
+    save(LabState(LabConfig(name=name, state_dir=paths.root), status=status), paths.state)
+    assert CliRunner().invoke(main, ["identity", "init", "--dir", str(paths.identity_dir)]).exit_code == 0
+    return paths.identity_dir
+
+
+def test_identity_cli_cert_of_the_lab_that_is_up_said_on_stderr(tmp_path: Path) -> None:
+    lab_dir = _lab_up(tmp_path, "demo")
+    _lab_up(tmp_path, "old", status="down")
+    result = CliRunner().invoke(main, ["identity", "cert", "--state-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (lab_dir / CERT_FILE).read_text()
+    assert f"the certificate of lab demo ({lab_dir})" in result.stderr
+    # One lab's own directory names it too.
+    own = CliRunner().invoke(main, ["identity", "cert", "--state-root", str(tmp_path / "demo")])
+    assert own.stdout == result.stdout
+
+
+def test_identity_cli_cert_explicit_dir_wins_over_the_lab(files: Path, tmp_path: Path) -> None:
+    _lab_up(tmp_path / "labs", "demo")
+    result = CliRunner().invoke(main, ["identity", "cert", "--dir", str(files / "id"),
+                                       "--state-root", str(tmp_path / "labs")])  # fmt: skip
+    assert result.exit_code == 0
+    assert result.stdout == (files / "cert.pem").read_text() and result.stderr == ""
+
+
+def test_identity_cli_cert_several_labs_up_needs_a_choice(tmp_path: Path) -> None:
+    _lab_up(tmp_path, "one")
+    two = _lab_up(tmp_path, "two")
+    args = ["identity", "cert", "--state-root", str(tmp_path)]
+    several = CliRunner().invoke(main, args, env={"META169_LAB": None})
+    assert several.exit_code == 2 and "several labs are up" in several.stderr and "--lab NAME" in several.stderr
+    chosen = CliRunner().invoke(main, [*args, "--lab", "two"])
+    assert chosen.exit_code == 0 and chosen.stdout == (two / CERT_FILE).read_text()
+    absent = CliRunner().invoke(main, [*args, "--lab", "three"])
+    assert absent.exit_code == 2 and "no lab 'three' is up" in absent.stderr

@@ -110,6 +110,40 @@ def test_lab_host_doctor_names_only_this_lab() -> None:
     assert caller[-5:] == ["--network", "net-b", "--ip", "10.0.0.12", "--json"]
 
 
+def test_lab_host_doctor_scope_is_what_the_command_line_names() -> None:
+    plan = _plan()
+    scope = doctor_argv.host_doctor_scope(plan, None)
+    argv = doctor_argv.host_doctor_argv(plan, None)
+    assert [f"{ns}={role}" for ns, role in scope["namespaces"]] == [
+        argv[i + 1] for i, a in enumerate(argv) if a == "--netns"]  # fmt: skip
+    assert (scope["upstream"], scope["secret_file"], scope["registry"]) == (
+        f"unix:{STATE}/serve.sock", "", f"sqlite://{STATE}/registry.db")  # fmt: skip
+    assert scope["listener_files"] == [str(STATE / "listeners.json")]
+
+
+def test_lab_up_lab_scopes_reads_the_state_files_of_labs_that_are_up(tmp_path: Path) -> None:
+    up, down = _plan(tmp_path / "p"), lp.plan_lab(lp.LabConfig(name="q", state_dir=tmp_path / "q"))
+    for plan, lab_status in ((up, "up"), (down, "down")):
+        plan.paths.root.mkdir()
+        Ledger(LabState(plan.config, status=lab_status), plan.paths.state).save()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "lab.json").write_text("{")
+    scopes, problems = doctor_argv.up_lab_scopes(tmp_path)
+    assert [label for label, _ in scopes] == [f"lab p ({up.paths.state})"]
+    assert scopes[0][1] == doctor_argv.host_doctor_scope(up, None)
+    assert len(problems) == 1 and "not JSON" in problems[0]
+    # One lab's own directory works as the root too; a missing root holds no lab.
+    assert [label for label, _ in doctor_argv.up_lab_scopes(up.paths.root)[0]] == [f"lab p ({up.paths.state})"]
+    assert doctor_argv.up_lab_scopes(tmp_path / "absent") == ((), ())
+
+
+def test_lab_serve_signs_identity_documents_with_the_labs_key() -> None:
+    plan = _plan()
+    argv = lp.serve_argv(plan)
+    assert argv[argv.index("--identity-key-dir") + 1] == str(STATE / "identity")
+    assert plan.paths.identity_dir.parent == plan.paths.root
+
+
 def test_lab_status_describes_vms_as_the_readme_says() -> None:
     described = status.describe_vm(_plan().vm("a2"))
     assert set(described) >= {"name", "netns", "uuid", "hostname", "ip", "mac", "network", "tenant", "mode"}
@@ -129,6 +163,7 @@ def test_lab_up_steps_in_order() -> None:
         "wire tenant b (isolated)",
         f"router rules in {plan.tenant('a').router_ns}",
         "seed the registry",
+        "make the identity signing key",
         "start meta169 serve and proxy",
         "start dnsmasq for net-a",
         "start dnsmasq for net-b",
@@ -178,8 +213,10 @@ def test_lab_remove_files_deletes_only_the_labs(tmp_path: Path) -> None:
     paths.vm_dir("a1").mkdir()
     (paths.vm_dir("a1") / "dhclient.leases").write_text("x")
     paths.guest_root.mkdir()
+    lifecycle.make_identity_key(plan)
     (tmp_path / "notes.txt").write_text("someone else's")
     lifecycle.remove_files(plan)
     assert not any(p.exists() for p in ours)
     assert not paths.vm_dir("a1").exists() and not paths.guest_root.exists()
+    assert not paths.identity_dir.exists()
     assert (tmp_path / "notes.txt").read_text() == "someone else's"  # and so the directory stays

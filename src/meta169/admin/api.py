@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from meta169.errors import Conflict, InventoryError, NotFound, RegistryError, ValidationError
 from meta169.http.message import Request, Response, error_response
@@ -41,9 +41,14 @@ from meta169.inventory import (
     parse_inventory,
     router_to_dict,
 )
+from meta169.metrics.instruments import AdminMetrics
 from meta169.registry import Registry
 
+if TYPE_CHECKING:
+    from meta169.http.protocol import Ticker
+
 log = logging.getLogger("meta169.admin")
+T = TypeVar("T")
 JSON = "application/json"
 
 
@@ -54,15 +59,30 @@ def _json(status: int, value: Any) -> Response:
 class AdminApp:
     """Handler for :class:`meta169.http.protocol.HTTPProtocol`; registry calls run on one thread."""
 
-    def __init__(self, registry: Registry, token: bytes) -> None:
+    def __init__(self, registry: Registry, token: bytes, metrics: AdminMetrics | None = None) -> None:
         if len(token) < 16:
             raise ValidationError("the admin token must be at least 16 bytes")
         self._registry = registry
         self._token = token
+        self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meta169-admin")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def set_token(self, token: bytes) -> None:
+        """Accept ``token`` from now on (a reload read the token file again)."""
+        if len(token) < 16:
+            raise ValidationError("the admin token must be at least 16 bytes")
+        self._token = token
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        """Run a registry call on the registry thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def revision(self) -> int:
+        """The registry's revision, asked on the registry thread (raises RegistryError)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._registry.revision)
 
     def __call__(self, req: Request) -> Response | Awaitable[Response]:
         path = req.raw_path.decode("latin-1").split("?", 1)[0].rstrip("/")
@@ -77,7 +97,17 @@ class AdminApp:
         if route is None:
             known = any(k[1] == parts[1] and k[2] == len(parts) - 2 for k in _ROUTES)
             return error_response(405 if known else 404)
-        return self._run(lambda: route(self._registry, parts[2:], req.body))
+        answer = self._run(lambda: route(self._registry, parts[2:], req.body))
+        kind = _WRITES.get(route)
+        if kind is not None and self._metrics is not None:
+            return self._counted(kind, answer, self._metrics)
+        return answer
+
+    @staticmethod
+    async def _counted(kind: str, answer: Awaitable[Response], metrics: AdminMetrics) -> Response:
+        resp = await answer
+        metrics.writes.inc((kind, str(resp.status)))
+        return resp
 
     def _authorized(self, req: Request) -> bool:
         header = req.headers.get("authorization", "")
@@ -128,6 +158,12 @@ def _put_instance(reg: Registry, args: list[str], body: bytes) -> Response:
     entry.setdefault("uuid", args[0])
     if str(entry["uuid"]) != args[0]:
         raise ValidationError(f"body uuid {entry['uuid']} does not match the path {args[0]}")
+    if "source" not in entry:
+        # An instance the API creates is the API's; an update keeps the owner it has.
+        try:
+            entry["source"] = reg.get_instance(args[0]).source
+        except NotFound:
+            entry["source"] = "admin"
     inventory = parse_document({"instances": [entry]}, source="request body")
     report = apply_inventory(reg, inventory)
     status = 201 if report.instances.created else 200
@@ -165,15 +201,36 @@ _ROUTES: dict[tuple[str, str, int], Route] = {
 }
 
 
-async def start_admin(
-    registry: Registry, token: bytes, address: tuple[str, int], *, max_body: int = 4 << 20
-) -> tuple[asyncio.Server, AdminApp]:
-    """Listen on ``address`` (TCP) with the admin API; imports may be up to ``max_body``."""
-    from meta169.http.limits import Limits
-    from meta169.http.protocol import HTTPProtocol
+# The routes that write, by the kind meta169_admin_writes_total counts them as.
+_WRITES: dict[Route, str] = {_put_instance: "put", _delete_instance: "delete", _import: "import"}
 
-    app = AdminApp(registry, token)
+
+async def start_admin(
+    registry: Registry,
+    token: bytes,
+    address: tuple[str, int],
+    *,
+    max_body: int = 4 << 20,
+    metrics: AdminMetrics | None = None,
+) -> tuple[asyncio.Server, AdminApp, Ticker]:
+    """Listen on ``address`` (TCP) with the admin API; imports may be up to ``max_body``.
+    Writes are counted in ``metrics`` when given.
+
+    Returns the server, the app and the connections' timer, which knows every open
+    connection (a stop drains them)."""
+    from meta169.http.limits import Limits
+    from meta169.http.protocol import HTTPProtocol, Ticker
+
+    app = AdminApp(registry, token, metrics)
     limits = Limits(max_body_bytes=max_body, request_timeout=30.0)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: HTTPProtocol(app, limits), address[0], address[1])
-    return server, app
+    ticker = Ticker(loop, limits)
+    try:
+        server = await loop.create_server(
+            lambda: HTTPProtocol(app, limits, loop=loop, ticker=ticker), address[0], address[1]
+        )
+    except BaseException:
+        ticker.close()
+        app.close()
+        raise
+    return server, app, ticker

@@ -21,6 +21,7 @@ from meta169.api.identity import NeutronIdentity
 from meta169.api.vendordata import DynamicTarget
 from meta169.errors import AmbiguousCaller, NotFound, RegistryError, UnknownCaller
 from meta169.http.wire import SiteSlots, WireEntry
+from meta169.metrics.instruments import ServeMetrics
 from meta169.model import Caller, Instance, Network
 from meta169.registry import Registry
 from meta169.render import RenderOptions, Site, build_site
@@ -57,7 +58,10 @@ class SiteCache:
         max_entries: int = 200_000,
         vendordata_targets: Sequence[DynamicTarget] = (),
         vendordata_timeout: float = 2.0,
+        metrics: ServeMetrics | None = None,
     ) -> None:
+        # Counts the registry polls (the lookups are counted by their callers).
+        self._metrics = metrics
         self._targets = tuple(vendordata_targets)
         self._vendordata_timeout = vendordata_timeout
         self._registry = registry
@@ -67,6 +71,9 @@ class SiteCache:
         self.by_caller: dict[Hashable, Entry] = {}
         self._sites: dict[str, Site] = {}
         self._revision = -1
+        # Bumped when the render options change (a reload): a site rendered with the
+        # old ones while the change happened is served once but not remembered.
+        self._epoch = 0
         self._inflight: dict[Hashable, asyncio.Future[Entry]] = {}
         # The fast path's tables (http.wire) by network id and by router id, each
         # mapping caller address text to a slot. Only ever changed in place:
@@ -77,6 +84,16 @@ class SiteCache:
     @property
     def registry(self) -> Registry:
         return self._registry
+
+    @property
+    def render_options(self) -> RenderOptions:
+        return self._options
+
+    def set_render_options(self, options: RenderOptions) -> None:
+        """Render with ``options`` from now on (a reload): every cached site is dropped."""
+        self._options = options
+        self._epoch += 1
+        self.invalidate(frozenset(), topology=True)
 
     async def lookup(self, key: Hashable, caller: Caller | NeutronIdentity) -> Entry:
         """Resolve and render on a miss; concurrent misses for one key share the work."""
@@ -89,7 +106,7 @@ class SiteCache:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Entry] = loop.create_future()
         self._inflight[key] = fut
-        revision = self._revision
+        revision, epoch = self._revision, self._epoch
         try:
             entry = await loop.run_in_executor(self._executor, self._load, caller)
         except BaseException as exc:
@@ -102,7 +119,7 @@ class SiteCache:
             fut.set_result(entry)
         # Only remember results computed against the revision still current; a
         # change that landed meanwhile will be picked up by the next lookup.
-        if revision == self._revision:
+        if revision == self._revision and epoch == self._epoch:
             if len(self.by_caller) >= self._max:
                 self.by_caller.clear()
                 self._forget_wire(None)
@@ -189,24 +206,42 @@ class SiteCache:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- invalidation ------------------------------------------------------------------------
-    async def poll_forever(self, interval: float) -> None:
+    async def poll_forever(
+        self, interval: float, on_poll: Callable[[bool, RegistryError | None], None] | None = None
+    ) -> None:
+        """Poll every ``interval``; ``on_poll`` hears after each poll whether anything
+        changed, or the error (the server's readiness checks)."""
         loop = asyncio.get_running_loop()
         self._revision = await loop.run_in_executor(self._executor, self._registry.revision)
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.poll_ok(self._revision)
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.poll_once()
+                changed = await self.poll_once()
             except RegistryError as exc:
+                if metrics is not None:
+                    metrics.polls.inc(("failed",))
                 log.error("registry poll failed, serving cached data: %s", exc)
+                if on_poll is not None:
+                    on_poll(False, exc)
+                continue
+            if metrics is not None:
+                metrics.poll_ok(self._revision)
+            if on_poll is not None:
+                on_poll(changed, None)
 
-    async def poll_once(self) -> None:
+    async def poll_once(self) -> bool:
+        """Drop what changed since the last poll; whether anything did."""
         loop = asyncio.get_running_loop()
         current = await loop.run_in_executor(self._executor, self._registry.revision)
         if current == self._revision:
-            return
+            return False
         changes = await loop.run_in_executor(self._executor, self._registry.changed_since, self._revision)
         self._revision = changes.revision
         self.invalidate(changes.instances, topology=changes.topology)
+        return True
 
     def invalidate(self, uuids: frozenset[str], *, topology: bool) -> None:
         if topology:

@@ -14,7 +14,7 @@ from meta169.api.ratelimit import RateLimit
 from meta169.api.tokens import KeyRing
 from meta169.api.vendordata import DynamicTarget
 from meta169.http.limits import Limits
-from meta169.http.listen import ListenerSpec
+from meta169.http.listen import ListenAddress, ListenerSpec
 from meta169.model import MetadataOptions
 
 
@@ -44,3 +44,14 @@ class ServeConfig:
     # vendor_data2.json's dynamic parts (Nova's vendordata_dynamic_targets).
     vendordata_targets: tuple[DynamicTarget, ...] = ()
     vendordata_timeout: float = 2.0
+    # Start on a registry without instances (a fresh deployment waiting for its
+    # first import) instead of refusing: every guest would get 404.
+    allow_empty: bool = False
+    # Seconds a stop (SIGTERM) waits for requests in flight before closing them.
+    drain_timeout: float = 10.0
+    # The root logger's level; None: as the edge set it. A reload applies a change.
+    log_level: int | None = None
+    # /metrics, /healthz and /readyz on a listener of their own; None: off.
+    metrics_listen: ListenAddress | None = None
+    # The share of requests written to the access log (0..1); None: no access log.
+    access_log_sample: float | None = None

@@ -8,6 +8,8 @@ content (``render``).
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Awaitable
 from urllib.parse import unquote
 
@@ -30,6 +32,9 @@ from meta169.http.stamp import (
     ReplayGuard,
     verify,
 )
+from meta169.logs import AccessLog
+from meta169.metrics.core import status_class
+from meta169.metrics.instruments import ServeMetrics, request_class
 from meta169.model import Caller, MetadataOptions
 from meta169.render import Site, is_password_path
 from meta169.render.document import SEED_TEXT_BYTES, Document, SeededJSON
@@ -67,11 +72,55 @@ NOT_ON_THE_FAST_PATH = frozenset(
 # Every X-Meta169-* header: the trusted proxy's stamp and markers, refused from anyone else.
 PYTHON_OWNED_PREFIXES = (IDENTITY_PREFIX,)
 
+_HIT = ("hit",)
+_MISS = ("miss",)
+_VIA_PYTHON = ("python",)
+
 
 def _describe(caller: Caller | NeutronIdentity) -> str:
     if isinstance(caller, NeutronIdentity):
         return f"instance {caller.instance_id} of tenant {caller.tenant_id} (Neutron, for {caller.forwarded_for})"
     return f"{caller.ip} on {caller.scope}"
+
+
+_EC2_VERSION = re.compile(r"[0-9]+\.[0-9]+|[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_EC2_DIRECTORIES = frozenset(("meta-data", "dynamic"))
+_KINDS: dict[bytes, tuple[str, str]] = {}
+
+
+def request_kind(raw_path: bytes) -> tuple[str, str]:
+    """(tree, kind) of a request path for the metrics: tree ``openstack``, ``ec2`` or
+    ``other``; kind ``token``, ``user-data``, ``listing`` (a path ending in ``/``, a
+    tree's root, a version, or an EC2 version's ``meta-data`` or ``dynamic``) or
+    ``document``. A deeper EC2 directory asked without its slash counts as a
+    document: clients follow the listings' ``name/`` entries with the slash."""
+    known = _KINDS.get(raw_path)
+    if known is not None:
+        return known
+    path = raw_path.partition(b"?")[0].decode("latin-1")
+    segments = [s for s in path.split("/") if s]
+    if segments[:1] == ["openstack"]:
+        tree = "openstack"
+    elif not segments or segments[0] == "latest" or _EC2_VERSION.fullmatch(segments[0]):
+        tree = "ec2"
+    else:
+        tree = "other"
+    if _token_path_kind(path):
+        kind = "token"
+    elif segments and segments[-1] in ("user-data", "user_data"):
+        kind = "user-data"
+    elif (
+        path.endswith("/")
+        or (tree == "openstack" and len(segments) <= 2)
+        or (tree == "ec2" and (len(segments) <= 1 or (len(segments) == 2 and segments[1] in _EC2_DIRECTORIES)))
+    ):
+        kind = "listing"
+    else:
+        kind = "document"
+    if len(_KINDS) >= 4096:  # paths a guest made up are not kept for ever
+        _KINDS.clear()
+    _KINDS[raw_path] = (tree, kind)
+    return tree, kind
 
 
 def _token_path_kind(path: str) -> str:
@@ -89,12 +138,15 @@ class MetadataApp:
     """One per listener: knows the listener's binding, shares the site cache."""
 
     __slots__ = (
+        "_access",
+        "_answered",
         "_binding",
         "_buckets",
         "_cache",
         "_defaults",
         "_direct",
         "_guard",
+        "_metrics",
         "_neutron",
         "_ring",
         "_scope",
@@ -112,8 +164,14 @@ class MetadataApp:
         default_options: MetadataOptions | None = None,
         buckets: Buckets | None = None,
         neutron_secret: bytes | None = None,
+        metrics: ServeMetrics | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._cache = cache
+        self._metrics = metrics
+        self._access = access_log
+        # For the access log: the request last answered from a site, and its instance.
+        self._answered: tuple[Request, str] | None = None
         self._binding = binding
         self._scope = binding.scope
         self._direct: tuple[str, str] | None = None
@@ -150,7 +208,8 @@ class MetadataApp:
         else:
             sites, routers = self._cache.wire_scopes
             stamp = (HDR_CALLER_IP, HDR_NETWORK, HDR_ROUTER)
-        return wire.fast_path(
+        metrics = self._metrics
+        answer = wire.fast_path(
             sites,
             buckets,
             max_header_bytes=limits.max_header_bytes,
@@ -160,7 +219,23 @@ class MetadataApp:
             owned_prefixes=PYTHON_OWNED_PREFIXES,
             routers=routers,
             stamp=stamp,
+            latency_bounds=metrics.duration.bounds if metrics is not None else None,
         )
+        if answer is None:
+            return None
+        if metrics is not None:
+            stats = wire.fast_stats(answer)
+            if stats is not None:
+                metrics.fast_paths.append(stats)
+        if self._access is not None:
+            return self._logged_fast(answer, self._access)
+        return answer
+
+    @property
+    def observed(self) -> bool:
+        """Whether requests are counted or logged: then the server's handler is
+        :meth:`handle_observed`, else the app itself (nothing in the way)."""
+        return self._metrics is not None or self._access is not None
 
     def __call__(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
         direct = self._direct
@@ -171,6 +246,8 @@ class MetadataApp:
             key: tuple[str, str, object] = (direct[0], direct[1], req.peer_key)
             entry = self._cache.by_caller.get(key)
             if entry is not None:
+                if self._metrics is not None:
+                    self._metrics.cache.inc(_HIT)
                 return self._answer(req, None, entry)
             return self._slow(req, self._identify(req), key)
         try:
@@ -183,6 +260,8 @@ class MetadataApp:
         entry = self._cache.by_caller.get(key)
         if entry is None:
             return self._slow(req, caller, key)
+        if self._metrics is not None:
+            self._metrics.cache.inc(_HIT)
         return self._answer(req, caller, entry)
 
     def _neutron_request(self, req: Request, secret: bytes) -> Response | Fast | Awaitable[Response | Fast]:
@@ -191,6 +270,8 @@ class MetadataApp:
         entry = self._cache.by_caller.get(key)
         if entry is None:
             return self._slow(req, ident, key)
+        if self._metrics is not None:
+            self._metrics.cache.inc(_HIT)
         return self._answer(req, ident, entry)
 
     def _identify(self, req: Request) -> Caller:
@@ -211,6 +292,8 @@ class MetadataApp:
     async def _slow(
         self, req: Request, caller: Caller | NeutronIdentity, key: tuple[str, str, object]
     ) -> Response | Fast:
+        if self._metrics is not None:
+            self._metrics.cache.inc(_MISS)
         try:
             entry = await self._cache.lookup(key, caller)
         except RegistryError as exc:
@@ -233,10 +316,16 @@ class MetadataApp:
                 log.error("refusing ambiguous caller: %s", entry.error)
             else:
                 log.warning("no instance for caller %s", _describe(caller))
+            if self._metrics is not None:
+                self._metrics.unknown_callers.inc((entry.reason,))
             return error_response(404)
+        if self._access is not None:
+            self._answered = (req, entry.instance.uuid)
         if self._buckets is not None:
             wait = self._buckets.take(entry.instance.uuid)
             if wait:
+                if self._metrics is not None:
+                    self._metrics.rate_limited.inc()
                 return error_response(429, headers=(("Retry-After", retry_after(wait)),))
         raw = req.raw_path
         qpos = raw.find(b"?")
@@ -299,11 +388,13 @@ class MetadataApp:
             key = (caller.network_id or "", caller.router_id or "", caller.ip)
         else:
             return
+        # Its metrics class: the fast path counts its answers by it.
+        cls = request_class(*request_kind(raw))
         if doc.fresh is None:
-            entry: wire.WireEntry = reply
+            entry: wire.WireEntry = (reply[0], reply[1], cls)
         elif isinstance(doc.fresh, SeededJSON):
             fresh = doc.fresh
-            entry = (reply[0], fresh.head, fresh.tail)
+            entry = (reply[0], fresh.head, fresh.tail, cls)
             if len(fresh.head) + SEED_TEXT_BYTES + len(fresh.tail) != len(reply[1]):
                 return
         else:
@@ -314,14 +405,25 @@ class MetadataApp:
         """IMDSv2: a token that is sent must be valid; with ``required`` one must be sent."""
         token = req.headers.get(TOKEN_HEADER)
         if token is None:
-            return options.http_tokens == "required"
-        return not tokens.is_valid(self._ring, token, uuid)
+            refused = options.http_tokens == "required"
+            reason = "missing"
+        else:
+            refused = not tokens.is_valid(self._ring, token, uuid)
+            reason = "invalid"
+        if refused and self._metrics is not None:
+            self._metrics.tokens_refused.inc((reason,))
+        return refused
 
     def _token(self, req: Request, uuid: str, options: MetadataOptions, *, dated: bool) -> Response:
+        metrics = self._metrics
         if req.method != "PUT":
+            if metrics is not None:
+                metrics.tokens_refused.inc(("method",))
             return Response(405, b"405 Method Not Allowed\n", headers=(("Allow", "PUT"),))
         if dated:
             # Only /latest/api/token issues tokens (EC2 user guide).
+            if metrics is not None:
+                metrics.tokens_refused.inc(("dated-path",))
             return error_response(403)
         if self._binding.kind == "proxy":
             forwarded = "x-meta169-guest-forwarded" in req.headers
@@ -333,11 +435,17 @@ class MetadataApp:
         if forwarded:
             # A token PUT relayed by a proxy inside the guest (SSRF, containers behind
             # NAT) is refused outright (EC2 user guide, IMDSv2 X-Forwarded-For rule).
+            if metrics is not None:
+                metrics.tokens_refused.inc(("forwarded",))
             return error_response(403)
         ttl = tokens.parse_ttl(req.headers.get(TTL_HEADER))
         if ttl is None:
+            if metrics is not None:
+                metrics.tokens_refused.inc(("ttl",))
             return error_response(400, f"{TTL_HEADER} must be an integer in 1..21600")
         token = tokens.issue(self._ring, uuid, ttl)
+        if metrics is not None:
+            metrics.tokens_issued.inc()
         hop = options.http_put_response_hop_limit
         headers: tuple[tuple[str, str], ...] = (("X-aws-ec2-metadata-token-ttl-seconds", str(ttl)),)
         if self._binding.kind == "proxy":
@@ -369,3 +477,164 @@ class MetadataApp:
         except RegistryError as exc:
             log.error("password store failed for %s: %s", uuid, exc)
             return error_response(503, "metadata registry unavailable")
+
+    # -- counting and the access log ---------------------------------------------------------
+    def handle_observed(self, req: Request) -> Response | Fast | Awaitable[Response | Fast]:
+        """The app, counted in the metrics and written to the access log."""
+        started = time.perf_counter()
+        try:
+            result = self(req)
+        except Exception:
+            self._observe(req, 500, 0, started)
+            raise
+        if isinstance(result, tuple):
+            self._observe(req, 200, len(result[1]), started)
+            return result
+        if isinstance(result, Response):
+            self._observe(req, result.status, len(result.body), started)
+            return result
+        return self._observe_pending(req, result, started)
+
+    async def _observe_pending(
+        self, req: Request, pending: Awaitable[Response | Fast], started: float
+    ) -> Response | Fast:
+        try:
+            result = await pending
+        except Exception:
+            self._observe(req, 500, 0, started)
+            raise
+        if isinstance(result, Response):
+            self._observe(req, result.status, len(result.body), started)
+        else:
+            self._observe(req, 200, len(result[1]), started)
+        return result
+
+    def _observe(self, req: Request, status: int, size: int, started: float) -> None:
+        took = time.perf_counter() - started
+        metrics = self._metrics
+        if metrics is not None:
+            tree, kind = request_kind(req.raw_path)
+            metrics.requests.inc((tree, kind, status_class(status), "python"))
+            metrics.duration.observe(took, _VIA_PYTHON)
+        access = self._access
+        if access is not None and access.sampled():
+            caller, network, router, instance = self._who(req)
+            access.emit(
+                caller=caller,
+                network=network,
+                router=router,
+                instance=instance,
+                method=req.method,
+                path=req.raw_path.decode("latin-1"),
+                status=status,
+                size=0 if req.method == "HEAD" else size,
+                duration=took,
+                via="python",
+            )
+
+    def _who(self, req: Request) -> tuple[str, str, str, str]:
+        """(caller IP, network id, router id, instance uuid) as the request names them,
+        for the access log; the instance is the one whose site answered it (else the
+        one the site cache holds for the caller now)."""
+        answered, self._answered = self._answered, None
+        if answered is not None and answered[0] is req:
+            instance: str | None = answered[1]
+        else:
+            instance = None
+        headers = req.headers
+        if self._neutron is not None:
+            caller = headers.get("x-forwarded-for", "").rpartition(",")[2].strip()
+            return caller, "", "", instance if instance is not None else headers.get("x-instance-id", "")
+        if self._direct is not None:
+            network, router = self._direct
+            key: tuple[str, str, object] = (network, router, req.peer_key)
+            return req.peer_key, network, router, instance if instance is not None else self._instance_of(key)
+        caller = headers.get(HDR_CALLER_IP, "").strip()
+        network = headers.get(HDR_NETWORK, "").strip()
+        router = headers.get(HDR_ROUTER, "").strip()
+        if instance is not None:
+            return caller, network, router, instance
+        try:
+            stamped = caller_from_proxy_headers(headers)
+        except HTTPError:
+            return caller, network, router, ""
+        key = (stamped.network_id or "", stamped.router_id or "", stamped.ip)
+        return caller, network, router, self._instance_of(key)
+
+    def _instance_of(self, key: tuple[str, str, object]) -> str:
+        entry = self._cache.by_caller.get(key)
+        return entry.instance.uuid if isinstance(entry, Site) else ""
+
+    def _logged_fast(self, answer: wire.Answer, access: AccessLog) -> wire.Answer:
+        """``answer`` followed by an access log line for each request it answered.
+
+        The compiled path stays on while the access log is: the lines are made from
+        the request lines it consumed and the replies it wrote, paired in order
+        (the fast path answers a prefix of the pipelined requests, one reply each).
+        Sampling is decided per read, before the call: requests pipelined in one
+        read are logged together or not at all, and one not sampled costs a random
+        draw (parsing them for the log would cost ten times the answer)."""
+        sampled = access.sampled
+
+        def logged(data: bytes, peer: str) -> tuple[bytes, bool] | tuple[bytes, bool, int] | None:
+            if not sampled():
+                return answer(data, peer)
+            started = time.perf_counter()
+            reply = answer(data, peer)
+            if reply is not None:
+                self._log_fast(data, peer, reply[0], time.perf_counter() - started, access)
+            return reply
+
+        return logged
+
+    def _log_fast(self, data: bytes, peer: str, replies: bytes, took: float, access: AccessLog) -> None:
+        pos = rpos = 0
+        while rpos < len(replies):
+            end = data.find(b"\r\n\r\n", pos)
+            rend = replies.find(b"\r\n\r\n", rpos)
+            if end < 0 or rend < 0:
+                return
+            head, reply_head = data[pos:end], replies[rpos:rend]
+            pos, rpos = end + 4, rend + 4
+            method, _, rest = head.partition(b" ")
+            target = rest.partition(b" ")[0]
+            length = _content_length(reply_head)
+            size = 0 if method == b"HEAD" else length
+            rpos += size
+            caller, network, router, instance = self._who_fast(head, peer)
+            access.emit(
+                caller=caller,
+                network=network,
+                router=router,
+                instance=instance,
+                method=method.decode("latin-1"),
+                path=target.decode("latin-1"),
+                status=int(reply_head[9:12]),
+                size=size,
+                duration=took,
+                via="fast",
+            )
+
+    def _who_fast(self, head: bytes, peer: str) -> tuple[str, str, str, str]:
+        if self._direct is not None:
+            network, router = self._direct
+            slot = self._cache.wire_sites(network, router).get(peer)
+            return peer, network, router, slot[1] if slot is not None else ""
+        stamp: dict[str, str] = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            stamp[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
+        caller = stamp.get(HDR_CALLER_IP, "")
+        network, router = stamp.get(HDR_NETWORK, ""), stamp.get(HDR_ROUTER, "")
+        networks, routers = self._cache.wire_scopes
+        scope = networks.get(network, {}) if network else routers.get(router, {})
+        slot = scope.get(caller)
+        return caller, network, router, slot[1] if slot is not None else ""
+
+
+def _content_length(head: bytes) -> int:
+    at = head.find(b"Content-Length: ")
+    if at < 0:
+        return 0
+    digits = head[at + 16 : head.find(b"\r\n", at)] if head.find(b"\r\n", at) >= 0 else head[at + 16 :]
+    return int(digits) if digits.isdigit() else 0

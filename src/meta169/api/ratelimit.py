@@ -42,6 +42,14 @@ class Buckets:
         self._clock = clock
         self.table: dict[str, BucketLike] = {}
 
+    def set_limit(self, limit: RateLimit) -> None:
+        """Use ``limit`` from now on (a reload). Buckets start anew, full: the table
+        is emptied in place, as the fast path holds it."""
+        self._rate = limit.rate
+        self._burst = float(limit.burst)
+        self._max = limit.max_buckets
+        self.table.clear()
+
     def take(self, key: str) -> float:
         """0.0 when allowed; else the seconds until the next request would be."""
         now = self._clock()

@@ -17,6 +17,8 @@ Pure core first; IO only in the collectors and the CLI:
 - ``host``          the host check table (:data:`host.CHECKS`): router rules against
                     :mod:`meta169.plumbing.iptables`, isolated address, proxy listeners,
                     dnsmasq's option 121, serve, the shared secret, the registry
+- ``discover``      what ``--host`` checks when nothing is named: the config file, running
+                    proxies and serves, labs that are up, Neutron-named namespaces
 - ``host_collect``  gathering host facts (``ip netns exec``, /proc, serve, registry)
 - ``render``        human (the path with the breaking hop) and JSON output
 - ``cli``           ``meta169 doctor``

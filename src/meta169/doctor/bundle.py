@@ -263,7 +263,35 @@ def read_bundle(directory: Path) -> dict[str, str]:
                 out[path.relative_to(directory).as_posix()] = text
     if not out:
         raise ConfigError(f"--offline {directory}: no files")
+    check_bundle(out, f"--offline {directory}")
     return out
+
+
+# Without one of these there is no route table, and so nothing to diagnose.
+ROUTE_TABLES = (IP_ROUTE_JSON, IP_ROUTE_TXT, PROC_NET_ROUTE, ROUTE_PRINT)
+
+
+def check_bundle(bundle: Mapping[str, str], where: str) -> None:
+    """ConfigError naming what is missing when ``bundle`` is not a doctor bundle.
+
+    A bundle needs a route table (``meta169 doctor --collect`` always writes one; a
+    hand-made bundle may be just ``ip route > ip-route.txt``). A ``meta.json`` that
+    is there must be ours.
+    """
+    problems = []
+    if META in bundle:
+        try:
+            fmt = json.loads(bundle[META]).get("format")
+        except (ValueError, AttributeError):
+            fmt = None
+        if fmt != FORMAT:
+            problems.append(f"{META} does not say format {FORMAT!r}")
+    if not any(name in bundle for name in ROUTE_TABLES):
+        problems.append(f"no route table: none of {', '.join(ROUTE_TABLES)}")
+    if problems:
+        found = ", ".join(sorted(bundle)[:8]) + (", ..." if len(bundle) > 8 else "")
+        raise ConfigError(f"{where} is not a doctor bundle: {'; '.join(problems)} (it holds {found}); "
+                          "make one inside the guest with: meta169 doctor --collect DIR")  # fmt: skip
 
 
 def meta(bundle: Mapping[str, str]) -> dict[str, Any]:

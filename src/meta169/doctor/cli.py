@@ -1,8 +1,14 @@
 """``meta169 doctor``: why can't this VM reach 169.254.169.254? (and the host side)
 
 Exit codes (:mod:`meta169.cli`): 0 no finding of error severity; 1 at least one
-error finding; 2 usage (bad flag, unreadable bundle); 4 the doctor could not run
-(no route table readable, no namespace inspectable).
+error finding; 2 usage (bad flag, a directory that is not a bundle); 4 the doctor
+could not run (no route table readable, no namespace inspectable, nothing found to
+check on the host).
+
+``--host`` without namespaces, listener files or upstream discovers what to check
+(:mod:`meta169.doctor.discover`); this module hands it the two sources that belong to
+other packages: the config file the top-level group read (:mod:`meta169.config`) and
+the labs that are up (:func:`meta169.lab.doctor_argv.up_lab_scopes`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import glob
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +25,16 @@ import click
 
 from meta169.client.url import DEFAULT_URL, parse_url
 from meta169.doctor import bundle as b
-from meta169.doctor import guest, host
+from meta169.doctor import discover, guest, host
+from meta169.doctor.discover import ConfigValues, Target
 from meta169.doctor.facts import facts_from_bundle
 from meta169.doctor.host_collect import (
     HostCollector,
     HostRequest,
     all_processes,
+    checked_nothing,
     collect_host,
+    find_targets,
     registry_resolver,
     send_upstream,
 )
@@ -33,6 +43,7 @@ from meta169.doctor.probes import DEFAULT_TIMEOUT, run_probes
 from meta169.doctor.render import render_human, render_json
 from meta169.errors import ConfigError, PlumbingError, ValidationError
 from meta169.exits import cli_errors
+from meta169.lab.names import DEFAULT_STATE_ROOT
 from meta169.model import Caller, check_id, parse_ip
 
 
@@ -106,9 +117,13 @@ def _netns(items: tuple[str, ...]) -> tuple[tuple[str, host.Role | None], ...]:
     out: list[tuple[str, host.Role | None]] = []
     for item in items:
         name, _, role = item.partition("=")
-        if role not in ("", "router", "dhcp"):
-            raise ConfigError(f"--netns {item}: the role after '=' is router or dhcp")
-        out.append((name, "router" if role == "router" else "dhcp" if role == "dhcp" else None))
+        if not role:
+            out.append((name, None))
+            continue
+        known = next((r for r in host.ROLES if r == role), None)
+        if known is None:
+            raise ConfigError(f"--netns {item}: the role after '=' is one of {', '.join(host.ROLES)}")
+        out.append((name, known))
     return tuple(out)
 
 
@@ -118,10 +133,55 @@ def _read_secret(path: str) -> bytes:
     return read_secret_file(Path(path), what="the proxy's --secret-file")
 
 
-def _registry_url() -> str:
-    ctx = click.get_current_context()
-    obj: Any = ctx.find_root().obj
+def _registry_url(discovered: str = "") -> str:
+    """``--registry`` (or its variable) when given, else the one discovery found, else the default."""
+    root = click.get_current_context().find_root()
+    if root.params.get("registry_url"):
+        return str(root.params["registry_url"])
+    if discovered:
+        return discovered
+    obj: Any = root.obj
     return str(obj.registry_url) if obj is not None and hasattr(obj, "registry_url") else "memory://"
+
+
+def _config_values() -> tuple[ConfigValues | None, tuple[str, ...], tuple[str, ...]]:
+    """The config file's values for discovery, notes, and "not found" lines.
+
+    The top-level group has read the file (``--config``, ``META169_CONFIG`` or the
+    default path; :mod:`meta169.config.invocation`) and refused a broken one; without
+    that group (a caller invoking this command alone) the default path is read here.
+    """
+    from meta169.config.file import DEFAULT_CONFIG_PATH, read_config_file
+    from meta169.config.invocation import STATE_KEY, LoadedConfig
+
+    state = click.get_current_context().find_root().meta.get(STATE_KEY)
+    if isinstance(state, LoadedConfig):
+        path, parsed = state.path, state.file
+    else:
+        path = DEFAULT_CONFIG_PATH
+        parsed = read_config_file(path, what="config file") if path.exists() else None
+    if parsed is None:
+        return None, (), (f"no config file at {path}",)
+    values, notes = discover.config_values(parsed.data, str(path))
+    return values, notes, ()
+
+
+def _lab_targets(state_root: Path) -> tuple[tuple[Target, ...], tuple[str, ...], tuple[str, ...]]:
+    """Labs that are up under ``state_root``, notes, and "not found" lines."""
+    from meta169.lab.doctor_argv import up_lab_scopes
+
+    scopes, problems = up_lab_scopes(state_root)
+    targets = tuple(
+        Target(label, namespaces=tuple((ns, _role(role)) for ns, role in scope["namespaces"]),
+               listener_files=tuple(scope["listener_files"]), upstream=scope["upstream"],
+               secret_file=scope["secret_file"], registry_url=scope["registry"])
+        for label, scope in scopes
+    )  # fmt: skip
+    return targets, problems, () if targets else (f"no lab up under {state_root}",)
+
+
+def _role(text: str) -> host.Role | None:
+    return next((r for r in host.ROLES if r == text), None)
 
 
 def _emit(report: Report, as_json: bool, unicode: bool) -> None:
@@ -146,9 +206,14 @@ def _emit(report: Report, as_json: bool, unicode: bool) -> None:
               help="A DHCP lease file outside the usual places (repeatable).")  # fmt: skip
 @click.option("--files-root", type=click.Path(file_okay=False, path_type=Path),
               help="Read config files and leases under DIR instead of / (a container's or lab VM's root).")  # fmt: skip
-@click.option("--netns", "namespaces", multiple=True, metavar="NS[=router|=dhcp]",
-              help="--host: a namespace to check (repeatable) [default: those of the running proxy's "
-              "listeners, else qrouter-*/qdhcp-*].")  # fmt: skip
+@click.option("--netns", "namespaces", multiple=True, metavar="NS[=router|=dhcp|=metadata]",
+              help="--host: a namespace to check (repeatable) [default: discovered from the config file, "
+              "running proxies and serves, labs that are up, and qrouter-*/qdhcp-*/ovnmeta-* namespaces].")  # fmt: skip
+@click.option("--only", "only", multiple=True, metavar="GLOB",
+              help="--host: check only the discovered namespaces matching GLOB (repeatable), and only the "
+              "proxies, labs and config entries that serve them.")  # fmt: skip
+@click.option("--state-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_ROOT,
+              show_default=True, help="--host: where labs keep their state (or one lab's directory).")  # fmt: skip
 @click.option("--upstream", metavar="unix:PATH|HOST:PORT", help="--host: where serve listens for the proxy "
               "[default: the running proxy's --upstream].")  # fmt: skip
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -172,6 +237,8 @@ def doctor(
     leases: tuple[Path, ...],
     files_root: Path | None,
     namespaces: tuple[str, ...],
+    only: tuple[str, ...],
+    state_root: Path,
     upstream: str | None,
     secret_file: Path | None,
     listener_files: tuple[Path, ...],
@@ -183,8 +250,9 @@ def doctor(
 
     Inside a VM: routes, neighbours, DHCP leases, network settings, proxies, then live
     probes. With --host, on the network node: REDIRECT rules, isolated address, proxy,
-    serve, shared secret, registry. Exit 0: no error findings; 1: error findings;
-    2: usage; 4: could not run.
+    serve, shared secret, registry; without --netns, --proxy-listeners or --upstream it
+    discovers what to check and prints where it found it. Exit 0: no error findings;
+    1: error findings; 2: usage; 4: could not run (or found nothing to check).
     """
     with cli_errors():
         unicode = _unicode(force_ascii)
@@ -193,8 +261,15 @@ def doctor(
         if timeout <= 0 or timeout > 60:
             raise ConfigError("--timeout must be in (0, 60] seconds")
         if host_mode:
-            _run_host(namespaces, upstream, secret_file, listener_files, network_id, router_id, caller_ip, as_json,
-                      unicode)  # fmt: skip
+            request = HostRequest(
+                namespaces=_netns(namespaces),
+                upstream=upstream or "",
+                secret_file=str(secret_file) if secret_file else "",
+                listener_files=tuple(str(p) for p in listener_files),
+                caller=_caller(network_id, router_id, caller_ip),
+                only=only,
+            )
+            _run_host(request, state_root, as_json, unicode)
             return
         if offline_dir is not None:
             data = b.read_bundle(offline_dir)
@@ -210,36 +285,29 @@ def doctor(
         _emit(guest.analyse(facts_from_bundle(data, label="live")), as_json, unicode)
 
 
-def _run_host(
-    namespaces: tuple[str, ...],
-    upstream: str | None,
-    secret_file: Path | None,
-    listener_files: tuple[Path, ...],
-    network_id: str | None,
-    router_id: str | None,
-    caller_ip: str | None,
-    as_json: bool,
-    unicode: bool,
-) -> None:
+def _run_host(request: HostRequest, state_root: Path, as_json: bool, unicode: bool) -> None:
     from meta169.plumbing.command import run
 
-    caller = _caller(network_id, router_id, caller_ip)
-    request = HostRequest(
-        namespaces=_netns(namespaces),
-        upstream=upstream or "",
-        secret_file=str(secret_file) if secret_file else "",
-        listener_files=tuple(str(p) for p in listener_files),
-        caller=caller,
-    )
-    collector = HostCollector(
-        runner=run,
-        read=b.read_text_file,
-        processes=all_processes,
-        send=send_upstream,
-        resolve=registry_resolver(_registry_url()) if caller is not None else None,
-        read_secret=_read_secret,
-    )
-    facts = collect_host(request, collector)
+    notes: tuple[str, ...] = ()
+    if not request.explicit:
+        config, config_notes, no_config = _config_values()
+        labs, lab_notes, no_lab = _lab_targets(state_root)
+        request = replace(request, config=config, labs=labs, searched=(*no_config, *no_lab))
+        notes = (*config_notes, *lab_notes)
+    collector = HostCollector(runner=run, read=b.read_text_file, processes=all_processes, send=send_upstream,
+                              read_secret=_read_secret)  # fmt: skip
+    found = find_targets(request, collector)
+    found = replace(found, notes=(*notes, *found.notes))
+    if request.caller is not None:
+        collector = replace(collector, resolve=registry_resolver(_registry_url(found.scope.registry_url)))
+    facts = collect_host(request, collector, found)
+    if checked_nothing(facts):
+        left = found.scope.left_out
+        shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+        looked = "; ".join((*facts.searched, *([f"--only left out {len(left)}: {shown}"] if left else [])))
+        looked = looked or "the namespaces and upstream given"
+        raise PlumbingError(f"doctor --host found nothing to check ({looked}); name it: --netns NS[=router|=dhcp|"
+                            "=metadata], --proxy-listeners FILE or --upstream unix:PATH|HOST:PORT")  # fmt: skip
     inspected = [ns for ns in facts.namespaces if ns.exists and (ns.links is not None or ns.iptables_save)]
     missing = [ns for ns in facts.namespaces if not ns.exists]
     if facts.namespaces and not inspected and not missing:

@@ -38,7 +38,13 @@ from meta169.doctor.model import (
 from meta169.errors import ValidationError
 from meta169.plumbing import iptables
 
-Role: TypeAlias = Literal["router", "dhcp"]
+# router: REDIRECT to the proxy on 9697; dhcp: dnsmasq, and the metadata address when the
+# network is isolated; metadata: only the metadata address and its proxy (OVN's ovnmeta-).
+Role: TypeAlias = Literal["router", "dhcp", "metadata"]
+ROLES: tuple[Role, ...] = ("router", "dhcp", "metadata")
+# How Neutron names them: qrouter-<router id>, qdhcp-<network id>, ovnmeta-<network id>
+# [neutron agent/l3/namespaces.py, agent/linux/dhcp.py, agent/ovn/metadata/agent.py].
+NEUTRON_PREFIXES: dict[str, Role] = {"qrouter-": "router", "qdhcp-": "dhcp", "ovnmeta-": "metadata"}
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 METADATA_V4 = ipaddress.IPv4Address("169.254.169.254")
@@ -95,6 +101,8 @@ class NamespaceFacts:
     dnsmasq: tuple[Dnsmasq, ...] | None = None
     expected: tuple[ExpectedListener, ...] = ()
     errors: tuple[str, ...] = ()
+    found_by: str = ""  # where discovery learnt of it ("" when named on the command line)
+    proxy_pids: tuple[int, ...] = ()  # running meta169 proxies whose listeners name it
 
     def has_address(self, address: IPAddress) -> bool:
         return any(a.ip == address for link in self.links or () for a in link.addresses)
@@ -145,10 +153,15 @@ class ProxyProcess:
 class HostFacts:
     namespaces: tuple[NamespaceFacts, ...] = ()
     proxies: tuple[ProxyProcess, ...] | None = None  # None: processes not scanned
-    upstream: str = ""
-    server: ServerAnswer | None = None
+    servers: tuple[ServerAnswer, ...] = ()  # one per upstream checked
     registry: RegistryAnswer | None = None
     notes: tuple[str, ...] = ()
+    discovered: tuple[str, ...] = ()  # what was checked, and where it was found
+    searched: tuple[str, ...] = ()  # where discovery looked and found nothing ("no lab up under ...")
+
+    @property
+    def server(self) -> ServerAnswer | None:
+        return self.servers[0] if self.servers else None
 
 
 # --- parsers ------------------------------------------------------------------------------------
@@ -298,7 +311,9 @@ def _router_port(ns: NamespaceFacts) -> int:
 
 
 def _isolated(ns: NamespaceFacts) -> bool:
-    """A DHCP namespace that serves metadata itself (isolated network)."""
+    """A namespace that serves metadata itself: an isolated network's DHCP namespace, or OVN's."""
+    if ns.role == "metadata":
+        return True
     if any(e.address in (METADATA_V4, METADATA_V6) for e in ns.expected):
         return True
     for proc in ns.dnsmasq or ():
@@ -375,23 +390,34 @@ def check_redirect_rules_incomplete(h: HostFacts) -> Iterator[Hit]:
 
 def check_isolated_address_missing(h: HostFacts) -> Iterator[Hit]:
     for ns in h.namespaces:
-        if not ns.exists or ns.role != "dhcp" or ns.links is None or not _isolated(ns):
+        if not ns.exists or ns.role == "router" or ns.links is None or not _isolated(ns):
             continue
         if ns.has_address(METADATA_V4):
             continue
         iface = next((dnsmasq_interface(p.conf or "") for p in ns.dnsmasq or () if p.conf), "") or "<dhcp port>"
         argv = ("ip", "-n", ns.name, "addr", "add", "169.254.169.254/32", "dev", iface)
-        yield Hit(f"isolated DHCP namespace {ns.name} does not hold 169.254.169.254: guests' /32 route points at "
+        kind = "isolated DHCP namespace" if ns.role == "dhcp" else "metadata namespace"
+        yield Hit(f"{kind} {ns.name} does not hold 169.254.169.254: guests' /32 route points at "
                   "its port, which does not answer for the address",
                   (f"ip -n {ns.name} addr: " + "; ".join(f"{ln.name} {' '.join(str(a) for a in ln.addresses)}"
                                                           for ln in ns.links if not ln.is_loopback),),
                   (Remedy("host", " ".join(argv), argv),))  # fmt: skip
 
 
+def neutron_id(name: str) -> str:
+    """The router or network id in a Neutron namespace name; "" for other names."""
+    for prefix in NEUTRON_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return ""
+
+
 def _wanted(ns: NamespaceFacts) -> tuple[ExpectedListener, ...]:
     if ns.expected:
         return ns.expected
     if ns.role == "router":
+        if not ns_has_v4_redirect(ns):
+            return ()  # no-redirect-rule reports a router that sends nothing to a proxy
         return (ExpectedListener(ipaddress.IPv4Address("0.0.0.0"), _router_port(ns), "router (by the REDIRECT)"),)
     if _isolated(ns):
         return (ExpectedListener(METADATA_V4, 80, "isolated network"),)
@@ -410,22 +436,50 @@ def check_proxy_not_listening(h: HostFacts) -> Iterator[Hit]:
         ev.append(f"listening in {ns.name}: {', '.join(ports) if ports else 'nothing'}")
         if h.proxies is not None:
             ev.append("meta169 proxy processes: " + (", ".join(f"pid {p.pid}" for p in h.proxies) or "none"))
-        fix = (Remedy("host", "start meta169 proxy (meta169 proxy --upstream unix:PATH --listeners FILE) or read "
-                              "its log: a listener it could not open is logged at every reconcile"),)  # fmt: skip
-        yield Hit(f"nothing listens for the proxy in {ns.name}: guests' connections are refused", tuple(ev), fix)
+        if ns.found_by:
+            ev.append(f"{ns.name} found by: {ns.found_by}")
+        yield Hit(f"nothing listens for the proxy in {ns.name}: guests' connections are refused", tuple(ev),
+                  _listener_fix(h, ns, missing[0]))  # fmt: skip
+
+
+def _listener_fix(h: HostFacts, ns: NamespaceFacts, wanted: ExpectedListener) -> tuple[Remedy, ...]:
+    if ns.expected and ns.proxy_pids:
+        pids = ", ".join(map(str, ns.proxy_pids))
+        return (Remedy("host", f"meta169 proxy (pid {pids}) runs and its listeners name {ns.name} but it holds no "
+                               "socket there: read its log (a listener it could not open is logged at every "
+                               "reconcile: the namespace or address missing, the port taken), fix that, and it "
+                               "opens the socket at its next reconcile"),)  # fmt: skip
+    if ns.expected:
+        # A listener file or flag asks for this socket: the proxy is down or could not open it.
+        return (Remedy("host", "start meta169 proxy (meta169 proxy --upstream unix:PATH --listeners FILE) or read "
+                               "its log: a listener it could not open is logged at every reconcile"),)  # fmt: skip
+    # Nobody asked for it: the namespace is known by its REDIRECT or its metadata address only.
+    ident = neutron_id(ns.name) or ("<router id>" if ns.role == "router" else "<network id>")
+    kind = "router" if ns.role == "router" else "network"
+    host = f"[{wanted.address}]" if wanted.address.version == 6 else str(wanted.address)
+    entry = f'{{"netns": "{ns.name}", "address": "{wanted.address}", "port": {wanted.port}, "{kind}": "{ident}"}}'
+    running = ", ".join(f"pid {p.pid}" for p in h.proxies or ())
+    upstream = next((s.upstream for s in h.servers if not s.error), "unix:/run/meta169/serve.sock")
+    out = [Remedy("host", f"give meta169 proxy a listener in {ns.name}: add {entry} to its --listeners file "
+                          f"(re-read every second){f'; running: {running}' if running else ''}")]  # fmt: skip
+    argv = ("meta169", "proxy", "--upstream", upstream, "--listen", f"{ns.name}/{host}:{wanted.port}={kind}:{ident}")
+    out.append(Remedy("host", "or run one for it: " + " ".join(argv)))
+    return tuple(out)
 
 
 def check_server_unreachable(h: HostFacts) -> Iterator[Hit]:
-    s = h.server
-    if s is not None and s.error:
+    for s in h.servers:
+        if not s.error:
+            continue
         yield Hit(f"meta169 serve does not answer at {s.upstream}: the proxy answers guests 502", (s.evidence,),
                   (Remedy("host", f"start meta169 serve with a proxy listener there (serve --listen "
                                   f"{s.upstream}=proxy ...), or fix the proxy's --upstream"),))  # fmt: skip
 
 
 def check_secret_mismatch(h: HostFacts) -> Iterator[Hit]:
-    s = h.server
-    if s is not None and s.status == 403 and "signature mismatch" in s.body:
+    for s in h.servers:
+        if s.status != 403 or "signature mismatch" not in s.body:
+            continue
         where = f" in {s.secret_file}" if s.secret_file else ""
         yield Hit("serve rejects the proxy's HMAC: the proxy's secret differs from serve's --proxy-secret-file",
                   (s.evidence, f"the request was signed with the proxy's secret{where}"),
@@ -434,26 +488,26 @@ def check_secret_mismatch(h: HostFacts) -> Iterator[Hit]:
 
 
 def check_signature_rejected(h: HostFacts) -> Iterator[Hit]:
-    s = h.server
-    # Unsigned (no secret given), "signature missing" only proves serve is there.
-    if s is not None and s.signed and s.status == 403 and "signature" in s.body and "mismatch" not in s.body:
+    for s in h.servers:
+        # Unsigned (no secret given), "signature missing" only proves serve is there.
+        if not (s.signed and s.status == 403 and "signature" in s.body and "mismatch" not in s.body):
+            continue
         hint = " (clocks of proxy and serve differ by more than 30 s?)" if "window" in s.body else ""
         yield Hit(f"serve rejects the proxy's signature: {s.body.strip()}{hint}", (s.evidence,),
                   (Remedy("host", "synchronise the clocks (chrony/ntp) of the proxy and serve hosts"),))  # fmt: skip
 
 
 def check_upstream_not_proxy(h: HostFacts) -> Iterator[Hit]:
-    s = h.server
-    if s is not None and s.status == 403 and "trusted proxy" in s.body:
+    for s in h.servers:
+        if s.status != 403 or "trusted proxy" not in s.body:
+            continue
         yield Hit(f"{s.upstream} is a serve listener bound to a network or router, not to the proxy: it refuses "
                   "the proxy's identity headers", (s.evidence,),
                   (Remedy("host", f"serve --listen {s.upstream}=proxy"),))  # fmt: skip
 
 
 def check_registry_unavailable(h: HostFacts) -> Iterator[Hit]:
-    ev = []
-    if h.server is not None and h.server.status == 503:
-        ev.append(h.server.evidence)
+    ev = [s.evidence for s in h.servers if s.status == 503]
     if h.registry is not None and h.registry.outcome == "error":
         ev.append(f"registry lookup of {h.registry.caller}: {h.registry.detail}")
     if ev:
@@ -467,9 +521,11 @@ def check_unknown_instance(h: HostFacts) -> Iterator[Hit]:
         yield Hit(f"the registry has no instance for {r.caller}: serve answers that guest 404", (r.detail,),
                   (Remedy("host", "meta169 import <inventory> with the instance's port on that network "
                                   "(meta169 instance list shows what is registered)"),))  # fmt: skip
-    elif r is None and h.server is not None and h.server.status == 404 and not h.server.caller.startswith("probe"):
-        yield Hit(f"serve does not know {h.server.caller}", (h.server.evidence,),
-                  (Remedy("host", "meta169 instance list; meta169 import <inventory>"),))  # fmt: skip
+    elif r is None:
+        for s in h.servers:
+            if s.status == 404 and not s.caller.startswith("probe"):
+                yield Hit(f"serve does not know {s.caller}", (s.evidence,),
+                          (Remedy("host", "meta169 instance list; meta169 import <inventory>"),))  # fmt: skip
 
 
 def check_ambiguous_instance(h: HostFacts) -> Iterator[Hit]:
@@ -529,18 +585,19 @@ CHECKS: tuple[Check[HostFacts], ...] = check_table([
 def host_path(h: HostFacts, findings: Sequence[Finding]) -> tuple[HopStatus, ...]:
     routers = [ns.name for ns in h.namespaces if ns.role == "router"]
     dhcps = [ns.name for ns in h.namespaces if ns.role == "dhcp"]
+    metas = [ns.name for ns in h.namespaces if ns.role == "metadata"]
     base: dict[HopId, tuple[str, str, HopState]] = {
         "guest": ("guest", "run meta169 doctor inside the VM for this hop", "n/a"),
         "route": ("DHCP", f"dnsmasq in {', '.join(dhcps)}" if dhcps else "no DHCP namespace checked",
                   "ok" if dhcps else "unknown"),
-        "next-hop": ("gateway", ", ".join(routers + dhcps) or "no namespace checked",
+        "next-hop": ("gateway", ", ".join(routers + dhcps + metas) or "no namespace checked",
                      "ok" if h.namespaces else "unknown"),
         "redirect": ("REDIRECT", f"rules in {', '.join(routers)}" if routers else "no router namespace checked",
                      "ok" if routers else "unknown"),
         "proxy": ("proxy", "listening" if any(ns.listening for ns in h.namespaces) else "not checked",
                   "ok" if any(ns.listening is not None for ns in h.namespaces) else "unknown"),
-        "server": ("server", h.server.evidence if h.server else "not checked (give --upstream)",
-                   "ok" if h.server is not None and not h.server.error else "unknown"),
+        "server": ("server", "; ".join(s.evidence for s in h.servers) or "not checked (give --upstream)",
+                   "ok" if h.servers and not any(s.error for s in h.servers) else "unknown"),
         "registry": ("registry", f"{h.registry.caller}: {h.registry.detail}" if h.registry
                      else "not checked (give --network/--router and --ip)",
                      "ok" if h.registry is not None and h.registry.outcome == "one" else "unknown"),
@@ -561,4 +618,5 @@ def analyse(h: HostFacts, *, source: str = "live") -> Report:
     notes = list(h.notes)
     for ns in h.namespaces:
         notes += [f"{ns.name}: {e}" for e in ns.errors]
-    return Report("host", source, host_path(h, findings), findings, tuple(notes))
+    notes += h.searched
+    return Report("host", source, host_path(h, findings), findings, tuple(notes), h.discovered)

@@ -5,12 +5,13 @@ netns exec``, ``iptables-save``, ``cat /proc/net/tcp``), a file reader, the list
 of processes, the request to ``serve`` and the registry lookup. Unit tests pass
 captured outputs; the CLI passes the real ones.
 
-Discovery, when no ``--netns``, ``--proxy-listeners`` or ``--upstream`` is given:
-every running ``meta169 proxy`` is found by its command line, which names its
-``--upstream``, ``--secret-file`` and ``--listeners`` file; the listener file
-says which namespace must hold which socket; without a proxy, namespaces named
-like neutron's (``qrouter-*``, ``qdhcp-*``) are checked. Explicit flags replace
-discovery (they also cover a proxy that is down).
+Discovery, when no ``--netns``, ``--proxy-listeners`` or ``--upstream`` is given
+(:mod:`meta169.doctor.discover` has the rules): the config file and the labs that
+are up (the CLI reads them into the :class:`HostRequest`), every running ``meta169
+proxy`` and ``meta169 serve`` (by command line: upstream, secret file, listener
+file, listeners) and the namespaces named like Neutron's (``qrouter-*``,
+``qdhcp-*``, ``ovnmeta-*``). Each listener file says which namespace must hold which
+socket. Explicit flags replace discovery (they also cover a proxy that is down).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meta169.client.transport import HTTPTransport, Reply
 from meta169.client.url import Endpoint, parse_url
+from meta169.doctor import discover
+from meta169.doctor.discover import ConfigValues, Scope, Target, find_proxies
 from meta169.doctor.host import (
     Dnsmasq,
     ExpectedListener,
@@ -57,13 +60,40 @@ PROBE_CALLER = Caller(ip=ipaddress.IPv4Address("192.0.2.1"), network_id="meta169
 
 @dataclass(frozen=True, slots=True)
 class HostRequest:
-    """What to check: namespaces (role or None to guess), serve, the proxy's files, a caller."""
+    """What to check: namespaces (role or None to guess), serve, the proxy's files, a caller.
+
+    Without namespaces, listener files or upstream, what to check is discovered:
+    ``config`` and ``labs`` (read by the caller), then running processes and ``ip
+    netns list``; ``only`` (globs) narrows it to matching namespaces. ``searched``
+    says where the caller looked and found nothing ("no lab up under ..."), for the report.
+    """
 
     namespaces: tuple[tuple[str, Role | None], ...] = ()
     upstream: str = ""
     secret_file: str = ""
     listener_files: tuple[str, ...] = ()
     caller: Caller | None = None
+    config: ConfigValues | None = None
+    labs: tuple[Target, ...] = ()
+    only: tuple[str, ...] = ()
+    searched: tuple[str, ...] = ()
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.namespaces or self.listener_files or self.upstream)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What :func:`find_targets` found: the merged :class:`~meta169.doctor.discover.Scope`
+    and what collecting the namespaces needs (processes, existing namespaces)."""
+
+    scope: Scope
+    proxies: tuple[ProxyProcess, ...] | None
+    processes: Mapping[int, tuple[str, ...]]
+    existing: frozenset[str] | None
+    notes: tuple[str, ...] = ()
+    searched: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,35 +104,6 @@ class HostCollector:
     send: Callable[[str, str, Mapping[str, str]], Reply]
     resolve: Callable[[Caller], RegistryAnswer] | None = None
     read_secret: Callable[[str], bytes] | None = None
-
-
-def _flag(argv: Sequence[str], name: str) -> list[str]:
-    out = []
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            out.append(argv[i + 1])
-        elif arg.startswith(name + "="):
-            out.append(arg.split("=", 1)[1])
-    return out
-
-
-def is_meta169_proxy(argv: Sequence[str]) -> bool:
-    """``meta169 ... proxy ...`` or ``python -m meta169 ... proxy ...``."""
-    for i, arg in enumerate(argv):
-        named = arg.rsplit("/", 1)[-1] == "meta169" or (arg == "meta169" and i > 0 and argv[i - 1] == "-m")
-        if named:
-            return "proxy" in argv[i + 1 :]
-    return False
-
-
-def find_proxies(processes: Sequence[tuple[int, tuple[str, ...]]]) -> tuple[ProxyProcess, ...]:
-    out = []
-    for pid, argv in processes:
-        if is_meta169_proxy(argv):
-            upstream = (_flag(argv, "--upstream") or [""])[0]
-            secret = (_flag(argv, "--secret-file") or [""])[0]
-            out.append(ProxyProcess(pid, tuple(argv), upstream, secret))
-    return tuple(out)
 
 
 def _listeners_from_text(text: str, path: str) -> list[Any]:
@@ -146,6 +147,9 @@ def expected_listeners(
 
 
 def guess_role(name: str, expected: Sequence[ExpectedListener]) -> Role:
+    named = discover.neutron_role(name)
+    if named is not None:
+        return named
     if any(e.binding.startswith("router") for e in expected):
         return "router"
     if expected:
@@ -179,18 +183,20 @@ def _dnsmasq_in(
         argv = procs.get(int(token), ())
         if not argv or not argv[0].rsplit("/", 1)[-1].startswith("dnsmasq"):
             continue
-        conf = (_flag(argv, "--conf-file") or _flag(argv, "-C") or [""])[0]
+        conf = (discover.flag_values(argv, "--conf-file") or discover.flag_values(argv, "-C") or [""])[0]
         found.append(Dnsmasq(int(token), conf, col.read(conf) if conf else None))
     return tuple(found)
 
 
 def collect_namespace(
     col: HostCollector, name: str, role: Role, expected: Sequence[ExpectedListener],
-    existing: set[str] | None, procs: Mapping[int, tuple[str, ...]],
+    existing: Set[str] | None, procs: Mapping[int, tuple[str, ...]], found_by: str = "",
+    proxy_pids: tuple[int, ...] = (),
 ) -> NamespaceFacts:  # fmt: skip
     netns.check_name(name)
     if existing is not None and name not in existing:
-        return NamespaceFacts(name, role, exists=False, expected=tuple(expected))
+        return NamespaceFacts(name, role, exists=False, expected=tuple(expected), found_by=found_by,
+                              proxy_pids=proxy_pids)  # fmt: skip
     errors: list[str] = []
     save4 = save6 = None
     if role == "router":
@@ -205,7 +211,8 @@ def collect_namespace(
     except ValidationError as exc:
         errors.append(str(exc))
     dnsmasq = _dnsmasq_in(col, name, procs, errors) if role == "dhcp" else None
-    return NamespaceFacts(name, role, True, save4, save6, links, listening, dnsmasq, tuple(expected), tuple(errors))
+    return NamespaceFacts(name, role, True, save4, save6, links, listening, dnsmasq, tuple(expected), tuple(errors),
+                          found_by, proxy_pids)  # fmt: skip
 
 
 def _server_answer(
@@ -238,52 +245,71 @@ def _server_answer(
     return ServerAnswer(upstream, label, signed, reply.status, body, secret_file=secret_file)
 
 
-def collect_host(req: HostRequest, col: HostCollector) -> HostFacts:
-    """Gather what :mod:`meta169.doctor.host`'s checks need."""
+def find_targets(req: HostRequest, col: HostCollector) -> Found:
+    """What to check: the request's flags, or what discovery finds (see the module docstring)."""
     notes: list[str] = []
+    searched = list(req.searched)
     try:
         processes = list(col.processes())
         proxies: tuple[ProxyProcess, ...] | None = find_proxies(processes)
     except OSError as exc:
         notes.append(f"cannot list processes: {exc}")
         processes, proxies = [], None
-    procs = dict(processes)
-    files = list(req.listener_files)
-    statics: list[str] = []
-    # Explicit flags describe the deployment to check; running proxies are then only evidence.
-    explicit = bool(req.namespaces or req.listener_files or req.upstream)
-    for proxy in () if explicit else proxies or ():
-        files += [f for f in _flag(proxy.argv, "--listeners") if f not in files]
-        statics += _flag(proxy.argv, "--listen")
-        if "--from-registry" in proxy.argv:
-            notes.append(f"proxy pid {proxy.pid} derives listeners from the registry: pass --netns to check them")
-    expected = expected_listeners(col, files, statics, notes)
     listed = _run(col, ["ip", "netns", "list"], notes)
-    existing = {line.split()[0] for line in listed.splitlines() if line.strip()} if listed is not None else None
-    wanted: dict[str, Role | None] = dict(req.namespaces)
-    for name in expected:
-        wanted.setdefault(name, None)
-    if not wanted and existing and not explicit:
-        for name in sorted(existing):
-            if name.startswith(("qrouter-", "qdhcp-")):
-                wanted[name] = "router" if name.startswith("qrouter-") else "dhcp"
-    if not wanted:
-        notes.append("no namespace to check: pass --netns NS[=router|=dhcp] or --proxy-listeners FILE")
-    namespaces = tuple(
-        collect_namespace(col, name, role or guess_role(name, expected.get(name, ())), expected.get(name, ()),
-                          existing, procs)
-        for name, role in wanted.items()
-    )  # fmt: skip
-    discovered = () if explicit else proxies or ()
-    upstream = req.upstream or next((p.upstream for p in discovered if p.upstream), "")
-    secret_file = req.secret_file or next((p.secret_file for p in discovered if p.secret_file), "")
-    server = None
-    if upstream:
-        server = _server_answer(col, upstream, secret_file, req.caller or PROBE_CALLER, notes)
+    existing = frozenset(discover.parse_netns_list(listed)) if listed is not None else None
+    targets: list[Target] = []
+    if req.explicit:
+        # Explicit flags describe the deployment to check; running proxies are then only evidence.
+        targets.append(Target("the command line", namespaces=req.namespaces, listener_files=req.listener_files,
+                              upstream=req.upstream, secret_file=req.secret_file))  # fmt: skip
     else:
-        notes.append("serve not checked: no running proxy names its upstream; pass --upstream")
+        if req.config is not None:
+            targets += discover.config_targets(req.config)
+        targets += req.labs
+        running = discover.process_targets(processes)
+        if not running and proxies is not None:
+            searched.append("no meta169 proxy or serve running (/proc/*/cmdline)")
+        targets += running
+        neutron = discover.netns_target(existing or ())
+        if neutron is not None:
+            targets.append(neutron)
+        elif existing is not None:
+            searched.append("no qrouter-*, qdhcp-* or ovnmeta-* namespace (ip netns list)")
+        for target in targets:
+            notes += target.notes
+    expanded = [(t, expected_listeners(col, t.listener_files, t.static_listeners, notes)) for t in targets]
+    found = discover.scope(expanded, req.only)
+    if found.left_out:
+        notes.append(f"left out by --only {' '.join(req.only)}: {', '.join(found.left_out)}")
+    return Found(found, proxies, dict(processes), existing, tuple(notes), tuple(searched))
+
+
+def collect_host(req: HostRequest, col: HostCollector, found: Found | None = None) -> HostFacts:
+    """Gather what :mod:`meta169.doctor.host`'s checks need (``found``: from :func:`find_targets`)."""
+    found = found if found is not None else find_targets(req, col)
+    scope = found.scope
+    notes = list(found.notes)
+    if not scope.namespaces:
+        notes.append("no namespace to check: pass --netns NS[=router|=dhcp|=metadata] or --proxy-listeners FILE")
+    namespaces = tuple(
+        collect_namespace(col, name, role or guess_role(name, scope.expected_in(name)), scope.expected_in(name),
+                          found.existing, found.processes, "" if req.explicit else found_by,
+                          scope.proxies_in(name))
+        for name, role, found_by in scope.namespaces
+    )  # fmt: skip
+    caller = req.caller or PROBE_CALLER
+    servers = tuple(_server_answer(col, upstream, req.secret_file or secret, caller, notes)
+                    for upstream, secret, _ in scope.upstreams)  # fmt: skip
+    if not servers:
+        notes.append("serve not checked: nothing discovered names its address; pass --upstream")
     registry = col.resolve(req.caller) if req.caller is not None and col.resolve is not None else None
-    return HostFacts(namespaces, proxies, upstream, server, registry, tuple(notes))
+    return HostFacts(namespaces=namespaces, proxies=found.proxies, servers=servers, registry=registry,
+                     notes=tuple(notes), discovered=scope.discovered, searched=found.searched)  # fmt: skip
+
+
+def checked_nothing(facts: HostFacts) -> bool:
+    """True when the doctor looked at no namespace, no serve and no registry."""
+    return not facts.namespaces and not facts.servers and facts.registry is None
 
 
 # --- the real seams ----------------------------------------------------------------------------------

@@ -182,6 +182,8 @@ class Report:
     path: tuple[HopStatus, ...]
     findings: tuple[Finding, ...]
     notes: tuple[str, ...] = ()
+    # What the host doctor checked and where it learnt of each (config, process, lab, ip netns).
+    discovered: tuple[str, ...] = ()
 
     def count(self, severity: Severity) -> int:
         return sum(1 for f in self.findings if f.severity == severity)
@@ -207,6 +209,7 @@ class Report:
             "findings": [f.to_json() for f in self.findings],
             "summary": {s: self.count(s) for s in SEVERITIES},
             "notes": list(self.notes),
+            "discovered": list(self.discovered),
         }
 
 

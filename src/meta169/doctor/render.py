@@ -55,6 +55,12 @@ def render_human(report: Report, *, unicode: bool = True) -> str:
     """The report as a person reads it: path first, findings most important first."""
     arrow = " → " if unicode else " -> "
     out = [f"meta169 doctor ({report.kind}): {report.source}", ""]
+    if report.discovered:
+        out.append("Checked, and where it was found:")
+        for line in report.discovered:
+            out += textwrap.wrap(line, WIDTH, initial_indent="  - ", subsequent_indent="    ",
+                                 break_on_hyphens=False, break_long_words=False)  # fmt: skip
+        out.append("")
     out.append("  " + arrow.join(f"{h.label.split()[0]} {_mark(h.state, unicode)}" for h in report.path))
     out.append("")
     target = "169.254.169.254" if report.kind == "guest" else "the metadata service"

@@ -639,6 +639,9 @@ out_bytes(Out *o, PyObject *b)
 
 /* -------------------------------------------------------------- FastPath */
 
+#define FAST_CLASSES 16
+#define MAX_BOUNDS 32
+
 typedef struct {
     PyObject_HEAD
     /* Direct listener: dict peer text -> (wire dict, instance uuid).
@@ -654,6 +657,15 @@ typedef struct {
     Py_ssize_t max_header_bytes;
     Py_ssize_t max_headers;
     Py_ssize_t max_url_bytes;
+    /* Metrics, read by stats() at scrape time: answers per class (the int a wire
+     * entry may end with; FAST_CLASSES - 1 for one without) and, when latency
+     * bounds were given, the time inside answer() per request in buckets. Plain
+     * integers under the GIL: counting costs no Python call. */
+    unsigned long long counts[FAST_CLASSES];
+    Py_ssize_t nbounds;
+    double bounds[MAX_BOUNDS];
+    unsigned long long latency[MAX_BOUNDS + 1];
+    double latency_sum;
 } FastPathObject;
 
 static int
@@ -670,13 +682,33 @@ static PyObject *
 FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"sites", "buckets", "max_header_bytes", "max_headers", "max_url_bytes", "owned",
-                             "owned_prefixes", "routers", "stamp", NULL};
+                             "owned_prefixes", "routers", "stamp", "latency_bounds", NULL};
     PyObject *sites, *buckets, *owned, *owned_prefixes, *routers = Py_None, *stamp = Py_None;
+    PyObject *latency_bounds = Py_None;
     Py_ssize_t max_header_bytes, max_headers, max_url_bytes;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OnnnOO|OO", kwlist, &PyDict_Type, &sites, &buckets,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OnnnOO|OOO", kwlist, &PyDict_Type, &sites, &buckets,
                                      &max_header_bytes, &max_headers, &max_url_bytes, &owned, &owned_prefixes,
-                                     &routers, &stamp)) {
+                                     &routers, &stamp, &latency_bounds)) {
         return NULL;
+    }
+    double bounds[MAX_BOUNDS];
+    Py_ssize_t nbounds = 0;
+    if (latency_bounds != Py_None) {
+        if (!PyTuple_Check(latency_bounds) || PyTuple_GET_SIZE(latency_bounds) > MAX_BOUNDS) {
+            PyErr_SetString(PyExc_TypeError, "latency_bounds must be a tuple of at most 32 floats or None");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(latency_bounds); i++) {
+            double b = PyFloat_AsDouble(PyTuple_GET_ITEM(latency_bounds, i));
+            if (b == -1.0 && PyErr_Occurred()) {
+                return NULL;
+            }
+            if (!(b > 0.0) || (i > 0 && !(b > bounds[i - 1]))) {
+                PyErr_SetString(PyExc_ValueError, "latency_bounds must be positive and increasing");
+                return NULL;
+            }
+            bounds[nbounds++] = b;
+        }
     }
     if (check_limits(max_header_bytes, max_headers, max_url_bytes) < 0) {
         return NULL;
@@ -719,6 +751,8 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->max_header_bytes = max_header_bytes;
     self->max_headers = max_headers;
     self->max_url_bytes = max_url_bytes;
+    self->nbounds = nbounds;
+    memcpy(self->bounds, bounds, sizeof(double) * (size_t)nbounds);
     return (PyObject *)self;
 }
 
@@ -810,8 +844,22 @@ answer_one(FastPathObject *self, const char *d, Py_ssize_t n, PyObject *peer, in
         Py_RETURN_NONE;
     }
     Py_ssize_t parts = PyTuple_CheckExact(entry) ? PyTuple_GET_SIZE(entry) : 0;
+    /* An entry may end with its metrics class (an int), counted when it is answered. */
+    Py_ssize_t cls = FAST_CLASSES - 1;
+    if (parts >= 3 && PyLong_CheckExact(PyTuple_GET_ITEM(entry, parts - 1))) {
+        cls = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, parts - 1));
+        if (cls == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (cls < 0 || cls >= FAST_CLASSES) {
+            PyErr_SetString(PyExc_ValueError, "a wire entry's class is 0..15");
+            return NULL;
+        }
+        parts--;
+    }
     if (parts != 2 && parts != 3) {
-        PyErr_SetString(PyExc_TypeError, "a wire entry must be (head, body) or (head, prefix, suffix)");
+        PyErr_SetString(PyExc_TypeError,
+                        "a wire entry must be (head, body) or (head, prefix, suffix), optionally with a class");
         return NULL;
     }
     for (Py_ssize_t i = 0; i < parts; i++) {
@@ -881,6 +929,7 @@ answer_one(FastPathObject *self, const char *d, Py_ssize_t n, PyObject *peer, in
         Py_RETURN_NONE;
     }
     *keep = req.keep_alive;
+    self->counts[cls]++;
     return out;
 }
 
@@ -922,6 +971,8 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     Py_ssize_t off = 0;
     int keep = 1;
+    Py_ssize_t answered = 0;
+    double started = self->nbounds ? monotonic_now() : 0.0;
     PyObject *first = NULL, *more = NULL; /* more: a list, made for a second reply */
     while (off < n) {
         Py_ssize_t limit = n - off < self->max_header_bytes + 1 ? n - off : self->max_header_bytes + 1;
@@ -941,6 +992,7 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         off += len;
+        answered++;
         if (first == NULL) {
             first = reply;
         } else {
@@ -963,6 +1015,16 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (first == NULL) {
         Py_RETURN_NONE;
+    }
+    if (self->nbounds) {
+        /* Each request answered in this call waited for the whole call. */
+        double took = monotonic_now() - started;
+        Py_ssize_t b = 0;
+        while (b < self->nbounds && took > self->bounds[b]) {
+            b++;
+        }
+        self->latency[b] += (unsigned long long)answered;
+        self->latency_sum += took * (double)answered;
     }
     PyObject *out = first;
     if (more != NULL) {
@@ -993,10 +1055,44 @@ FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs)
                     : Py_BuildValue("(NOn)", out, Py_True, off);
 }
 
+/* stats(): (answers per class, latency bucket counts with +Inf last, latency sum in seconds). */
+static PyObject *
+FastPath_stats(FastPathObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *counts = PyTuple_New(FAST_CLASSES);
+    PyObject *latency = PyTuple_New(self->nbounds ? self->nbounds + 1 : 0);
+    if (counts == NULL || latency == NULL) {
+        Py_XDECREF(counts);
+        Py_XDECREF(latency);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < FAST_CLASSES; i++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(self->counts[i]);
+        if (n == NULL) {
+            Py_DECREF(counts);
+            Py_DECREF(latency);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(counts, i, n);
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(latency); i++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(self->latency[i]);
+        if (n == NULL) {
+            Py_DECREF(counts);
+            Py_DECREF(latency);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(latency, i, n);
+    }
+    return Py_BuildValue("(NNd)", counts, latency, self->latency_sum);
+}
+
 static PyMethodDef FastPath_methods[] = {
     {"answer", (PyCFunction)(void (*)(void))FastPath_answer, METH_FASTCALL,
      "answer(data, peer) -> (replies, keep_alive), (replies, True, consumed) when the Python path goes on "
      "with data[consumed:], or None to let it answer all."},
+    {"stats", (PyCFunction)FastPath_stats, METH_NOARGS,
+     "stats() -> (answers per class, latency bucket counts (+Inf last), latency sum in seconds)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1016,7 +1112,7 @@ static PyTypeObject FastPathType = {
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, owned, owned_prefixes, "
-              "routers=None, stamp=None)",
+              "routers=None, stamp=None, latency_bounds=None)",
     .tp_new = FastPath_new,
     .tp_dealloc = (destructor)FastPath_dealloc,
     .tp_methods = FastPath_methods,
@@ -1044,6 +1140,7 @@ typedef struct {
     Py_ssize_t max_header_bytes;
     Py_ssize_t max_headers;
     Py_ssize_t max_url_bytes;
+    unsigned long long forwarded; /* requests stamped, read at scrape time */
 } StamperObject;
 
 /* The proxy drops some dozens of names (hop-by-hop, identity, IMDS); far more is a mistake. */
@@ -1226,6 +1323,7 @@ Stamper_forward(StamperObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(out);
         return NULL;
     }
+    self->forwarded++;
     return Py_BuildValue("(NOON)", out, req.head ? Py_True : Py_False, req.keep_alive ? Py_True : Py_False, target);
 
 decline:
@@ -1240,6 +1338,11 @@ static PyMethodDef Stamper_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef Stamper_members[] = {
+    {"forwarded", T_ULONGLONG, offsetof(StamperObject, forwarded), READONLY, "requests stamped so far"},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyTypeObject StamperType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "meta169.http._wire.Stamper",
@@ -1250,6 +1353,7 @@ static PyTypeObject StamperType = {
     .tp_new = Stamper_new,
     .tp_dealloc = (destructor)Stamper_dealloc,
     .tp_methods = Stamper_methods,
+    .tp_members = Stamper_members,
 };
 
 /* ---------------------------------------------------------------- module */

@@ -488,6 +488,25 @@ class HTTPProtocol(asyncio.Protocol):
         transport.close()
         self._transport = None
 
+    # -- shutdown --------------------------------------------------------------------------
+    def close_if_idle(self) -> bool:
+        """Close the connection unless a request is being read, answered or waits
+        (a server draining at shutdown); True when it is closed."""
+        transport = self._transport
+        if transport is None:
+            return True
+        if self._busy or self._begun or self._queue:
+            return False
+        transport.close()
+        self._transport = None
+        return True
+
+    def abort(self) -> None:
+        transport = self._transport
+        if transport is not None:
+            self._transport = None
+            transport.abort()
+
     # -- timeouts --------------------------------------------------------------------------
     def _on_tick(self, now: float) -> None:
         """Timeouts, measured from loop times recorded at or before the event, so
@@ -534,6 +553,22 @@ class Ticker:
 
     def leave(self, conn: HTTPProtocol) -> None:
         self._conns.discard(conn)
+
+    @property
+    def open(self) -> int:
+        """Connections open now."""
+        return len(self._conns)
+
+    def close_idle(self) -> int:
+        """Close every connection with no request in progress; the number left open."""
+        return sum(1 for conn in list(self._conns) if not conn.close_if_idle())
+
+    def abort_all(self) -> int:
+        """Drop every connection still open; how many there were."""
+        conns = list(self._conns)
+        for conn in conns:
+            conn.abort()
+        return len(conns)
 
     def close(self) -> None:
         self._closed = True

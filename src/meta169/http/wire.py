@@ -33,7 +33,14 @@ with the cached site):
   sent (``X-Meta169-Caller-IP`` with ``X-Meta169-Network-ID`` or ``-Router-ID``);
 - ``wire``: request path bytes (before ``?``) -> ``(head, body)``, or
   ``(head, prefix, suffix)`` for a document whose body is ``prefix + <fresh
-  base64 random seed> + suffix`` (meta_data.json, see ``render.document``).
+  base64 random seed> + suffix`` (meta_data.json, see ``render.document``); either
+  may end with a small int, the reply's metrics class (0..15), whose counter in the
+  FastPath goes up each time the reply is repeated.
+
+Counters (read at scrape time, never a Python call per request): :func:`fast_stats`
+gives a FastPath's answers per class and, when it was made with ``latency_bounds``,
+the time spent inside ``answer()`` per request in those buckets; :func:`stamped`
+gives the number of requests a Stamper forwarded.
 
 The proxy has its own compiled step, :func:`stamper`: a simple guest request becomes
 the stamped upstream request the Python ``ProxyApp`` would have written.
@@ -49,14 +56,19 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-# (head, body), or (head, prefix, suffix) around a fresh random seed.
-WireEntry = tuple[bytes, bytes] | tuple[bytes, bytes, bytes]
+# (head, body), or (head, prefix, suffix) around a fresh random seed; each maybe
+# followed by its metrics class.
+WireEntry = (
+    tuple[bytes, bytes] | tuple[bytes, bytes, bytes] | tuple[bytes, bytes, int] | tuple[bytes, bytes, bytes, int]
+)
 WireTable = dict[bytes, WireEntry]
 SiteSlots = dict[str, tuple[WireTable, str]]
 # (replies, keep-alive), or (replies, True, offset where the Python path goes on).
 Answer = Callable[[bytes, str], "tuple[bytes, bool] | tuple[bytes, bool, int] | None"]
 # (upstream request, HEAD asked, keep-alive, request target)
 Forward = Callable[[bytes, str], "tuple[bytes, bool, bool, bytes] | None"]
+# (answers per class, latency bucket counts with +Inf last, latency sum in seconds)
+FastStats = Callable[[], tuple[tuple[int, ...], tuple[int, ...], float]]
 
 
 class BucketLike(Protocol):
@@ -124,6 +136,7 @@ def fast_path(
     owned_prefixes: Iterable[str],
     routers: dict[str, SiteSlots] | None = None,
     stamp: tuple[str, str, str] | None = None,
+    latency_bounds: tuple[float, ...] | None = None,
 ) -> Answer | None:
     """The compiled ``answer(data, peer)`` over these tables, or None without the
     extension.
@@ -133,6 +146,8 @@ def fast_path(
     ``routers`` it serves a proxy listener: ``sites`` is then the network-id map,
     ``stamp`` names the caller IP, network id and router id headers, and ``peer`` is
     ignored in favour of that stamp; the stamp is read even where it is also owned.
+    ``latency_bounds`` (increasing upper bounds in seconds) turns on timing each
+    call: two clock reads per call, none without.
     """
     if _wire is None:
         return None
@@ -146,9 +161,26 @@ def fast_path(
         _encoded(tuple(owned_prefixes)),
         routers,
         None if stamp is None else tuple(n.encode("latin-1") for n in stamp),
+        latency_bounds,
     )
     answer: Answer = fast.answer
     return answer
+
+
+def fast_stats(answer: Answer) -> FastStats | None:
+    """The counters of the FastPath behind ``answer`` (from :func:`fast_path`)."""
+    stats: FastStats | None = getattr(getattr(answer, "__self__", None), "stats", None)
+    return stats
+
+
+def stamped(forward: Forward) -> Callable[[], int]:
+    """How many requests the Stamper behind ``forward`` (from :func:`stamper`) forwarded."""
+    owner = getattr(forward, "__self__", None)
+
+    def count() -> int:
+        return int(getattr(owner, "forwarded", 0))
+
+    return count
 
 
 @functools.cache

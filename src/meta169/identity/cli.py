@@ -3,6 +3,10 @@
 Exit codes are those of :mod:`meta169.cli`: ``verify`` exits 0 when every signature
 given is valid, 1 when one is not, 2 for unusable input (an unreadable file, a
 certificate that is not PEM, nothing to verify).
+
+Which certificate ``cert`` prints: ``--dir`` when given; else that of the lab that is
+up (``meta169 lab up`` makes each lab its own key; stderr names the lab); else the
+default directory's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from meta169.identity.signer import (
     load_identity_certificate,
 )
 from meta169.identity.verify import MAX_INPUT, VerifyResult, verify_document
+from meta169.lab.names import DEFAULT_STATE_ROOT
 
 EXIT_VALID = 0
 EXIT_INVALID = 1  # meta169.cli.EXIT_FINDINGS
@@ -68,13 +73,46 @@ def init(directory: Path | None, account: str, bits: str) -> None:
 
 @identity.command("cert")
 @_dir_option
-def cert(directory: Path | None) -> None:
-    """Print the certificate (PEM) that guests and services verify documents with."""
+@click.option("--lab", "lab_name", metavar="NAME", envvar="META169_LAB",
+              help="With several labs up, the one whose certificate to print [env META169_LAB].")  # fmt: skip
+@click.option("--state-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_ROOT,
+              show_default=True, help="Where labs keep their state (a lab's own directory works too).")  # fmt: skip
+def cert(directory: Path | None, lab_name: str | None, state_root: Path) -> None:
+    """Print the certificate (PEM) that guests and services verify documents with.
+
+    Whose: --dir DIR when given; else the lab that is up (said on stderr); else the
+    default directory's.
+    """
     from cryptography.hazmat.primitives.serialization import Encoding
 
     with cli_errors():
-        certificate = load_identity_certificate(_resolve(directory))
+        source, said = _cert_dir(directory, lab_name, state_root)
+        certificate = load_identity_certificate(source)
+    if said:
+        click.echo(said, err=True)
     click.echo(certificate.public_bytes(Encoding.PEM).decode("ascii"), nl=False)
+
+
+def _cert_dir(directory: Path | None, lab_name: str | None, state_root: Path) -> tuple[Path, str]:
+    """The key directory ``cert`` reads, and what to say about it on stderr."""
+    if directory is not None:
+        return directory, ""
+    from meta169.lab.plan import LabPaths
+    from meta169.lab.state import labs_under
+
+    states, _ = labs_under(state_root)
+    up = [s for s in states if s.status == "up" and (lab_name is None or s.config.name == lab_name)]
+    if lab_name is not None and not up:
+        raise ConfigError(f"no lab {lab_name!r} is up under {state_root}")
+    if len(up) > 1:
+        names = ", ".join(s.config.name for s in up)
+        raise ConfigError(f"several labs are up under {state_root} ({names}): choose one with --lab NAME, "
+                          "or name a key directory with --dir DIR")  # fmt: skip
+    if up:
+        lab_dir = LabPaths(up[0].config.directory).identity_dir
+        said = f"meta169 identity: the certificate of lab {up[0].config.name} ({lab_dir}); --dir DIR for another"
+        return lab_dir, said
+    return _resolve(None), ""
 
 
 _input = click.Path(dir_okay=False, path_type=Path)

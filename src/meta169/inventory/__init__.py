@@ -12,7 +12,17 @@ nothing of HTTP, the metadata API, the proxy, the admin API or the command line:
 those call in, never the other way.
 """
 
-from meta169.inventory.apply import ImportReport, KindCounts, apply_inventory, format_import_report
+from meta169.inventory.apply import (
+    Change,
+    ImportPlan,
+    ImportReport,
+    KindCounts,
+    apply_inventory,
+    apply_plan,
+    format_import_report,
+    format_plan,
+    plan_inventory,
+)
 from meta169.inventory.dump import (
     dump_inventory,
     export_inventory,
@@ -27,20 +37,25 @@ from meta169.inventory.schema import Inventory
 from meta169.inventory.text import Format
 
 __all__ = [
+    "Change",
     "Format",
+    "ImportPlan",
     "ImportReport",
     "Inventory",
     "KindCounts",
     "apply_inventory",
+    "apply_plan",
     "dump_inventory",
     "export_inventory",
     "format_import_report",
+    "format_plan",
     "instance_to_dict",
     "inventory_to_document",
     "load_inventory",
     "network_to_dict",
     "parse_document",
     "parse_inventory",
+    "plan_inventory",
     "router_to_dict",
     "save_inventory",
 ]

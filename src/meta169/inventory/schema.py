@@ -28,6 +28,7 @@ from typing import Any, Final, Generic, NoReturn, Protocol, TypeVar, cast, get_a
 
 from meta169.errors import InventoryError, ValidationError
 from meta169.model import (
+    DEFAULT_SOURCE,
     MAX_USER_DATA,
     MAX_USER_DATA_B64,
     HostRoute,
@@ -43,6 +44,7 @@ from meta169.model import (
     Subnet,
     Toggle,
     check_id,
+    check_source,
     normalize_mac,
     parse_ip,
     parse_network,
@@ -310,6 +312,12 @@ def _same(value: Any) -> object:
     return value
 
 
+def _source(value: object, where: Where) -> str:
+    text = _text(value, where)
+    with where.checking():
+        return check_source(text)
+
+
 TEXT = Scalar("string", _text, _same)
 NAME = Scalar("non-empty string", _nonempty_text, _same)
 INTEGER = Scalar("integer", _integer, _same)
@@ -324,6 +332,9 @@ STRING_MAP = Scalar("mapping of strings", _string_map, dict)
 JSON_OBJECT = Scalar("JSON object", _json_object, dict)
 USER_DATA_TEXT = Scalar("string", _user_data_text, _dump_user_data_text)
 USER_DATA_B64 = Scalar("base64 string", _user_data_b64, _dump_user_data_b64)
+# Who owns the entry in the registry (inventory, admin, file:/PATH, libvirt:URI,
+# openstack:CLOUD). The default, inventory, is left out of a dump: it parses back the same.
+SOURCE = Scalar("source", _source, lambda value: OMIT if value == DEFAULT_SOURCE else value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,6 +563,7 @@ NETWORK: Kind[Network] = Kind(
         Field("name", TEXT),
         Field("mtu", INTEGER, located=True),
         Field("subnets", ListOf(SUBNET)),
+        Field("source", SOURCE),
     ),
     label="id",
     ident="id",
@@ -564,6 +576,7 @@ ROUTER: Kind[Router] = Kind(
         Field("id", Ident("router"), required=True),
         Field("project_id", TEXT),
         Field("networks", ListOf(Ident("network"), unique=True), attr="network_ids"),
+        Field("source", SOURCE),
     ),
     label="id",
     ident="id",
@@ -628,6 +641,7 @@ INSTANCE: Kind[Instance] = Kind(
         Field("security_groups", ListOf(TEXT)),
         Field("ports", ListOf(PORT, unique_by="mac")),
         Field("metadata_options", Nullable(METADATA_OPTIONS)),
+        Field("source", SOURCE),
     ),
     label="name",
     ident="uuid",

@@ -26,21 +26,31 @@ ZEROCONF_ATTRS = ("scope", "link", "metric", "1002")
 SETTLE_TIMEOUT = 5.0  # seconds for a VM to see a break or heal (serve polls the registry every 0.5 s)
 
 
-def add_zeroconf_route(vm: VMPlan, *, drop_host_route: bool = True, runner: Runner = run) -> None:
+def _in_vm(vm: VMPlan, argv: list[str], *, check: bool, runner: Runner, inside: Runner | None) -> None:
+    # ``inside`` already runs in the guest (a QEMU guest's agent); else enter the namespace.
+    if inside is not None:
+        inside(argv, check=check)
+    else:
+        netns.exec_in(vm.netns, argv, check=check, runner=runner)
+
+
+def add_zeroconf_route(
+    vm: VMPlan, *, drop_host_route: bool = True, runner: Runner = run, inside: Runner | None = None
+) -> None:
     """The seed's guest: ``169.254.0.0/16 dev eth0 scope link metric 1002``, optionally
     without the DHCP /32 host route."""
     if drop_host_route:
-        netns.exec_in(vm.netns, ["ip", "-4", "route", "del", f"{lp.METADATA_V4}/32"], check=False, runner=runner)
+        _in_vm(vm, ["ip", "-4", "route", "del", f"{lp.METADATA_V4}/32"], check=False, runner=runner, inside=inside)
     argv = ["ip", "-4", "route", "replace", *ZEROCONF_ROUTE, "dev", vm.iface, *ZEROCONF_ATTRS]
-    netns.exec_in(vm.netns, argv, check=True, runner=runner)
+    _in_vm(vm, argv, check=True, runner=runner, inside=inside)
 
 
-def remove_host_route(vm: VMPlan, *, runner: Runner = run) -> None:
+def remove_host_route(vm: VMPlan, *, runner: Runner = run, inside: Runner | None = None) -> None:
     """A guest whose DHCP client ignored option 121: its 169.254.169.254/32 is gone."""
-    netns.exec_in(vm.netns, ["ip", "-4", "route", "del", f"{lp.METADATA_V4}/32"], check=False, runner=runner)
+    _in_vm(vm, ["ip", "-4", "route", "del", f"{lp.METADATA_V4}/32"], check=False, runner=runner, inside=inside)
 
 
-def restore_routes(vm: VMPlan, *, runner: Runner = run) -> None:
+def restore_routes(vm: VMPlan, *, runner: Runner = run, inside: Runner | None = None) -> None:
     """Undo both: the /32 via the DHCP next hop back, the /16 gone, the stale neighbour flushed."""
     host_route = [f"{lp.METADATA_V4}/32", "via", str(expected_metadata_hop(vm)), "dev", vm.iface]
     argvs = [
@@ -49,7 +59,7 @@ def restore_routes(vm: VMPlan, *, runner: Runner = run) -> None:
         (["ip", "-4", "neigh", "flush", "dev", vm.iface, "to", str(lp.METADATA_V4)], False),
     ]
     for argv, check in argvs:
-        netns.exec_in(vm.netns, argv, check=check, runner=runner)
+        _in_vm(vm, argv, check=check, runner=runner, inside=inside)
 
 
 def metadata(vm: VMPlan, path: str = "/latest/meta-data/instance-id", *, timeout: float = 2.0) -> tuple[int, bytes]:

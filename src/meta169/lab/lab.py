@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from meta169.errors import LabError
 from meta169.lab import faults as lf
-from meta169.lab import guest, lifecycle, network, seed
+from meta169.lab import guest, lifecycle, network, qemu, seed
 from meta169.lab import plan as lp
 from meta169.lab.doctor_argv import guest_doctor_argv, host_doctor_argv, prepare_guest_root
 from meta169.lab.guest import SETTLE_TIMEOUT
@@ -117,27 +117,63 @@ class Lab:
 
     # -- using it -------------------------------------------------------------------------------
 
-    def exec(self, vm: str, argv: Sequence[str], *, input: str | None = None, check: bool = False) -> CommandResult:
-        """Run ``argv`` inside VM ``vm``'s namespace and wait for it."""
-        return netns.exec_in(self.plan.vm(vm).netns, argv, input=input, check=check, runner=self.runner)
+    def exec(
+        self, vm: str, argv: Sequence[str], *, input: str | None = None, check: bool = False,
+        timeout: float | None = None,
+    ) -> CommandResult:  # fmt: skip
+        """Run ``argv`` inside VM ``vm`` (its namespace, or a QEMU guest through its agent) and wait for it."""
+        chosen = self.plan.vm(vm)
+        if chosen.kind == "qemu":
+            return qemu.exec_in(self.plan, chosen, argv, input=input, check=check, timeout=timeout)
+        return netns.exec_in(chosen.netns, argv, input=input, check=check, runner=self.runner)
 
     def exec_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
         """The argv that runs ``argv`` inside VM ``vm`` (for callers that run it themselves)."""
-        return netns.in_netns(self.plan.vm(vm).netns, argv)
+        return netns.in_netns(self._netns_vm(vm).netns, argv)
 
     def call(self, vm: str, fn: Callable[[], T]) -> T:
         """Run ``fn()`` in a thread inside VM ``vm``'s namespace; sockets it opens are the VM's."""
-        return netns.call_in_netns(self.plan.vm(vm).netns, fn)
+        return netns.call_in_netns(self._netns_vm(vm).netns, fn)
 
     def metadata(
         self, vm: str, path: str = "/latest/meta-data/instance-id", *, timeout: float = 2.0
     ) -> tuple[int, bytes]:
         """One GET of http://169.254.169.254``path`` from inside ``vm``: (status, body)."""
-        return guest.metadata(self.plan.vm(vm), path, timeout=timeout)
+        chosen = self.plan.vm(vm)
+        if chosen.kind == "qemu":
+            return qemu.metadata(self.plan, chosen, path)
+        return guest.metadata(chosen, path, timeout=timeout)
 
     def await_metadata(self, vm: str, *, status: int = 200, timeout: float = SETTLE_TIMEOUT) -> None:
         """Wait until ``vm`` gets ``status`` for its instance-id (and, for 200, its own uuid)."""
-        guest.await_metadata(self.plan.vm(vm), status=status, timeout=timeout)
+        chosen = self.plan.vm(vm)
+        if chosen.kind == "qemu":
+            qemu.await_metadata(self.plan, chosen, status=status, timeout=max(timeout, qemu.SETTLE_TIMEOUT))
+        else:
+            guest.await_metadata(chosen, status=status, timeout=timeout)
+
+    def guest_doctor(self, vm: str, *extra: str) -> CommandResult:
+        """``meta169 doctor`` inside QEMU guest ``vm``, copied in through its agent."""
+        return qemu.doctor(self.plan, self._qemu_vm(vm), *extra)
+
+    def console(self, vm: str) -> bytes:
+        """What QEMU guest ``vm`` wrote to its serial console."""
+        return qemu.console_text(self.plan, self._qemu_vm(vm))
+
+    def _netns_vm(self, vm: str) -> VMPlan:
+        chosen = self.plan.vm(vm)
+        if chosen.kind == "qemu":
+            raise LabError(f"{vm} is a QEMU guest: commands reach it through its agent (lab exec, Lab.exec)")
+        return chosen
+
+    def _qemu_vm(self, vm: str) -> VMPlan:
+        chosen = self.plan.vm(vm)
+        if chosen.kind != "qemu":
+            raise LabError(f"{vm} is a namespace, not a QEMU guest (lab up --qemu {vm})")
+        return chosen
+
+    def _inside(self, vm: VMPlan) -> Runner | None:
+        return qemu.runner(self.plan, vm) if vm.kind == "qemu" else None
 
     # -- fault seams (lab break / heal, doctor tests) ----------------------------------------
 
@@ -182,15 +218,19 @@ class Lab:
     def add_zeroconf_route(self, vm: str, *, drop_host_route: bool = True) -> None:
         """The seed's guest: ``169.254.0.0/16 dev eth0 scope link metric 1002`` (CentOS
         ifup-eth's "Add Zeroconf route"), optionally without the DHCP /32 host route."""
-        guest.add_zeroconf_route(self.plan.vm(vm), drop_host_route=drop_host_route, runner=self.runner)
+        chosen = self.plan.vm(vm)
+        inside = self._inside(chosen)
+        guest.add_zeroconf_route(chosen, drop_host_route=drop_host_route, runner=self.runner, inside=inside)
 
     def restore_routes(self, vm: str) -> None:
         """Undo :meth:`add_zeroconf_route`: the /32 via the DHCP next hop back, the /16 gone."""
-        guest.restore_routes(self.plan.vm(vm), runner=self.runner)
+        chosen = self.plan.vm(vm)
+        guest.restore_routes(chosen, runner=self.runner, inside=self._inside(chosen))
 
     def remove_host_route(self, vm: str) -> None:
         """A guest whose DHCP client ignored option 121: its 169.254.169.254/32 is gone."""
-        guest.remove_host_route(self.plan.vm(vm), runner=self.runner)
+        chosen = self.plan.vm(vm)
+        guest.remove_host_route(chosen, runner=self.runner, inside=self._inside(chosen))
 
     def unregister(self, vm: str) -> None:
         """Delete VM ``vm``'s instance from the lab's registry (serve then answers it 404)."""

@@ -1,9 +1,9 @@
 """``lab up`` and ``lab down``: the order a lab is made and removed in, and cleanup on failure.
 
 :func:`up` refuses a lab that is already there, then runs the steps of :func:`steps`
-in order: namespaces, wiring, router rules, the registry, serve and the proxy,
-dnsmasq, dhclient, and the checks that every VM got its lease and its route to
-169.254.169.254. Whatever a step makes is recorded in the ledger as it is made;
+in order: namespaces, wiring, router rules, the registry, the identity signing key,
+serve and the proxy, dnsmasq, dhclient, and the checks that every VM got its lease
+and its route to 169.254.169.254. Whatever a step makes is recorded in the ledger as it is made;
 when a step fails, or the user interrupts, :func:`teardown` removes everything made
 so far before a :class:`LabError` naming the step is raised (the interrupt is
 re-raised as is).
@@ -30,8 +30,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meta169.errors import LabError, Meta169Error
-from meta169.lab import network, seed, state
+from meta169.errors import ConfigError, LabError, Meta169Error
+from meta169.identity.signer import generate_identity_key
+from meta169.lab import network, qemu, seed, state
+from meta169.lab import plan as lp
 from meta169.lab.names import DEFAULT_STATE_ROOT
 from meta169.lab.plan import LabConfig, LabPlan
 from meta169.lab.state import Ledger
@@ -60,6 +62,11 @@ def check_prerequisites(config: LabConfig) -> None:
         raise LabError(f"the lab needs these programs, not found on PATH: {', '.join(missing)}")
     if not Path("/proc/net/if_inet6").exists():
         raise LabError("IPv6 is disabled in this kernel; the lab serves fe80::a9fe:a9fe too")
+    if config.qemu:
+        missing = qemu.missing_tools()
+        if missing:
+            raise LabError(f"QEMU guests need {', '.join(missing)} (apt-get install qemu-system-x86 qemu-utils)")
+        qemu.image_of(lp.plan_lab(config))
 
 
 def steps(
@@ -69,6 +76,8 @@ def steps(
     yield "create namespaces", functools.partial(_create_namespaces, plan, ledger, runner)
     for tenant in plan.tenants:
         yield f"wire tenant {tenant.key} ({tenant.mode})", functools.partial(network.wire, tenant, runner=runner)
+    for vm in plan.qemu_vms:
+        yield f"wire QEMU guest {vm.name}", functools.partial(qemu.wire, vm, runner=runner)
     for tenant in plan.tenants:
         if tenant.router_ns is not None:
             yield (
@@ -76,12 +85,27 @@ def steps(
                 functools.partial(network.apply_router_rules, plan, tenant.key, runner=runner),
             )
     yield "seed the registry", functools.partial(seed.seed_registry, plan)
+    yield "make the identity signing key", functools.partial(make_identity_key, plan)
     yield "start meta169 serve and proxy", supervisor.start_servers
     for tenant in plan.tenants:
         yield f"start dnsmasq for {tenant.network.id}", functools.partial(supervisor.start_dnsmasq, tenant)
+    if plan.qemu_vms:
+        # Booting takes minutes under TCG: the guests boot while the rest comes up.
+        yield "start QEMU guests", supervisor.start_guests
     yield "start dhclient in every VM", supervisor.start_dhclients
     yield "check VM addresses and routes", functools.partial(network.check_vms, plan, runner=runner)
     yield "wait for IPv6 duplicate address detection", functools.partial(network.wait_for_dad, plan, runner=runner)
+    if plan.qemu_vms:
+        yield "wait for QEMU guests to boot", supervisor.await_guests
+
+
+def make_identity_key(plan: LabPlan) -> None:
+    """The key serve signs identity documents with, as ``meta169 identity init`` makes it;
+    ``meta169 identity cert`` prints its certificate while the lab is up."""
+    try:
+        generate_identity_key(plan.paths.identity_dir)
+    except ConfigError as exc:
+        raise LabError(str(exc)) from exc
 
 
 def up(plan: LabPlan, ledger: Ledger, supervisor: Supervisor, runner: Runner) -> float:
@@ -137,6 +161,7 @@ def teardown(plan: LabPlan, ledger: Ledger, supervisor: Supervisor, runner: Runn
     """Stop the lab's processes and delete its namespaces; what went and what could not."""
     stopped, problems = supervisor.stop_all()
     stopped += [f"PID {pid}" for pid in supervisor.kill_strays()]
+    problems += qemu.remove_overlays(plan)  # also when lab up failed: a guest's disk never outlives it
     removed: list[str] = []
     recorded = ledger.state
     for ns in network.lab_namespaces(plan.prefix):
@@ -163,10 +188,12 @@ def remove_files(plan: LabPlan, *, keep_root: bool = False) -> None:
     files = [paths.state, paths.listeners, paths.serve_socket, paths.secret("serve"), paths.secret("proxy")]
     files += [paths.registry.with_name(paths.registry.name + sfx) for sfx in ("", "-wal", "-shm", "-journal")]
     files += [paths.pid_file(r) for r in roles] + [paths.log(r) for r in roles]
+    files += [p for vm in plan.qemu_vms for p in (paths.pid_file(f"qemu-{vm.name}"), paths.log(f"qemu-{vm.name}"))]
     for path in files:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     dirs = [paths.dnsmasq_dir(t.key) for t in plan.tenants] + [paths.vm_dir(v.name) for v in plan.vms]
+    dirs.append(paths.identity_dir)
     for directory in dirs:
         shutil.rmtree(directory, ignore_errors=True)
     with contextlib.suppress(OSError):

@@ -12,5 +12,6 @@ from pathlib import Path
 
 DEFAULT_NAME = "default"
 DEFAULT_STATE_ROOT = Path("/run/meta169-lab")
+STATE_FILE = "lab.json"  # in each lab's state directory
 DEFAULT_VMS_PER_NETWORK = 2
 MAX_VMS_PER_NETWORK = 9

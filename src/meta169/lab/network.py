@@ -43,12 +43,14 @@ def wire(tenant: TenantPlan, *, runner: Runner = run) -> None:
     # stop neighbour solicitations for fe80::a9fe:a9fe reaching its owner.
     runner(netns.ip_argv(sw, "link", "add", lp.BRIDGE, "type", "bridge", "mcast_snooping", "0"))
     netns.link_up(sw, lp.BRIDGE, runner=runner)
-    legs: list[tuple[str, str, str, str]] = [
+    legs: list[tuple[str, str, str, str | None]] = [
         (f"{lp.SWITCH_PORT_PREFIX}dhcp", tenant.dhcp_ns, lp.DHCP_IFACE, lp.lab_mac(tenant.key, 2)),
     ]
     if tenant.router_ns is not None:
         legs.append((f"{lp.SWITCH_PORT_PREFIX}qr", tenant.router_ns, lp.ROUTER_IFACE, lp.lab_mac(tenant.key, 1)))
-    legs += [(vm.switch_port, vm.netns, vm.iface, vm.mac) for vm in tenant.vms]
+    # A QEMU guest's leg is a bridge port in its namespace: the guest's own NIC has the
+    # VM's MAC, and a bridge port with the same one would swallow its frames.
+    legs += [(vm.switch_port, vm.netns, vm.iface, vm.mac if vm.kind == "netns" else None) for vm in tenant.vms]
     for port, peer_ns, peer_if, mac in legs:
         netns.create_veth(port, sw, peer_if, peer_ns, mac_b=mac, runner=runner)
         runner(netns.ip_argv(sw, "link", "set", "dev", port, "master", lp.BRIDGE))
@@ -111,6 +113,8 @@ def check_vms(plan: LabPlan, *, runner: Runner = run) -> None:
     names; one LabError listing every VM that does not."""
     problems = []
     for vm in plan.vms:
+        if vm.kind == "qemu":
+            continue  # the guest's own network: meta169.lab.qemu.check_network, once it has booted
         want = ipaddress.ip_interface(f"{vm.ip}/{lp.SUBNET.prefixlen}")
         have = netns.addresses(vm.netns, vm.iface, runner=runner)
         if want not in have:
@@ -127,7 +131,8 @@ def check_vms(plan: LabPlan, *, runner: Runner = run) -> None:
 def wait_for_dad(plan: LabPlan, *, runner: Runner = run) -> None:
     """Until every VM's and router's link-local address has passed duplicate address detection."""
     for vm in plan.vms:
-        netns.wait_for_dad(vm.netns, vm.iface, runner=runner)
+        if vm.kind == "netns":
+            netns.wait_for_dad(vm.netns, vm.iface, runner=runner)
     for tenant in plan.tenants:
         if tenant.router_ns is not None:
             netns.wait_for_dad(tenant.router_ns, lp.ROUTER_IFACE, runner=runner)

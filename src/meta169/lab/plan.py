@@ -37,12 +37,23 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from meta169.errors import ConfigError
-from meta169.lab.names import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
-from meta169.model import Instance, Network, Port, Router, SSHKey, Subnet
+from meta169.lab.names import (
+    DEFAULT_NAME,
+    DEFAULT_STATE_ROOT,
+    DEFAULT_VMS_PER_NETWORK,
+    MAX_VMS_PER_NETWORK,
+    STATE_FILE,
+)
+from meta169.model import Instance, MetadataOptions, Network, Port, Router, SSHKey, Subnet
 from meta169.plumbing import dnsmasq, iptables
 from meta169.plumbing.dhclient import DhclientPaths
 
 Mode: TypeAlias = Literal["router", "isolated"]
+# A VM is a bare namespace running dhclient, or a QEMU guest booting Debian 12 with
+# cloud-init (meta169.lab.qemu); a guest's SMBIOS points its ds-identify at OpenStack or EC2.
+Kind: TypeAlias = Literal["netns", "qemu"]
+Datasource: TypeAlias = Literal["openstack", "ec2"]
+DATASOURCES: tuple[Datasource, ...] = ("openstack", "ec2")
 
 NETNS_PREFIX = "m169lab-"
 PROXY_PORT = iptables.DEFAULT_PROXY_PORT
@@ -67,13 +78,34 @@ _MAC_PREFIX = "fa:16:3e"
 
 
 @dataclass(frozen=True, slots=True)
+class QemuGuest:
+    """``lab up --qemu VM[=DATASOURCE]``: VM ``vm`` boots as a QEMU guest that cloud-init's
+    ds-identify sees as an OpenStack Nova or an EC2 instance."""
+
+    vm: str
+    datasource: Datasource = "openstack"
+
+    def __post_init__(self) -> None:
+        if self.datasource not in DATASOURCES:
+            raise ConfigError(f"QEMU guest {self.vm}: datasource must be one of {', '.join(DATASOURCES)}")
+
+    @classmethod
+    def parse(cls, text: str, default: Datasource = "openstack") -> QemuGuest:
+        """``a1`` or ``b1=ec2``."""
+        vm, _, datasource = text.partition("=")
+        return cls(vm, datasource or default)  # type: ignore[arg-type]  # checked in __post_init__
+
+
+@dataclass(frozen=True, slots=True)
 class LabConfig:
     """What a lab is made of; the one config object of ``meta169 lab``.
 
     ``state_dir`` holds the state file, the registry, sockets, pid files and logs;
     it and its parents must be searchable by others (dnsmasq re-reads its hosts
     file after dropping root). The binaries are seams for tests that inject a
-    failure; ``python`` runs ``meta169 serve`` and ``meta169 proxy``.
+    failure; ``python`` runs ``meta169 serve`` and ``meta169 proxy``. ``qemu`` names the
+    VMs that boot as QEMU guests from the image in ``guest_image`` (a directory of
+    :mod:`meta169.lab.image`).
     """
 
     name: str = DEFAULT_NAME
@@ -83,6 +115,8 @@ class LabConfig:
     dhclient_binary: str = "dhclient"
     python: str = field(default_factory=lambda: sys.executable)
     ready_timeout: float = 20.0
+    qemu: tuple[QemuGuest, ...] = ()
+    guest_image: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -95,6 +129,11 @@ class LabConfig:
             raise ConfigError(f"lab state directory {self.state_dir} must be absolute")
         if self.ready_timeout <= 0:
             raise ConfigError("ready_timeout must be positive")
+        names = [g.vm for g in self.qemu]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"a VM is named twice among the QEMU guests: {', '.join(names)}")
+        if self.qemu and self.guest_image is None:
+            raise ConfigError("QEMU guests need a guest image (meta169 lab guest build)")
 
     @property
     def directory(self) -> Path:
@@ -110,6 +149,8 @@ class LabConfig:
             "dhclient_binary": self.dhclient_binary,
             "python": self.python,
             "ready_timeout": self.ready_timeout,
+            "qemu": [[g.vm, g.datasource] for g in self.qemu],
+            "guest_image": None if self.guest_image is None else str(self.guest_image),
         }
 
     @classmethod
@@ -125,6 +166,8 @@ class LabConfig:
                 dhclient_binary=str(data.get("dhclient_binary", "dhclient")),
                 python=str(data.get("python") or sys.executable),
                 ready_timeout=float(data.get("ready_timeout", 20.0)),
+                qemu=tuple(QemuGuest(str(vm), str(ds)) for vm, ds in data.get("qemu", ())),  # type: ignore[arg-type]
+                guest_image=None if data.get("guest_image") is None else Path(str(data["guest_image"])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"lab config in the state file is incomplete: {exc}") from exc
@@ -158,8 +201,19 @@ def lab_ssh_key(instance_uuid: str, comment: str) -> str:
     return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
 
 
+# Where the lab's user-data script leaves its mark in a guest that runs it (a QEMU
+# guest's cloud-init runs runcmd in its final stage; a namespace VM runs none).
+USER_DATA_MARK = "/var/lib/meta169-lab/user-data-ran"
+
+
+def user_data_mark(lab: str, vm: str) -> str:
+    """The line the user-data script of ``vm`` writes to :data:`USER_DATA_MARK`."""
+    return f"meta169 lab {lab} vm {vm} user-data ran"
+
+
 def lab_user_data(lab: str, vm: str) -> bytes:
-    return f"#cloud-config\n# meta169 lab {lab}, vm {vm}\nhostname: {vm}\n".encode()
+    script = f'mkdir -p {USER_DATA_MARK.rsplit("/", 1)[0]} && echo "{user_data_mark(lab, vm)}" > {USER_DATA_MARK}'
+    return f"#cloud-config\n# meta169 lab {lab}, vm {vm}\nhostname: {vm}\nruncmd:\n  - [sh, -c, '{script}']\n".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +230,8 @@ class VMPlan:
     mac: str
     uuid: str
     switch_port: str
+    kind: Kind = "netns"
+    datasource: Datasource | None = None
 
     @property
     def hostname(self) -> str:
@@ -226,7 +282,7 @@ class LabPaths:
 
     @property
     def state(self) -> Path:
-        return self.root / "lab.json"
+        return self.root / STATE_FILE
 
     @property
     def registry(self) -> Path:
@@ -243,6 +299,11 @@ class LabPaths:
     @property
     def listeners(self) -> Path:
         return self.root / "listeners.json"
+
+    @property
+    def identity_dir(self) -> Path:
+        """The lab's identity signing key and certificate (``meta169 identity init`` layout)."""
+        return self.root / "identity"
 
     def secret(self, role: str) -> Path:
         """The shared-secret file ``role`` (serve or proxy) reads while the lab runs on TCP."""
@@ -267,6 +328,10 @@ class LabPaths:
 
     def dhclient(self, vm: str) -> DhclientPaths:
         return DhclientPaths(self.vm_dir(vm), VM_IFACE)
+
+    def qemu_pid_file(self, vm: str) -> Path:
+        """QEMU's own pid file for guest ``vm``; as its argument, the marker of the process."""
+        return self.vm_dir(vm) / "qemu.pid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +361,10 @@ class LabPlan:
     def namespaces(self) -> tuple[str, ...]:
         return tuple(ns for t in self.tenants for ns in t.namespaces)
 
+    @property
+    def qemu_vms(self) -> tuple[VMPlan, ...]:
+        return tuple(vm for vm in self.vms if vm.kind == "qemu")
+
     def vm(self, name: str) -> VMPlan:
         for vm in self.vms:
             if vm.name == name:
@@ -321,6 +390,12 @@ def lab_mac(tenant: str, host: int) -> str:
 def _vm(config: LabConfig, tenant: str, index: int, network: Network, mode: Mode) -> VMPlan:
     name = f"{tenant}{index}"
     host = FIRST_VM_HOST + index - 1
+    guest = next((g for g in config.qemu if g.vm == name), None)
+    uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"meta169-lab:{config.name}:{name}"))
+    if guest is not None and guest.datasource == "ec2":
+        # cloud-init identifies AWS by an SMBIOS uuid and serial that both start with
+        # "ec2" (ds-identify ec2_identify_platform, DataSourceEc2.identify_aws).
+        uuid = "ec2" + uuid[3:]
     return VMPlan(
         name=name,
         netns=f"{netns_prefix(config.name)}{name}",
@@ -330,8 +405,10 @@ def _vm(config: LabConfig, tenant: str, index: int, network: Network, mode: Mode
         mode=mode,
         ip=SUBNET.network_address + host,
         mac=lab_mac(tenant, host),
-        uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"meta169-lab:{config.name}:{name}")),
+        uuid=uuid,
         switch_port=f"{SWITCH_PORT_PREFIX}{name}",
+        kind="netns" if guest is None else "qemu",
+        datasource=None if guest is None else guest.datasource,
     )
 
 
@@ -339,6 +416,7 @@ def plan_lab(config: LabConfig) -> LabPlan:
     """The lab ``config`` describes: tenant ``a`` routed, tenant ``b`` isolated."""
     prefix = netns_prefix(config.name)
     tenants = []
+    planned: list[str] = []
     layout: tuple[tuple[str, Mode], ...] = (("a", "router"), ("b", "isolated"))
     for key, mode in layout:
         routed = mode == "router"
@@ -349,6 +427,7 @@ def plan_lab(config: LabConfig) -> LabPlan:
             subnets=(Subnet(cidr=SUBNET, gateway=GATEWAY_IP if routed else None, dhcp=True),),
         )
         vms = tuple(_vm(config, key, i, network, mode) for i in range(1, config.vms_per_network + 1))
+        planned.extend(vm.name for vm in vms)
         tenants.append(
             TenantPlan(
                 key=key,
@@ -361,6 +440,9 @@ def plan_lab(config: LabConfig) -> LabPlan:
                 vms=vms,
             )
         )
+    unknown = [g.vm for g in config.qemu if g.vm not in planned]
+    if unknown:
+        raise ConfigError(f"no VM {', '.join(unknown)} to boot with QEMU (the lab has {', '.join(planned)})")
     return LabPlan(config=config, tenants=tuple(tenants))
 
 
@@ -390,6 +472,8 @@ def instance(plan: LabPlan, vm: VMPlan) -> Instance:
         keys=(SSHKey(name=f"lab-{vm.name}", data=lab_ssh_key(vm.uuid, f"{vm.name}@meta169-lab")),),
         user_data=lab_user_data(plan.name, vm.name),
         ports=(Port(network_id=vm.network_id, mac=vm.mac, ips=(vm.ip, vm.link_local)),),
+        # An EC2 guest must take the IMDSv2 path: a token first, every request with it.
+        metadata_options=MetadataOptions(http_tokens="required") if vm.datasource == "ec2" else None,
     )
 
 
@@ -473,11 +557,12 @@ def upstream(plan: LabPlan, tcp: TcpUpstream | None = None) -> str:
 
 def serve_argv(plan: LabPlan, tcp: TcpUpstream | None = None) -> list[str]:
     """``meta169 serve`` on a Unix socket in the state directory, trusting the proxy's stamp
-    (and, with ``tcp``, also on loopback TCP, trusting requests signed with its secret)."""
+    (and, with ``tcp``, also on loopback TCP, trusting requests signed with its secret),
+    signing EC2 identity documents with the lab's key."""
     paths = plan.paths
     argv = [
         plan.config.python, "-m", "meta169", "-v", "--registry", paths.registry_url,
-        "serve", "--listen", f"unix:{paths.serve_socket}=proxy",
+        "serve", "--listen", f"unix:{paths.serve_socket}=proxy", "--identity-key-dir", str(paths.identity_dir),
     ]  # fmt: skip
     if tcp is not None:
         argv += ["--listen", f"{tcp.address}=proxy", "--proxy-secret-file", str(tcp.serve_secret)]
@@ -505,4 +590,5 @@ def process_markers(plan: LabPlan) -> tuple[str, ...]:
     markers = [f"unix:{paths.serve_socket}=proxy", str(paths.listeners)]
     markers += [f"--conf-file={dnsmasq_config(plan, t).paths.conf}" for t in plan.tenants]
     markers += [str(paths.dhclient(vm.name).lease) for vm in plan.vms]
+    markers += [str(paths.qemu_pid_file(vm.name)) for vm in plan.qemu_vms]
     return tuple(markers)

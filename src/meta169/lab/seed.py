@@ -21,12 +21,12 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def opened(plan: LabPlan) -> Iterator[Registry]:
-    """The lab's registry, closed on exit."""
+def opened(plan: LabPlan, *, create: bool = False) -> Iterator[Registry]:
+    """The lab's registry, closed on exit; ``create``: made if missing (seeding)."""
     # Imported here: the registry's drivers are not needed to plan or inspect a lab.
     from meta169.registry import open_registry
 
-    registry = open_registry(plan.paths.registry_url)
+    registry = open_registry(plan.paths.registry_url, create=create)
     try:
         yield registry
     finally:
@@ -35,7 +35,7 @@ def opened(plan: LabPlan) -> Iterator[Registry]:
 
 def seed_registry(plan: LabPlan) -> None:
     """Write the plan's networks, routers and instances; the file then readable by root only."""
-    with opened(plan) as registry:
+    with opened(plan, create=True) as registry:
         for network in lp.networks(plan):
             registry.put_network(network)
         for router in lp.routers(plan):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias, cast, get_args
 
 from meta169.errors import ConfigError, LabError
+from meta169.lab.names import STATE_FILE
 from meta169.lab.plan import LabConfig
 
 Status: TypeAlias = Literal["building", "up", "failed", "down"]
@@ -211,3 +212,29 @@ class Ledger:
             return False
         self._state = found
         return True
+
+
+def labs_under(root: Path) -> tuple[tuple[LabState, ...], tuple[str, ...]]:
+    """The labs recorded under ``root``, and one problem per state file that could not be read.
+
+    ``root`` is a state root (``/run/meta169-lab``, holding ``NAME/lab.json``) or one
+    lab's own state directory. Whatever their status: the caller picks the ones up.
+    """
+    if (root / STATE_FILE).is_file():
+        paths = [root / STATE_FILE]
+    else:
+        try:
+            paths = sorted(d / STATE_FILE for d in root.iterdir() if (d / STATE_FILE).is_file())
+        except OSError:
+            return (), ()  # no state root: no lab was ever up here
+    found: list[LabState] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            state = load(path)
+        except LabError as exc:
+            problems.append(str(exc))
+            continue
+        if state is not None:
+            found.append(state)
+    return tuple(found), tuple(problems)

@@ -11,6 +11,7 @@ from typing import Any
 
 from meta169.lab import faults as lf
 from meta169.lab import plan as lp
+from meta169.lab import qemu
 from meta169.lab.doctor_argv import guest_doctor_argv, host_doctor_argv
 from meta169.lab.network import lab_namespaces
 from meta169.lab.plan import LabPlan, VMPlan
@@ -33,6 +34,7 @@ def status(plan: LabPlan, state: LabState) -> dict[str, Any]:
         "listeners": str(paths.listeners),
         "upstream": lp.upstream(plan, tcp),
         "proxy_secret_file": str(tcp.proxy_secret) if tcp is not None else None,
+        "identity_key_dir": str(paths.identity_dir),
         "faults": [
             {**f.to_json(), "description": lf.describe(f), "affects": [v.name for v in lf.affected(plan, f)]}
             for f in state.faults
@@ -40,6 +42,8 @@ def status(plan: LabPlan, state: LabState) -> dict[str, Any]:
         "host_doctor": host_doctor_argv(plan, tcp),
         "vms": [
             {**describe_vm(vm), "lease": str(paths.dhclient(vm.name).lease), "doctor": guest_doctor_argv(plan, vm.name)}
+            if vm.kind == "netns"
+            else {**describe_vm(vm), **qemu.describe(plan, vm)}
             for vm in plan.vms
         ],
         "processes": [
@@ -64,4 +68,5 @@ def describe_vm(vm: VMPlan) -> dict[str, Any]:
         "project": vm.project_id,
         "tenant": vm.tenant,
         "mode": vm.mode,
+        "kind": vm.kind,
     }

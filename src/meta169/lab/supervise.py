@@ -25,7 +25,7 @@ from typing import Literal
 
 from meta169.errors import LabError, Meta169Error
 from meta169.lab import plan as lp
-from meta169.lab import processes
+from meta169.lab import processes, qemu
 from meta169.lab.plan import LabPlan, TcpUpstream, TenantPlan, VMPlan
 from meta169.lab.state import LabState, Ledger, ProcessRecord
 from meta169.plumbing import dhclient, dnsmasq
@@ -35,7 +35,7 @@ _SERVE_READY = re.compile(r"meta169 serve: listening on")
 _PROXY_READY = re.compile(r"meta169 proxy: (\d+) listeners up")
 _DHCLIENT_TIMEOUT = 15  # seconds for one lease (dhclient's own timeout statement)
 # Guests first (no renewals racing the servers' exit), then the servers, then DHCP.
-_STOP_ORDER = {"dhclient": 0, "proxy": 1, "serve": 2, "dnsmasq": 3}
+_STOP_ORDER = {"qemu": 0, "dhclient": 0, "proxy": 1, "serve": 2, "dnsmasq": 3}
 
 
 def marker(plan: LabPlan, role: str) -> str:
@@ -50,6 +50,8 @@ def marker(plan: LabPlan, role: str) -> str:
         return f"--conf-file={lp.dnsmasq_config(plan, plan.tenant(key)).paths.conf}"
     if kind == "dhclient":
         return str(paths.dhclient(key).lease)
+    if kind == "qemu":
+        return qemu.marker(plan, key)
     raise LabError(f"unknown lab process role {role!r}")
 
 
@@ -182,8 +184,11 @@ class Supervisor:
                 binary=self.plan.config.dhclient_binary,
             )
 
-        # Concurrently: each waits for its own DISCOVER/OFFER round trip.
-        vms = self.plan.vms
+        # Concurrently: each waits for its own DISCOVER/OFFER round trip. A QEMU
+        # guest runs its own DHCP client.
+        vms = [vm for vm in self.plan.vms if vm.kind == "netns"]
+        if not vms:
+            return
         with ThreadPoolExecutor(max_workers=len(vms)) as pool:
             futures = [(vm, pool.submit(start_one, vm)) for vm in vms]
         failures = []
@@ -196,6 +201,20 @@ class Supervisor:
             self._record(f"dhclient-{vm.name}", handle.pid, vm.netns, handle.process)
         if failures:
             raise LabError("dhclient failed in " + "; ".join(failures))
+
+    # -- QEMU guests -------------------------------------------------------------------------------
+
+    def start_guests(self) -> None:
+        """Start every QEMU guest (each from its own overlay); they boot concurrently."""
+        for vm in self.plan.qemu_vms:
+            role = f"qemu-{vm.name}"
+            bg = qemu.start(self.plan, vm, log=self.plan.paths.log(role))
+            self._record(role, bg.pid, vm.netns, bg.process)
+
+    def await_guests(self) -> None:
+        """Until every QEMU guest's agent answers and its network is as planned."""
+        for vm in self.plan.qemu_vms:
+            qemu.wait_booted(self.plan, vm, process=self._children.get(f"qemu-{vm.name}"))
 
     # -- stopping ---------------------------------------------------------------------------------
 

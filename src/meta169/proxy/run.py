@@ -1,17 +1,32 @@
 """Run ``meta169 proxy``: build the desired listener set from its sources, reconcile
-it every second, serve until SIGINT/SIGTERM."""
+it every second, serve until SIGINT/SIGTERM, then drain.
+
+SIGHUP reads the listener sources again at once and applies a rebuilt
+configuration (static listeners, the listener file, log level); a stop closes the
+listeners, lets the requests in flight get their replies from serve within the
+drain timeout, then closes (``http.lifecycle``). Readiness checks kept in the
+:class:`~meta169.health.Health` given: ``listeners`` (every desired listener
+open), ``listener-source`` (the last read of the file or registry worked) and,
+with ``--from-registry``, ``registry-empty``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meta169.errors import ConfigError, RegistryError, ValidationError
-from meta169.http.listen import Binding
+from meta169.health import Health
+from meta169.http.lifecycle import Recheck, Signals, drain, reload_config, restart_needed, warn_restart_needed
+from meta169.http.listen import Binding, ListenAddress
+from meta169.metrics.endpoint import Exporter, OpsServer, start_ops
+from meta169.metrics.instruments import ProxyMetrics
 from meta169.model import parse_ip
 from meta169.proxy.server import (
     ProxyListener,
@@ -22,8 +37,13 @@ from meta169.proxy.server import (
     watch,
 )
 from meta169.proxy.upstream import Upstream, UpstreamSpec
+from meta169.sdnotify import Notifier, ping_watchdog
 
 log = logging.getLogger("meta169.proxy")
+
+CHECK_LISTENERS = "listeners"
+CHECK_SOURCE = "listener-source"
+CHECK_EMPTY = "registry-empty"
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,18 @@ class ProxyConfig:
     listener_file: Path | None = None
     registry_url: str | None = None
     interval: float = 1.0
+    # With registry_url: start even if the registry holds no instances.
+    allow_empty: bool = False
+    # Seconds a stop waits for requests in flight before closing them.
+    drain_timeout: float = 10.0
+    # The root logger's level; None: as the edge set it. A reload applies a change.
+    log_level: int | None = None
+    # /metrics, /healthz and /readyz on a listener of their own; None: off.
+    metrics_listen: ListenAddress | None = None
+
+
+# What a reload changes while running; the upstream and its secret need a restart.
+RELOADABLE = ("static", "listener_file", "registry_url", "interval", "allow_empty", "drain_timeout", "log_level")
 
 
 def parse_upstream(text: str) -> UpstreamSpec:
@@ -85,30 +117,183 @@ def desired_listeners(config: ProxyConfig) -> Callable[[], list[ProxyListener]]:
     return source
 
 
-async def serve_proxy(config: ProxyConfig, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None) -> None:
-    server = ProxyServer(Upstream(config.upstream), secret=config.secret)
-    source = desired_listeners(config)
-    initial = source()
+class _Running:
+    """The proxy's state a reload changes: the configuration its sources read."""
+
+    def __init__(self, config: ProxyConfig, health: Health) -> None:
+        self.config = config
+        self.health = health
+        # The listeners the sources asked for last: what "every listener open" means.
+        self.desired: list[ProxyListener] = []
+        # Set to end the current watch: a reload (then a new one starts) or a stop.
+        self.kick = asyncio.Event()
+
+    def source(self) -> list[ProxyListener]:
+        """Read the listener sources of the current configuration (in a thread)."""
+        try:
+            found = desired_listeners(self.config)()
+        except ConfigError as exc:
+            self.health.set(CHECK_SOURCE, False, str(exc))
+            raise
+        self.health.set(CHECK_SOURCE, True)
+        self.desired = found
+        return found
+
+    def reconfigure(self, new: ProxyConfig) -> list[str]:
+        old = self.config
+        warn_restart_needed(restart_needed(old, new, RELOADABLE))
+        changed = [
+            f"{name.replace('_', ' ')} changed" for name in RELOADABLE if getattr(old, name) != getattr(new, name)
+        ]
+        if new.log_level is not None and new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level)
+        self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in RELOADABLE})
+        # The listener file and the registry are read again at once, changed or not.
+        self.kick.set()
+        return [*changed, "listener sources read again"]
+
+
+async def serve_proxy(
+    config: ProxyConfig,
+    stop: asyncio.Event,
+    on_ready: Callable[[int], None] | None = None,
+    notifier: Notifier | None = None,
+    *,
+    health: Health | None = None,
+    reload: Callable[[], ProxyConfig] | None = None,
+    signals: Signals | None = None,
+) -> float:
+    """Serve until ``stop`` is set, then drain; returns when the stop began (monotonic).
+
+    ``notifier`` hears READY=1 once the first listeners are open, RELOADING=1 and
+    READY=1 around a reload, STOPPING=1 at the stop. ``reload`` rebuilds the
+    configuration when ``signals`` (installed by the caller) gets SIGHUP.
+    """
+    notifier = notifier if notifier is not None else Notifier()
+    running = _Running(config, health if health is not None else Health())
+    metrics = ProxyMetrics() if config.metrics_listen is not None else None
+    server = ProxyServer(Upstream(config.upstream, metrics=metrics), secret=config.secret, metrics=metrics)
+    ops: OpsServer | None = None
+    if metrics is not None and config.metrics_listen is not None:
+        ops = await start_ops(config.metrics_listen, Exporter("proxy", metrics), running.health)
+    initial = running.source()
     errors = await server.reconcile(initial)
     for err in errors:
         log.error("%s", err)
+    tasks = [asyncio.get_running_loop().create_task(_check_listeners(running, server))]
+    if config.registry_url is not None:
+        empty = Recheck(running.health, CHECK_EMPTY, _empty_check(config.registry_url), until_resolved=True)
+        await empty.first()
+        tasks.append(asyncio.get_running_loop().create_task(empty.run()))
+    if signals is not None and reload is not None:
+        rebuild = reload
+
+        async def on_reload() -> None:
+            await reload_config(rebuild, running.reconfigure, notifier)
+
+        signals.set_reload(on_reload)
     if on_ready is not None:
         on_ready(len(server.listeners))
+    failed = f", {len(errors)} failed (see the log)" if errors else ""
+    notifier.ready(f"proxying {len(server.listeners)} listeners to {config.upstream}{failed}")
+    tasks.append(asyncio.get_running_loop().create_task(ping_watchdog(notifier)))
     try:
-        await watch(server, source, interval=config.interval, stop=stop)
+        stopper = asyncio.get_running_loop().create_task(_relay(stop, running))
+        tasks.append(stopper)
+        while not stop.is_set():
+            running.kick.clear()
+            await watch(server, running.source, interval=running.config.interval, stop=running.kick)
+        since = time.monotonic()
+        notifier.stopping("draining connections")
+        await server.reconcile([])  # stop accepting; the upstream stays for the replies in flight
+        ticker = server.ticker
+        await drain([ticker] if ticker is not None else [], running.config.drain_timeout)
+        return since
     finally:
+        for task in tasks:
+            task.cancel()
+        if ops is not None:
+            await ops.close()
         await server.close()
 
 
-def run_proxy(config: ProxyConfig, on_ready: Callable[[int], None] | None = None) -> None:
+async def _relay(stop: asyncio.Event, running: _Running) -> None:
+    await stop.wait()
+    running.kick.set()
+
+
+async def _check_listeners(running: _Running, server: ProxyServer) -> None:
+    while True:
+        open_keys = {lst.key for lst in server.listeners}
+        missing = [str(lst) for lst in running.desired if lst.key not in open_keys]
+        running.health.set(
+            CHECK_LISTENERS,
+            not missing,
+            f"not listening: {', '.join(missing)}" if missing else f"{len(open_keys)} listening",
+        )
+        await asyncio.sleep(running.config.interval)
+
+
+def _empty_check(registry_url: str) -> Callable[[], Awaitable[str | None]]:
+    async def check() -> str | None:
+        if await asyncio.to_thread(_registry_is_empty, registry_url):
+            return f"registry {_describe(registry_url)} holds no instances"
+        return None
+
+    return check
+
+
+# The registry's modules (SQLAlchemy) are imported only by a proxy that reads it:
+# one proxy process serves a thousand namespaces, its size matters.
+def _describe(registry_url: str) -> str:
+    from meta169.registry import describe_registry_url
+
+    return describe_registry_url(registry_url)
+
+
+def _registry_is_empty(registry_url: str) -> bool:
+    from meta169.registry import open_registry
+
+    registry = open_registry(registry_url)
+    try:
+        return not registry.list_instances()
+    finally:
+        registry.close()
+
+
+def run_proxy(
+    config: ProxyConfig,
+    on_ready: Callable[[int], None] | None = None,
+    notifier: Notifier | None = None,
+    *,
+    health: Health | None = None,
+    reload: Callable[[], ProxyConfig] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads with ``reload``.
+
+    Raises RegistryError before listening when ``config.registry_url`` names a
+    registry without instances, unless ``config.allow_empty``.
+    """
     from meta169.http.loop import loop_factory
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_proxy(config, stop, on_ready)
+    # SIGHUP's default action is to terminate: ignored until the handler is in place.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if config.registry_url is not None and not config.allow_empty and _registry_is_empty(config.registry_url):
+        raise RegistryError(
+            f"{_describe(config.registry_url)} holds no instances, so --from-registry has nothing "
+            f"to serve; import an inventory first, or pass --allow-empty"
+        )
 
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(main())
+    async def main() -> float:
+        signals = Signals(None)
+        signals.install()
+        return await serve_proxy(
+            config, signals.stop, on_ready, notifier, health=health, reload=reload, signals=signals
+        )
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            since = runner.run(main())
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("stopped after %.1f s", time.monotonic() - since)

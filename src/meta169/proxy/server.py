@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from meta169.http.stamp import (
     is_identity_header,
     sign_stamp,
 )
+from meta169.metrics.core import Family
+from meta169.metrics.instruments import ProxyMetrics
 from meta169.model import IPAddress, check_id, parse_ip
 from meta169.proxy.upstream import Reply, Upstream
 
@@ -146,12 +149,15 @@ class ProxyApp:
     upstream connection hands the reply to the guest's connection (no task, no
     future per request)."""
 
-    __slots__ = ("_binding", "_scope_header", "_scope_text", "_secret", "_upstream")
+    __slots__ = ("_binding", "_metrics", "_scope_header", "_scope_text", "_secret", "_upstream")
 
-    def __init__(self, binding: Binding, upstream: Upstream, secret: bytes | None) -> None:
+    def __init__(
+        self, binding: Binding, upstream: Upstream, secret: bytes | None, metrics: ProxyMetrics | None = None
+    ) -> None:
         self._binding = binding
         self._upstream = upstream
         self._secret = secret
+        self._metrics = metrics
         # The stamp's scope half never changes for a listener: encode it once.
         if binding.kind == "network":
             self._scope_header = f"{HDR_NETWORK}: {binding.id}"
@@ -160,9 +166,10 @@ class ProxyApp:
             self._scope_header = f"{HDR_ROUTER}: {binding.id}"
             self._scope_text = f"router:{binding.id}"
 
-    def fast_path(self, limits: Limits) -> FastHook | None:
+    def fast_path(self, limits: Limits, key: object = None) -> FastHook | None:
         """The compiled stamping of simple GET/HEAD requests (http.wire), or None: over
-        TCP every request is signed here in Python, and without the extension."""
+        TCP every request is signed here in Python, and without the extension. Its
+        count of requests is read at scrape time under ``key`` (the listener's)."""
         if self._secret is not None:
             return None
         forward = wire.stamper(
@@ -178,6 +185,8 @@ class ProxyApp:
         )
         if forward is None:
             return None
+        if self._metrics is not None:
+            self._metrics.stampers[key] = wire.stamped(forward)
 
         def fast(data: bytes, peer: str) -> Request | None:
             stamped = forward(data, peer)
@@ -198,6 +207,8 @@ class ProxyApp:
             # The stamped request is always a body-less GET (a HEAD is asked as GET).
             self._upstream.request(req.prepared, _relay_head if req.method == "HEAD" else _relay, later, pipeline=True)
             return later
+        if self._metrics is not None:
+            self._metrics.requests.inc(_VIA_PYTHON)
         # Listener sockets are AF_INET or v6-only AF_INET6, so the peer text is the
         # caller's address as the registry knows it (never an IPv4-mapped form).
         peer = req.peer_key
@@ -231,6 +242,7 @@ class ProxyApp:
         return later
 
 
+_VIA_PYTHON = ("python",)
 _NOT_FORWARDED = frozenset(("content-length", "host"))
 _GUEST_FORWARDED = "X-Meta169-Guest-Forwarded: 1"
 _HOP_PREFIX = HDR_HOP_LIMIT.encode()
@@ -266,23 +278,65 @@ class ProxyServer:
     secret: bytes | None = None
     limits: Limits = field(default_factory=Limits)
     opener: SocketOpener = open_in_namespace
+    # Counted when given: connections, requests, listeners per namespace (read at scrape time).
+    metrics: ProxyMetrics | None = None
     _servers: dict[tuple[str | None, str, int], tuple[ProxyListener, Listener]] = field(default_factory=dict)
     _ticker: Ticker | None = None
+    # Listeners the last reconcile was asked for, per namespace ("" for the host's).
+    _expected: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:
+            self.metrics.reader(self._listener_families)
+
+    def _listener_families(self) -> Iterable[Family]:
+        opened = Family(
+            "meta169_proxy_listeners_open",
+            "gauge",
+            'Listeners open, per network namespace (netns="": the host\'s).',
+            ("netns",),
+        )
+        expected = Family(
+            "meta169_proxy_listeners_expected",
+            "gauge",
+            'Listeners the sources ask for, per network namespace (netns="": the host\'s).',
+            ("netns",),
+        )
+        for netns, count in self._expected.items():
+            expected.values[(netns,)] = float(count)
+            opened.values[(netns,)] = 0.0
+        for lst, _ in self._servers.values():
+            key = (lst.netns or "",)
+            opened.values[key] = opened.values.get(key, 0.0) + 1
+        upstream = Family(
+            "meta169_proxy_upstream_connections_open", "gauge", "Connections to serve open (pooled or busy)."
+        )
+        upstream.values[()] = float(self.upstream.open_connections)
+        return (opened, expected, upstream)
 
     @property
     def listeners(self) -> list[ProxyListener]:
         return [lst for lst, _ in self._servers.values()]
 
+    @property
+    def ticker(self) -> Ticker | None:
+        """The timer of the guests' connections, which knows every one open (a drain
+        waits on it); None before the first listener."""
+        return self._ticker
+
     async def reconcile(self, desired: Iterable[ProxyListener]) -> list[str]:
         """Open what is missing, close what is gone. Returns per-listener errors
         (a namespace that vanished must not stop the others)."""
         want = {lst.key: lst for lst in desired}
+        self._expected = Counter(lst.netns or "" for lst in want.values())
         errors: list[str] = []
         for key in list(self._servers):
             current, srv = self._servers[key]
             if key not in want or want[key].binding != current.binding:
                 srv.close()
                 del self._servers[key]
+                if self.metrics is not None:
+                    self.metrics.forget_stamper(key)
                 log.info("closed listener %s", current)
         loop = asyncio.get_running_loop()
         if self._ticker is None:
@@ -296,8 +350,8 @@ class ProxyServer:
                 errors.append(f"{lst}: {exc}")
                 log.error("cannot open listener %s: %s", lst, exc)
                 continue
-            app = ProxyApp(lst.binding, self.upstream, self.secret)
-            srv = Listener(loop, sock, _factory(app, self.limits, loop, self._ticker))
+            app = ProxyApp(lst.binding, self.upstream, self.secret, self.metrics)
+            srv = Listener(loop, sock, _factory(app, self.limits, loop, self._ticker, key, self.metrics))
             self._servers[key] = (lst, srv)
             log.info("listening %s", lst)
         return errors
@@ -312,10 +366,23 @@ class ProxyServer:
 
 
 def _factory(
-    app: ProxyApp, limits: Limits, loop: asyncio.AbstractEventLoop, ticker: Ticker
+    app: ProxyApp,
+    limits: Limits,
+    loop: asyncio.AbstractEventLoop,
+    ticker: Ticker,
+    key: object = None,
+    metrics: ProxyMetrics | None = None,
 ) -> Callable[[], HTTPProtocol]:
-    fast = app.fast_path(limits)
-    return lambda: HTTPProtocol(app, limits, fast=fast, loop=loop, ticker=ticker)
+    fast = app.fast_path(limits, key)
+    if metrics is None:
+        return lambda: HTTPProtocol(app, limits, fast=fast, loop=loop, ticker=ticker)
+    connections = metrics.connections
+
+    def counted() -> HTTPProtocol:
+        connections.inc()
+        return HTTPProtocol(app, limits, fast=fast, loop=loop, ticker=ticker)
+
+    return counted
 
 
 def load_listener_file(path: Path) -> list[ProxyListener]:

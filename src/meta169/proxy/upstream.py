@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Generic, Protocol, TypeVar, cast
 from meta169.errors import HTTPError
 from meta169.http import wire
 from meta169.http.grammar import TOKEN, TOKEN_RE
+from meta169.metrics.instruments import ProxyMetrics
 
 MAX_REPLY = 1 << 20
 MAX_HEAD = 64 << 10
@@ -80,11 +82,18 @@ class Sink(Protocol[T_contra]):
 class _Pending(Generic[T]):
     """One request in flight: where its converted reply goes, and by when."""
 
-    __slots__ = ("convert", "deadline", "done", "payload", "pipeline", "retried", "sink")
+    __slots__ = ("convert", "deadline", "done", "payload", "pipeline", "retried", "sink", "started")
 
     def __init__(
-        self, payload: bytes, convert: Callable[[Reply], T], sink: Sink[T], deadline: float, pipeline: bool
+        self,
+        payload: bytes,
+        convert: Callable[[Reply], T],
+        sink: Sink[T],
+        deadline: float,
+        pipeline: bool,
+        started: float = 0.0,
     ) -> None:
+        self.started = started  # perf_counter() when sent, for the latency metric
         self.payload = payload
         self.convert = convert
         self.sink = sink
@@ -283,8 +292,10 @@ class Upstream:
     a POST) has a connection to itself.
     """
 
-    def __init__(self, spec: UpstreamSpec) -> None:
+    def __init__(self, spec: UpstreamSpec, *, metrics: ProxyMetrics | None = None) -> None:
         self.spec = spec
+        # Counts errors by status and the time to each reply, when given.
+        self._metrics = metrics
         self._idle: list[_Conn] = []
         self._open: set[_Conn] = set()
         self._connecting = 0
@@ -300,7 +311,8 @@ class Upstream:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.reply_timeout
-        pending = cast("_Pending[object]", _Pending(payload, convert, sink, deadline, pipeline))
+        started = time.perf_counter() if self._metrics is not None else 0.0
+        pending = cast("_Pending[object]", _Pending(payload, convert, sink, deadline, pipeline, started))
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         self._dispatch(pending)
@@ -423,10 +435,16 @@ class Upstream:
         if self._batch is conn:
             self._batch = None
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
     def succeed(self, pending: _Pending[object], reply: Reply) -> None:
         if pending.done:
             return
         pending.done = True
+        if self._metrics is not None:
+            self._metrics.upstream_duration.observe(time.perf_counter() - pending.started)
         try:
             value = pending.convert(reply)
         except Exception as exc:  # a converter bug must not hang the guest
@@ -437,6 +455,8 @@ class Upstream:
     def fail(self, pending: _Pending[object], error: HTTPError) -> None:
         if not pending.done:
             pending.done = True
+            if self._metrics is not None:
+                self._metrics.upstream_errors.inc((str(error.status),))
             pending.sink.fail(error)
 
     def lost(self, pending: _Pending[object], *, retry: bool) -> None:

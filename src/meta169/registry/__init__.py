@@ -4,15 +4,25 @@ Owns storage, schema migrations and caller resolution. Knows nothing of HTTP or
 rendering. ``open_registry(url)`` picks the backend from a URL:
 
 - ``memory://``: process memory (tests, demos);
-- ``sqlite:///abs/path.db`` (``sqlite:////abs/path.db`` too): a SQLite file, parent
-  directories created; relative paths are refused, a daemon's working directory is
-  no place for its database;
-- ``postgresql://user:password@host:port/db`` or ``postgresql+psycopg://...``:
-  PostgreSQL through psycopg 3.
+- ``sqlite:///abs/path.db`` (``sqlite:////abs/path.db`` too): a SQLite file;
+  relative paths are refused, a daemon's working directory is no place for its
+  database. Nothing is created unless asked: a URL with a typo must fail, not start
+  an empty registry that answers every guest 404. A created file is mode 0600 and
+  a created directory 0700 (the registry holds user data and instance passwords);
+  an existing file or directory others can read or write is reported with the
+  ``chmod`` that fixes it;
+- ``postgresql://user@host:port/db`` or ``postgresql+psycopg://...``: PostgreSQL
+  through psycopg 3; ``postgresql:///?service=NAME`` for a libpq service file.
+  The password comes from a password file joined at the CLI edge, or from libpq's
+  own ``~/.pgpass`` / ``PGPASSFILE``, never from argv.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import stat
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -25,19 +35,38 @@ __all__ = [
     "Changes",
     "Registry",
     "default_registry_url",
+    "describe_registry_url",
     "open_registry",
+    "permission_warnings",
+    "prepare_sqlite_file",
     "sqlalchemy_url",
     "sqlite_path",
 ]
 
 _URL_HELP = "use memory://, sqlite:///absolute/path.db or postgresql://user@host/dbname"
 
+log = logging.getLogger("meta169.registry")
 
-def open_registry(url: str, *, change_log_size: int = DEFAULT_CHANGE_LOG_SIZE) -> Registry:
+# The registry holds user data, keys and instance passwords: owner only.
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+
+
+def open_registry(
+    url: str,
+    *,
+    create: bool = False,
+    create_directory: bool = False,
+    change_log_size: int = DEFAULT_CHANGE_LOG_SIZE,
+) -> Registry:
     """Open the registry ``url`` names, applying pending schema migrations.
 
-    Raises ConfigError for a URL it cannot use, SchemaError for a database written
-    by a newer meta169, RegistryError when the database cannot be reached.
+    A SQLite file must exist unless ``create`` (then it is made, mode 0600), and its
+    directory must exist unless ``create_directory`` too (then it is made, mode
+    0700); ``meta169 import`` creates the file, and the directory only when it is
+    the default data directory. Raises ConfigError for a URL it cannot use or a
+    file or directory that is missing, SchemaError for a database written by a
+    newer meta169, RegistryError when the database cannot be reached.
     """
     if _scheme(url) == "memory":
         if url.lower() not in ("memory://", "memory:"):
@@ -49,13 +78,101 @@ def open_registry(url: str, *, change_log_size: int = DEFAULT_CHANGE_LOG_SIZE) -
     from meta169.registry.sql import SqlRegistry
 
     engine_url = sqlalchemy_url(url)
-    if engine_url.get_backend_name() == "sqlite" and engine_url.database:
-        parent = Path(engine_url.database).parent
+    if engine_url.get_backend_name() != "sqlite" or not engine_url.database:
+        return SqlRegistry.open(engine_url, change_log_size=change_log_size)
+    path = Path(engine_url.database)
+    created = prepare_sqlite_file(path, create=create, create_directory=create_directory)
+    try:
+        return SqlRegistry.open(engine_url, change_log_size=change_log_size)
+    except BaseException:
+        if created:  # a half-made registry would pass for an empty one next time
+            for leftover in (path, *(path.with_name(path.name + sfx) for sfx in ("-wal", "-shm", "-journal"))):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        raise
+
+
+def prepare_sqlite_file(path: Path, *, create: bool, create_directory: bool) -> bool:
+    """Check (or make) a SQLite registry's directory and file before SQLite opens it.
+
+    SQLite itself would create a missing file with the process umask (0644 for
+    most). Returns True when the file was created here. Logs a warning naming the
+    ``chmod`` for a file group or others can read, or a directory they can write.
+    """
+    parent = path.parent
+    if not parent.is_dir():
+        if parent.exists():
+            raise ConfigError(f"registry {path}: {parent} is not a directory")
+        if not create_directory:
+            raise ConfigError(
+                f"registry {path}: directory {parent} does not exist; check the registry URL "
+                f"(meta169 creates no directory but the default one, on import)"
+            )
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            parent.mkdir(mode=DIRECTORY_MODE, parents=True)
+            os.chmod(parent, DIRECTORY_MODE)  # mkdir's mode is reduced by the umask
+        except FileExistsError:
+            pass
         except OSError as exc:
-            raise ConfigError(f"registry {url}: cannot create {parent}: {exc.strerror}") from exc
-    return SqlRegistry.open(engine_url, change_log_size=change_log_size)
+            raise ConfigError(f"registry {path}: cannot create {parent}: {exc.strerror}") from exc
+        log.info("created the registry directory %s (mode 0700)", parent)
+    created = False
+    if not path.exists():
+        if not create:
+            raise ConfigError(
+                f"registry {path} does not exist; check the registry URL, or create it with 'meta169 import FILE'"
+            )
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+            created = True
+        except FileExistsError:  # another import made it meanwhile
+            pass
+        except OSError as exc:
+            raise ConfigError(f"registry {path}: cannot create it: {exc.strerror}") from exc
+    for warning in permission_warnings(path):
+        # Once per process: the proxy opens the registry every second.
+        if warning not in _SAID:
+            _SAID.add(warning)
+            log.warning("%s", warning)
+    return created
+
+
+_SAID: set[str] = set()
+
+
+def permission_warnings(path: Path) -> list[str]:
+    """What is too open about a registry file and its directory, each with the fix."""
+    found: list[str] = []
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return found
+    if stat.S_ISREG(mode) and mode & 0o077:
+        found.append(
+            f"registry {path} is readable by group or others (mode {stat.S_IMODE(mode):04o}): run chmod 600 {path}"
+        )
+    try:
+        dir_mode = path.parent.stat().st_mode
+    except OSError:
+        return found
+    # Others who can write the directory can replace the file (a sticky directory
+    # such as /tmp protects the files of each owner).
+    if dir_mode & 0o022 and not dir_mode & stat.S_ISVTX:
+        found.append(
+            f"registry directory {path.parent} is writable by group or others "
+            f"(mode {stat.S_IMODE(dir_mode):04o}): run chmod 700 {path.parent}"
+        )
+    return found
+
+
+def describe_registry_url(url: str) -> str:
+    """The registry URL for messages: never with its password."""
+    if _scheme(url) in ("postgresql", "postgresql+psycopg"):
+        try:
+            return sa.make_url(url).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            return "a malformed PostgreSQL URL"
+    return url
 
 
 def sqlalchemy_url(url: str) -> sa.URL:
@@ -72,7 +189,9 @@ def sqlalchemy_url(url: str) -> sa.URL:
             parsed = sa.make_url(url)
         except sa.exc.ArgumentError as exc:
             raise ConfigError(f"registry URL for PostgreSQL is malformed ({_URL_HELP})") from exc
-        if not parsed.database:
+        # A libpq service (postgresql:///?service=NAME) names the database in the
+        # service file (PGSERVICEFILE, ~/.pg_service.conf), which libpq reads itself.
+        if not parsed.database and "service" not in parsed.query:
             raise ConfigError(f"registry URL {parsed.render_as_string(hide_password=True)} names no database")
         return parsed.set(drivername="postgresql+psycopg")
     # Never echo the whole URL: it may carry a password.

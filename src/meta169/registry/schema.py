@@ -160,6 +160,7 @@ networks = sa.Table(
     sa.Column("project_id", sa.Text, nullable=False),
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("mtu", sa.Integer, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
 )
 
 subnets = sa.Table(
@@ -180,6 +181,7 @@ routers = sa.Table(
     metadata,
     sa.Column("id", sa.String(128), primary_key=True),
     sa.Column("project_id", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
 )
 
 router_networks = sa.Table(
@@ -211,6 +213,7 @@ instances = sa.Table(
     sa.Column("security_groups_json", sa.Text, nullable=False),
     sa.Column("metadata_options_json", sa.Text),
     sa.Column("architecture", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
 )
 
 ports = sa.Table(

@@ -183,7 +183,12 @@ class SqlRegistry:
 
     def put_network(self, network: Network) -> None:
         with self._writing(f"cannot store network {network.id}") as (conn, revision):
-            row = {"project_id": network.project_id, "name": network.name, "mtu": network.mtu}
+            row = {
+                "project_id": network.project_id,
+                "name": network.name,
+                "mtu": network.mtu,
+                "source": network.source,
+            }
             if _exists(conn, t.networks.c.id, network.id):
                 conn.execute(t.networks.update().where(t.networks.c.id == network.id).values(**row))
                 conn.execute(t.subnets.delete().where(t.subnets.c.network_id == network.id))
@@ -199,11 +204,12 @@ class SqlRegistry:
     def put_router(self, router: Router) -> None:
         with self._writing(f"cannot store router {router.id}") as (conn, revision):
             _require_networks(conn, router.network_ids, f"router {router.id}")
+            row = {"project_id": router.project_id, "source": router.source}
             if _exists(conn, t.routers.c.id, router.id):
-                conn.execute(t.routers.update().where(t.routers.c.id == router.id).values(project_id=router.project_id))
+                conn.execute(t.routers.update().where(t.routers.c.id == router.id).values(**row))
                 conn.execute(t.router_networks.delete().where(t.router_networks.c.router_id == router.id))
             else:
-                conn.execute(t.routers.insert().values(id=router.id, project_id=router.project_id))
+                conn.execute(t.routers.insert().values(id=router.id, **row))
             if router.network_ids:
                 conn.execute(
                     t.router_networks.insert(),
@@ -483,6 +489,7 @@ def _load_networks(conn: Connection, network_id: str | None) -> list[Network]:
             name=row.name,
             mtu=row.mtu,
             subnets=tuple(subnets.get(row.id, ())),
+            source=row.source,
         )
         for row in conn.execute(nq)
     ]
@@ -498,7 +505,7 @@ def _load_routers(conn: Connection, router_id: str | None) -> list[Router]:
     for row in conn.execute(lq):
         links[row.router_id].append(row.network_id)
     return [
-        Router(id=row.id, network_ids=tuple(links.get(row.id, ())), project_id=row.project_id)
+        Router(id=row.id, network_ids=tuple(links.get(row.id, ())), project_id=row.project_id, source=row.source)
         for row in conn.execute(rq)
     ]
 
@@ -532,6 +539,7 @@ def _instance_row(instance: Instance) -> dict[str, Any]:
             }
         ),
         "architecture": instance.architecture,
+        "source": instance.source,
     }
 
 
@@ -635,6 +643,7 @@ def _instance_from(row: Row[Any], ports: tuple[Port, ...]) -> Instance:
             ports=ports,
             metadata_options=None if options is None else MetadataOptions(**options),
             architecture=row.architecture,
+            source=row.source,
         )
     except (ValidationError, ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"instance {row.uuid} in the database is unreadable: {exc}") from exc

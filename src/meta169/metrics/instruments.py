@@ -1,0 +1,201 @@
+"""What each role measures: the names, labels and help of its metrics.
+
+Names follow the Prometheus conventions: ``meta169_<role>_``, base units in the
+name (``_seconds``), ``_total`` on counters. Label values are small fixed sets (a
+status class, a reason), never a caller, a path or an instance: those go to the
+access log. The one exception is the proxy's listener gauges, a pair per namespace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from meta169.metrics.core import Family, Metrics
+
+TREES = ("openstack", "ec2", "other")
+KINDS = ("listing", "document", "token", "user-data")
+# The compiled fast path counts its answers per class, tree * len(KINDS) + kind,
+# carried by each reply it remembers (http.wire); UNCLASSIFIED for one made without.
+UNCLASSIFIED = len(TREES) * len(KINDS)
+
+# A compiled fast path's counters: answers per class, latency bucket counts (the
+# last for +Inf) and the sum of latencies in seconds (http.wire.FastStats).
+FastStats = Callable[[], tuple[Sequence[int], Sequence[int], float]]
+# A compiled stamper's count of the requests it forwarded.
+StamperCount = Callable[[], int]
+
+
+def request_class(tree: str, kind: str) -> int:
+    return TREES.index(tree) * len(KINDS) + KINDS.index(kind)
+
+
+def class_labels(index: int) -> tuple[str, str]:
+    """(tree, kind) of a fast-path class index."""
+    if not 0 <= index < UNCLASSIFIED:
+        return ("other", "document")
+    return TREES[index // len(KINDS)], KINDS[index % len(KINDS)]
+
+
+class ServeMetrics(Metrics):
+    """``meta169 serve``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self.requests = self.counter(
+            "meta169_serve_requests_total",
+            "Requests answered, by metadata tree, path kind, status class and the path that answered "
+            "(fast: the compiled fast path; python: the Python path).",
+            ("tree", "kind", "status", "path"),
+        )
+        self.duration = self.histogram(
+            "meta169_serve_request_duration_seconds",
+            "Time from a parsed request to its reply (fast: inside the compiled call; python: the handler, "
+            "registry waits included).",
+            ("path",),
+        )
+        self.unknown_callers = self.counter(
+            "meta169_serve_unknown_callers_total",
+            "Requests refused 404 because no instance matches the caller (unknown), more than one does "
+            "(ambiguous) or a Neutron caller names another tenant's instance (tenant).",
+            ("reason",),
+            [("unknown",), ("ambiguous",), ("tenant",)],
+        )
+        self.rate_limited = self.counter(
+            "meta169_serve_rate_limited_total", "Requests refused 429 by the per-instance rate limit."
+        )
+        self.tokens_issued = self.counter("meta169_serve_tokens_issued_total", "IMDSv2 session tokens issued.")
+        self.tokens_refused = self.counter(
+            "meta169_serve_tokens_refused_total",
+            "IMDSv2 refusals: token PUTs (method, dated-path, forwarded, ttl) and reads with an invalid or "
+            "expired token (invalid) or none where tokens are required (missing).",
+            ("reason",),
+            [(r,) for r in ("method", "dated-path", "forwarded", "ttl", "invalid", "missing")],
+        )
+        self.cache = self.counter(
+            "meta169_serve_site_cache_lookups_total",
+            "Site cache lookups of the Python path: hit, or miss (resolved and rendered from the registry).",
+            ("result",),
+            [("hit",), ("miss",)],
+        )
+        self.polls = self.counter(
+            "meta169_serve_registry_polls_total",
+            "Polls of the registry's revision counter.",
+            ("result",),
+            [("ok",), ("failed",)],
+        )
+        self.revision = self.gauge(
+            "meta169_serve_registry_revision",
+            "Registry revision the site cache is current with (the lowest of the workers).",
+            merge="min",
+        )
+        # Monotonic time of the last successful poll; its age is read at scrape time.
+        self.last_poll = clock()
+        self.reader(self._poll_age)
+        # The listeners' compiled fast paths, read at scrape time.
+        self.fast_paths: list[FastStats] = []
+        self.reader(self._fast_families)
+
+    def poll_ok(self, revision: int) -> None:
+        self.polls.inc(("ok",))
+        self.revision.set(revision)
+        self.last_poll = self._clock()
+
+    def _poll_age(self) -> Iterable[Family]:
+        age = Family(
+            "meta169_serve_registry_poll_age_seconds",
+            "gauge",
+            "Seconds since the last successful registry poll (since start before the first); the oldest of "
+            "the workers.",
+            merge="max",
+        )
+        age.values[()] = max(0.0, self._clock() - self.last_poll)
+        return (age,)
+
+    def _fast_families(self) -> Iterable[Family]:
+        """The compiled path's share of the request count and the latency histogram,
+        as families named like the Python path's (snapshot() adds them up)."""
+        requests = Family(self.requests.family.name, "counter", "", self.requests.family.labelnames)
+        duration = self.duration.family
+        latency = Family(duration.name, "histogram", "", duration.labelnames, bounds=duration.bounds)
+        for stats in self.fast_paths:
+            counts, buckets, total = stats()
+            for index, count in enumerate(counts):
+                if count:
+                    tree, kind = class_labels(index)
+                    # The fast path only repeats document replies, all 200 OK.
+                    key = (tree, kind, "2xx", "fast")
+                    requests.values[key] = requests.values.get(key, 0.0) + count
+            if len(buckets) == len(duration.bounds) + 1 and any(buckets):
+                series = latency.buckets.setdefault(("fast",), [0.0] * (len(duration.bounds) + 2))
+                for i, count in enumerate(buckets):
+                    series[i] += count
+                series[-1] += total
+        return (requests, latency)
+
+
+class ProxyMetrics(Metrics):
+    """``meta169 proxy``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connections = self.counter("meta169_proxy_connections_total", "Guest connections accepted.")
+        self.requests = self.counter(
+            "meta169_proxy_requests_total",
+            "Guest requests forwarded, by the path that stamped them (fast: compiled; python).",
+            ("path",),
+            [("python",)],
+        )
+        self.upstream_errors = self.counter(
+            "meta169_proxy_upstream_errors_total",
+            "Guest requests answered with an error of the hop to serve: 502 (unreachable, closed, bad reply), "
+            "503 (connection pool exhausted), 504 (no reply in time).",
+            ("code",),
+            [("502",), ("503",), ("504",)],
+        )
+        self.upstream_duration = self.histogram(
+            "meta169_proxy_upstream_duration_seconds",
+            "Time from sending a request to serve to having its whole reply.",
+        )
+        # Compiled stampers of the open listeners; what they forwarded before a
+        # listener closed is kept in ``stamped_closed``.
+        self.stampers: dict[object, StamperCount] = {}
+        self.stamped_closed = 0
+        self.reader(self._stamped)
+
+    def forget_stamper(self, key: object) -> None:
+        count = self.stampers.pop(key, None)
+        if count is not None:
+            self.stamped_closed += count()
+
+    def _stamped(self) -> Iterable[Family]:
+        fast = Family(self.requests.family.name, "counter", "", ("path",))
+        fast.values[("fast",)] = float(self.stamped_closed + sum(count() for count in self.stampers.values()))
+        return (fast,)
+
+
+class AdminMetrics(Metrics):
+    """``meta169 admin``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = self.counter(
+            "meta169_admin_writes_total",
+            "Writes to the registry through the admin API, by kind (put: create or replace an instance, "
+            "delete, import) and HTTP status code (a put that created answers 201).",
+            ("kind", "code"),
+        )
+
+
+def info_family(role: str, version: str, processes: int) -> list[Family]:
+    """The families every scrape ends with: what answered, and how many processes it covers."""
+    info = Family("meta169_info", "gauge", "Always 1: the role and version of this process.", ("role", "version"))
+    info.values[(role, version)] = 1.0
+    procs = Family(
+        "meta169_metrics_processes",
+        "gauge",
+        "Processes whose numbers this scrape covers (serve --workers N: N when every worker answered).",
+    )
+    procs.values[()] = float(processes)
+    return [info, procs]

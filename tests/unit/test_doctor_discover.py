@@ -1,0 +1,249 @@
+"""What ``meta169 doctor --host`` finds by itself: discovery as pure functions over captured
+command lines, ``ip netns list`` output and config values, then the whole host collection
+over captured command output (tests/unit/corpus/_host/) with nothing named on the command line."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from meta169.client.transport import Reply
+from meta169.doctor import discover, host
+from meta169.doctor.discover import ConfigValues, Target
+from meta169.doctor.host import ExpectedListener
+from meta169.doctor.host_collect import HostCollector, HostRequest, checked_nothing, collect_host
+from meta169.errors import ClientError
+from meta169.model import parse_ip
+from meta169.plumbing.command import CommandResult
+
+CAPTURES = Path(__file__).parent / "corpus" / "_host"
+ROUTER = CAPTURES / "router-healthy"
+QR = "qrouter-5c1d0e64-7f1a-4f5e-9d2b-0a1b2c3d4e5f"
+LISTENERS = "/etc/meta169/listeners.yaml"
+PROXY = ("/usr/bin/python3", "-m", "meta169", "-v", "--registry", "postgresql://db/meta169", "proxy",
+         "--upstream", "unix:/run/meta169/serve.sock", "--listeners", LISTENERS,
+         "--secret-file=/etc/meta169/proxy.secret", "--listen", "qrouter-r9/0.0.0.0:9697=router:r9")  # fmt: skip
+SERVE = ("/usr/bin/meta169", "--registry", "sqlite:///var/lib/meta169/registry.db", "serve",
+         "--listen", "unix:/run/meta169/serve.sock=proxy", "--listen", "0.0.0.0:8775=proxy",
+         "--listen", "[::]:8776=proxy", "--listen", "127.0.0.1:0=proxy",
+         "--listen", "10.0.0.5:80=network:net-a")  # fmt: skip
+NETNS_SOURCE = "ip netns list (Neutron names qrouter-*, qdhcp-*, ovnmeta-*)"
+HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+
+
+def _listener(address: str, port: int, binding: str) -> ExpectedListener:
+    return ExpectedListener(parse_ip(address), port, binding)
+
+
+# --- command lines ------------------------------------------------------------------------------------
+
+
+def test_doctor_discover_proxies_and_serves_by_command_line() -> None:
+    processes = [(10, PROXY), (11, SERVE), (12, ("vim", "proxy")), (13, ("/usr/bin/meta169", "doctor", "--host")),
+                 (14, ("meta169", "proxy", "--upstream=127.0.0.1:8775", "--from-registry"))]  # fmt: skip
+    proxy, *serves, bare = discover.process_targets(processes)
+    assert proxy == Target(
+        "meta169 proxy pid 10 (/proc/10/cmdline)", listener_files=(LISTENERS,),
+        static_listeners=("qrouter-r9/0.0.0.0:9697=router:r9",), upstream="unix:/run/meta169/serve.sock",
+        secret_file="/etc/meta169/proxy.secret", registry_url="postgresql://db/meta169", pid=10,
+    )  # fmt: skip
+    # A wildcard listener is reached on loopback; port 0 cannot be known; network listeners are not upstreams.
+    assert [s.upstream for s in serves] == ["unix:/run/meta169/serve.sock", "127.0.0.1:8775", "[::1]:8776"]
+    assert {s.registry_url for s in serves} == {"sqlite:///var/lib/meta169/registry.db"}
+    assert bare.upstream == "127.0.0.1:8775" and "derives listeners from the registry" in bare.notes[0]
+    assert [p.pid for p in discover.find_proxies(processes)] == [10, 14]
+
+
+@pytest.mark.parametrize(
+    ("listen", "upstream"),
+    [("unix:/run/s.sock", "unix:/run/s.sock"), ("0.0.0.0:8775", "127.0.0.1:8775"), ("[::]:8775", "[::1]:8775"),
+     ("10.1.0.5:8775", "10.1.0.5:8775"), ("127.0.0.1:0", ""), ("localhost:8775", "localhost:8775")],
+)  # fmt: skip
+def test_doctor_discover_serve_listener_as_upstream(listen: str, upstream: str) -> None:
+    assert discover.serve_upstream(listen) == upstream
+
+
+def test_doctor_discover_serve_bare_listeners_are_proxy_ones_with_the_proxy_flag() -> None:
+    argv = ("meta169", "serve", "--proxy", "--listen", "unix:/run/a.sock", "--listen", "127.0.0.1:9=router:r")
+    assert discover.proxy_listens_of_serve(argv) == ["unix:/run/a.sock"]
+    assert discover.proxy_listens_of_serve(argv[:2] + argv[3:]) == []
+
+
+# --- ip netns list ------------------------------------------------------------------------------------
+
+
+def test_doctor_discover_neutron_namespaces_from_ip_netns_list() -> None:
+    text = f"{QR} (id: 3)\nqdhcp-net1 (id: 2)\novnmeta-net2\nm169lab-demo-rtr-a (id: 1)\nqrouter-\nfip-ext\n"
+    names = discover.parse_netns_list(text)
+    assert names[0] == QR and len(names) == 6
+    target = discover.netns_target(names)
+    assert target is not None and target.source.startswith("ip netns list")
+    assert target.namespaces == (("ovnmeta-net2", "metadata"), ("qdhcp-net1", "dhcp"), (QR, "router"))
+    assert discover.netns_target(["m169lab-demo-rtr-a", "fip-ext"]) is None
+    assert host.neutron_id(QR) == QR.removeprefix("qrouter-") and host.neutron_id("m169lab-x") == ""
+
+
+# --- the config file --------------------------------------------------------------------------------------
+
+
+CONFIG = """
+[registry]
+url = "postgresql://db/meta169"
+
+[serve]
+listen = ["unix:/run/meta169/serve.sock=proxy", "0.0.0.0:8775=proxy", "127.0.0.1:8080=network:net-a"]
+workers = 2
+
+[proxy]
+upstream = "unix:/run/meta169/serve.sock"
+listeners = "/etc/meta169/listeners.yaml"
+secret-file = "/etc/meta169/proxy.secret"
+"""
+
+
+def test_doctor_discover_config_values_from_the_file() -> None:
+    values, notes = discover.config_values(tomllib.loads(CONFIG), "/etc/meta169/meta169.toml")
+    assert notes == ()
+    assert values == ConfigValues(
+        "/etc/meta169/meta169.toml", registry_url="postgresql://db/meta169",
+        serve_listens=("unix:/run/meta169/serve.sock=proxy", "0.0.0.0:8775=proxy", "127.0.0.1:8080=network:net-a"),
+        proxy_upstream="unix:/run/meta169/serve.sock", proxy_listener_files=(LISTENERS,),
+        proxy_secret_file="/etc/meta169/proxy.secret",
+    )  # fmt: skip
+    proxy, serve = discover.config_targets(values)
+    assert (proxy.source, proxy.upstream, proxy.listener_files) == (
+        "config /etc/meta169/meta169.toml [proxy]", "unix:/run/meta169/serve.sock", (LISTENERS,))  # fmt: skip
+    # serve's other proxy listener is checked too; the one the proxy uses is not repeated.
+    assert (serve.source, serve.upstream) == ("config /etc/meta169/meta169.toml [serve]", "127.0.0.1:8775")
+
+
+def test_doctor_discover_config_values_it_cannot_use_are_notes() -> None:
+    values, notes = discover.config_values({"proxy": {"upstream": 8775, "listeners": ["a", 1]}, "serve": "x"}, "f")
+    assert values == ConfigValues("f")
+    assert len(notes) == 3 and any("proxy.upstream" in n for n in notes) and any("[serve]" in n for n in notes)
+    assert discover.config_targets(values) == ()
+
+
+# --- merging --------------------------------------------------------------------------------------------------
+
+
+def test_doctor_discover_scope_merges_and_remembers_where() -> None:
+    lab = Target("lab demo (/run/meta169-lab/demo/lab.json)", namespaces=(("m169lab-demo-rtr-a", "router"),),
+                 upstream="unix:/run/meta169-lab/demo/serve.sock",
+                 registry_url="sqlite:///run/meta169-lab/demo/r.db")  # fmt: skip
+    proxy = Target("meta169 proxy pid 7 (/proc/7/cmdline)", listener_files=("/run/meta169-lab/demo/listeners.json",),
+                   upstream="unix:/run/meta169-lab/demo/serve.sock", secret_file="")  # fmt: skip
+    netns = Target("ip netns list (Neutron names)", namespaces=((QR, "router"),))
+    from_file = {"m169lab-demo-rtr-a": [_listener("0.0.0.0", 9697, "router router-a")]}
+    scope = discover.scope([(lab, {}), (proxy, from_file), (netns, {})])
+    assert [(n, r) for n, r, _ in scope.namespaces] == [("m169lab-demo-rtr-a", "router"), (QR, "router")]
+    assert scope.namespaces[0][2] == f"{lab.source}, {proxy.source}"
+    assert scope.expected_in("m169lab-demo-rtr-a") == (from_file["m169lab-demo-rtr-a"][0],)
+    (upstream,) = scope.upstreams
+    assert upstream == ("unix:/run/meta169-lab/demo/serve.sock", "", f"{lab.source}, {proxy.source}")
+    assert scope.registry_url == "sqlite:///run/meta169-lab/demo/r.db"
+    assert scope.discovered[0].startswith(f"{lab.source}: namespaces m169lab-demo-rtr-a (router); upstream unix:")
+
+
+def test_doctor_discover_only_keeps_matching_namespaces_and_what_serves_them() -> None:
+    lab = Target("lab demo", namespaces=(("m169lab-demo-rtr-a", "router"), ("m169lab-demo-dhcp-b", "dhcp")),
+                 upstream="unix:/lab.sock")  # fmt: skip
+    other = Target("meta169 proxy pid 9", namespaces=(("qrouter-other", "router"),), upstream="unix:/other.sock")
+    serve = Target("meta169 serve pid 8", upstream="unix:/serve.sock")
+    scope = discover.scope([(lab, {}), (other, {}), (serve, {})], ["m169lab-demo-rtr-*"])
+    assert [n for n, _, _ in scope.namespaces] == ["m169lab-demo-rtr-a"]
+    assert [u for u, _, _ in scope.upstreams] == ["unix:/lab.sock"]
+    assert set(scope.left_out) == {"m169lab-demo-dhcp-b", "qrouter-other", other.source, serve.source}
+    assert discover.scope([(serve, {})], ["nothing-*"]).upstreams == ()
+
+
+# --- the whole collection, nothing named ---------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, outputs: Mapping[tuple[str, ...], str]) -> None:
+        self.outputs = dict(outputs)
+
+    def __call__(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> CommandResult:
+        key = tuple(argv)
+        if key in self.outputs:
+            return CommandResult(key, 0, self.outputs[key], "")
+        return CommandResult(key, 1, "", "not captured")
+
+
+def _refused(upstream: str, path: str, headers: Mapping[str, str]) -> Reply:
+    raise ClientError("Connection refused", reason="refused", url=upstream)
+
+
+def _collector(
+    outputs: Mapping[tuple[str, ...], str],
+    processes: Sequence[tuple[int, tuple[str, ...]]] = (),
+    files: Mapping[str, str] | None = None,
+) -> HostCollector:
+    texts = dict(files or {})
+    return HostCollector(runner=Runner(outputs), read=texts.get, processes=lambda: processes, send=_refused)
+
+
+def _qrouter(listening: str) -> dict[tuple[str, ...], str]:
+    return {
+        ("ip", "netns", "list"): f"{QR} (id: 0)\n",
+        ("ip", "netns", "exec", QR, "iptables-save"): (ROUTER / "iptables-save.txt").read_text(),
+        ("ip", "netns", "exec", QR, "ip6tables-save"): "",
+        ("ip", "-n", QR, "-j", "addr", "show"): (ROUTER / "ip-addr.json").read_text(),
+        ("ip", "netns", "exec", QR, "cat", "/proc/net/tcp", "/proc/net/tcp6"): listening,
+    }
+
+
+def test_doctor_discover_neutron_router_with_redirect_and_no_listener_is_an_error() -> None:
+    facts = collect_host(HostRequest(), _collector(_qrouter(HEADER)))
+    (ns,) = facts.namespaces
+    assert (ns.name, ns.role, ns.found_by) == (QR, "router", NETNS_SOURCE)
+    (finding,) = host.analyse(facts).findings
+    assert (finding.id, finding.severity) == ("proxy-not-listening", "error")
+    assert QR in finding.summary
+    router_id = QR.removeprefix("qrouter-")
+    assert any(f"{QR}/0.0.0.0:9697=router:{router_id}" in r.text for r in finding.fix)
+    assert any(f'"router": "{router_id}"' in r.text for r in finding.fix)
+    assert facts.discovered == (f"{NETNS_SOURCE}: namespaces {QR} (router)",)
+    assert "no meta169 proxy or serve running (/proc/*/cmdline)" in facts.searched
+
+
+def test_doctor_discover_neutron_router_with_a_listener_is_healthy() -> None:
+    facts = collect_host(HostRequest(), _collector(_qrouter((ROUTER / "proc-net-tcp.txt").read_text())))
+    assert host.analyse(facts).findings == ()
+
+
+def test_doctor_discover_nothing_found_checks_nothing() -> None:
+    request = HostRequest(searched=("no config file at /etc/meta169/meta169.toml", "no lab up under /run/x"))
+    facts = collect_host(request, _collector({("ip", "netns", "list"): "m169t-abc-0\n"}))
+    assert checked_nothing(facts)
+    assert facts.searched == (*request.searched, "no meta169 proxy or serve running (/proc/*/cmdline)",
+                              "no qrouter-*, qdhcp-* or ovnmeta-* namespace (ip netns list)")  # fmt: skip
+
+
+def test_doctor_discover_lab_targets_are_checked_with_their_upstream() -> None:
+    lab = Target("lab demo", namespaces=((QR, "router"),), upstream="unix:/run/meta169-lab/demo/serve.sock")
+    facts = collect_host(HostRequest(labs=(lab,)), _collector(_qrouter(HEADER)))
+    assert [s.upstream for s in facts.servers] == ["unix:/run/meta169-lab/demo/serve.sock"]
+    assert facts.namespaces[0].found_by == f"lab demo, {discover.netns_target([QR]).source}"  # type: ignore[union-attr]
+    ids = [f.id for f in host.analyse(facts).findings]
+    assert ids == ["proxy-not-listening", "server-unreachable"]
+    assert not checked_nothing(facts)
+
+
+def test_doctor_discover_running_proxy_that_holds_no_socket_is_told_to_read_its_log() -> None:
+    # The field's most common fault: the proxy runs, its listener file names the router,
+    # and yet nothing listens there.
+    listeners = json.dumps({"listeners": [{"netns": QR, "address": "0.0.0.0", "port": 9697, "router": "r1"}]})
+    proxy = ("meta169", "proxy", "--upstream", "unix:/run/meta169/serve.sock", "--listeners", "/etc/l.json")
+    facts = collect_host(HostRequest(), _collector(_qrouter(HEADER), [(4711, proxy)], {"/etc/l.json": listeners}))
+    (ns,) = facts.namespaces
+    assert ns.proxy_pids == (4711,) and ns.found_by.startswith("meta169 proxy pid 4711")
+    first = host.analyse(facts).findings[0]
+    assert first.id == "proxy-not-listening"
+    assert "meta169 proxy (pid 4711) runs and its listeners name" in first.fix[0].text
+    assert f"expected in {QR}: 0.0.0.0:9697 (router r1)" in first.evidence
