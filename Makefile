@@ -10,15 +10,23 @@ DEMO_DB := $(CURDIR)/$(RUN_DIR)/demo.db
 CACHE ?= $(CURDIR)/.cache
 DEB_OUT ?= $(CURDIR)/dist
 
-.PHONY: run test lint typecheck unit integration e2e bench venv system-deps cloud-init clean deb
+.PHONY: run test lint typecheck unit integration e2e bench venv devenv system-deps cloud-init clean deb
 
+# venv: the program alone (what `make run` needs, on any machine); devenv: plus what
+# the tests, linters and benchmarks need (the libvirt binding among them builds
+# against libvirt-dev, which scripts/install-system-deps installs as root).
 venv: $(BIN)/.installed
+devenv: $(BIN)/.installed-test
 
 $(BIN)/.installed: pyproject.toml setup.py src/meta169/http/_wire.c
 	@scripts/install-system-deps python
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "meta169 needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
@@ -37,29 +45,29 @@ run: venv
 system-deps:
 	@scripts/install-system-deps test
 
-cloud-init: venv
+cloud-init: devenv
 	@scripts/fetch-cloud-init $(CACHE)/cloud-init >/dev/null
 
-lint: venv
+lint: devenv
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/ruff format --check src tests $(wildcard bench)
 
-typecheck: venv
+typecheck: devenv
 	$(BIN)/mypy --strict src
 
-test: venv system-deps cloud-init
+test: devenv system-deps cloud-init
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/ruff format --check src tests $(wildcard bench)
 	$(BIN)/mypy --strict src
 	META169_CACHE=$(CACHE) $(BIN)/pytest -q $(PYTEST_ARGS)
 
-unit: venv
+unit: devenv
 	$(BIN)/pytest -q tests/unit
 
-integration: venv cloud-init
+integration: devenv cloud-init
 	META169_CACHE=$(CACHE) $(BIN)/pytest -q tests/integration
 
-e2e: venv system-deps cloud-init
+e2e: devenv system-deps cloud-init
 	META169_CACHE=$(CACHE) $(BIN)/pytest -q tests/e2e
 
 # dist/meta169_VERSION_ARCH.deb (see packaging/build-deb and docs/deployment.md).
@@ -67,7 +75,7 @@ deb:
 	@scripts/install-system-deps deb
 	packaging/build-deb --out $(DEB_OUT)
 
-bench: venv
+bench: devenv
 	@scripts/install-system-deps bench
 	$(BIN)/python -m bench.run
 

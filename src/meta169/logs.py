@@ -134,7 +134,13 @@ def setup(
         old.close()
     target.addHandler(handler)
     target.setLevel(level)
+    # Start, stop, drain and reload are logged at every level: an operator reading
+    # the journal after an outage must see when the service went down and came back.
+    logging.getLogger(LIFECYCLE_LOGGER).setLevel(min(level, logging.INFO))
     return handler
+
+
+LIFECYCLE_LOGGER = "meta169.lifecycle"
 
 
 # Set on the handlers setup() installs, so it replaces only its own.

@@ -252,10 +252,10 @@ def test_lab_qemu_remove_overlays_deletes_disks_and_sockets_only(tmp_path: Path)
     plan = lp.plan_lab(lp.LabConfig(name="q", state_dir=tmp_path, qemu=(lp.QemuGuest("a1"),), guest_image=IMAGE))
     files = qemu.files(plan, plan.vm("a1"))
     files.directory.mkdir()
-    for path in (files.overlay, files.agent_socket, files.console):
+    for path in (files.overlay, files.agent_socket, files.pid_file, files.console):
         path.write_text("x")
     assert qemu.remove_overlays(plan) == []
-    assert not files.overlay.exists() and not files.agent_socket.exists()
+    assert not any(p.exists() for p in (files.overlay, files.agent_socket, files.pid_file))
     assert files.console.exists()  # the console log stays until lab down removes the files
 
 

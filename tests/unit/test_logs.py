@@ -136,3 +136,19 @@ def test_logs_access_log_ignores_the_level_and_samples(caplog: pytest.LogCapture
     assert got["message"] == "10.0.0.5 network=net-a instance=u-1 GET /latest/meta-data/ 200 120 0.042ms fast"
     with pytest.raises(ValueError):
         AccessLog(1.5)
+
+
+def test_logs_lifecycle_lines_show_at_the_default_level() -> None:
+    # A fresh process (the root logger is pytest's here): at WARNING, the default,
+    # start/stop/reload lines still show and ordinary INFO lines do not.
+    import subprocess
+
+    code = (
+        "import logging; from meta169.logs import setup, LIFECYCLE_LOGGER\n"
+        "setup(logging.WARNING, 'text', environ={})\n"
+        "logging.getLogger(LIFECYCLE_LOGGER).info('stopping: draining 3 connections')\n"
+        "logging.getLogger('meta169.serve').info('an ordinary detail')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "stopping: draining 3 connections" in out.stderr
+    assert "an ordinary detail" not in out.stderr

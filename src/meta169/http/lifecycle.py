@@ -28,6 +28,7 @@ from meta169.health import Health
 from meta169.http.protocol import Ticker
 from meta169.sdnotify import Notifier
 
+# Its lines are shown at every log level (meta169.logs.setup).
 log = logging.getLogger("meta169.lifecycle")
 
 C = TypeVar("C")

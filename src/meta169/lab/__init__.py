@@ -13,6 +13,9 @@ run in it; cloud-init (or anything else) runs inside the VM namespaces.
 - ``processes``    detached background processes, stopped by PID after a cmdline check
 - ``supervise``    the lab's processes by role: serve, proxy, dnsmasq, dhclient
 - ``guest``        inside a VM: its metadata routes, a GET of 169.254.169.254
+- ``image``        the Debian 12 guest image (mmdebstrap, cloud-init), cached by recipe
+- ``agent``        a qemu-guest-agent client: commands and files inside a QEMU guest
+- ``qemu``         a VM as a real guest: QEMU (TCG) on a tap in the tenant's L2
 - ``doctor_argv``  the ``meta169 doctor`` command lines for a VM and for the host
 - ``status``       what ``lab status`` shows
 - ``lifecycle``    ``lab up`` and ``lab down``: order, and cleanup on failure

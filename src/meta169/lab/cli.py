@@ -25,6 +25,7 @@ from meta169.exits import cli_errors
 from meta169.lab.names import DEFAULT_NAME, DEFAULT_STATE_ROOT, DEFAULT_VMS_PER_NETWORK, MAX_VMS_PER_NETWORK
 
 if TYPE_CHECKING:
+    from meta169.lab.image import GuestImage
     from meta169.lab.plan import LabConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -362,7 +363,7 @@ def guest_build(cache_dir: Path, mirror: str | None, force: bool, as_json: bool)
                f"built in {m.get('build_seconds', '?')}s")  # fmt: skip
 
 
-def _guest_image(cache_dir: Path, mirror: str | None, *, force: bool = False) -> Any:
+def _guest_image(cache_dir: Path, mirror: str | None, *, force: bool = False) -> GuestImage:
     from meta169.lab.image import DEFAULT_MIRROR, build_image, find_image
 
     cache = cache_dir.absolute()

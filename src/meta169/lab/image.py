@@ -168,7 +168,7 @@ class GuestImage:
     """A built image: a kernel, its initramfs and a raw ext4 root filesystem."""
 
     directory: Path
-    manifest: dict[str, Any] = field(default_factory=dict, compare=False)
+    manifest: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kernel(self) -> Path:

@@ -555,13 +555,18 @@ def upstream(plan: LabPlan, tcp: TcpUpstream | None = None) -> str:
     return tcp.address if tcp is not None else f"unix:{plan.paths.serve_socket}"
 
 
+# The lab's serve and proxy take every setting from their command line, never from
+# the machine's /etc/meta169/meta169.toml (an operator's production settings).
+LAB_CONFIG = "/dev/null"
+
+
 def serve_argv(plan: LabPlan, tcp: TcpUpstream | None = None) -> list[str]:
     """``meta169 serve`` on a Unix socket in the state directory, trusting the proxy's stamp
     (and, with ``tcp``, also on loopback TCP, trusting requests signed with its secret),
     signing EC2 identity documents with the lab's key."""
     paths = plan.paths
     argv = [
-        plan.config.python, "-m", "meta169", "-v", "--registry", paths.registry_url,
+        plan.config.python, "-m", "meta169", "-v", "--config", LAB_CONFIG, "--registry", paths.registry_url,
         "serve", "--listen", f"unix:{paths.serve_socket}=proxy", "--identity-key-dir", str(paths.identity_dir),
     ]  # fmt: skip
     if tcp is not None:
@@ -572,7 +577,7 @@ def serve_argv(plan: LabPlan, tcp: TcpUpstream | None = None) -> list[str]:
 def proxy_argv(plan: LabPlan, tcp: TcpUpstream | None = None) -> list[str]:
     paths = plan.paths
     argv = [
-        plan.config.python, "-m", "meta169", "-v",
+        plan.config.python, "-m", "meta169", "-v", "--config", LAB_CONFIG,
         "proxy", "--upstream", upstream(plan, tcp), "--listeners", str(paths.listeners),
     ]  # fmt: skip
     if tcp is not None:

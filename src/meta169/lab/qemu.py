@@ -263,11 +263,12 @@ def check_network(plan: LabPlan, vm: VMPlan) -> None:
 
 
 def remove_overlays(plan: LabPlan) -> list[str]:
-    """Delete every guest's overlay and agent socket (after QEMU has stopped); problems."""
+    """Delete every guest's overlay, agent socket and pid file (after QEMU has stopped);
+    problems. The console log stays, for what went wrong."""
     problems = []
     for vm in plan.qemu_vms:
         f = files(plan, vm)
-        for path in (f.overlay, f.agent_socket):
+        for path in (f.overlay, f.agent_socket, f.pid_file):
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
