@@ -336,12 +336,22 @@ def parse_wrk(text: str) -> WrkResult:
 
 
 def wrk_argv(
-    url: str, *, duration: float, connections: int, threads: int, close: bool, cpus: str | None, netns: str | None
+    url: str,
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+    close: bool,
+    cpus: str | None,
+    netns: str | None,
+    headers: Sequence[str] = (),
 ) -> list[str]:
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s"]
     argv += ["--timeout", "5s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
+    for line in headers:
+        argv += ["-H", line]
     argv = pinned([*argv, url], cpus)
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
@@ -387,11 +397,20 @@ def run_wrk(
     cpus: str | None = None,
     netns: str | None = None,
     watch: Mapping[str, Sequence[int]] | None = None,
+    headers: Sequence[str] = (),
 ) -> WrkResult:
     """Run wrk once. ``watch`` names groups of server PIDs whose CPU time per request
-    is reported; CPU the machine spent outside them and wrk is reported as noise."""
+    is reported; CPU the machine spent outside them and wrk is reported as noise.
+    ``headers`` are request header lines sent with every request."""
     argv = wrk_argv(
-        url, duration=duration, connections=connections, threads=threads, close=close, cpus=cpus, netns=netns
+        url,
+        duration=duration,
+        connections=connections,
+        threads=threads,
+        close=close,
+        cpus=cpus,
+        netns=netns,
+        headers=headers,
     )
     watch = watch or {}
     before = {name: process_cpu(pids) for name, pids in watch.items()}

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m bench.run [serve|proxy-rss|proxy-rps|boot-storm|all|clean] [options]``.
+"""Entry point: ``python -m bench.run [BENCH|all|clean] [options]``, BENCH one of ``BENCHES`` below.
 
 Needs root (namespaces, haproxy in them), wrk, nginx and haproxy
 (``scripts/install-system-deps bench``). Prints Markdown tables with absolute
@@ -18,10 +18,10 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import netns, proxy_rps, proxy_rss, serve_bench, storm
+from bench import first_request, netns, propagation, proxy_rps, proxy_rss, scale, serve_bench, storm
 from bench.harness import BenchError, Settings, guarded, machine_facts, table
 
-BENCHES = ("serve", "proxy-rss", "proxy-rps", "boot-storm")
+BENCHES = ("serve", "proxy-rss", "proxy-rps", "boot-storm", "propagation", "first-request", "scale")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     storm.add_arguments(p)
+    propagation.add_arguments(p)
+    first_request.add_arguments(p)
+    scale.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -98,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = serve_bench.run(settings, cleanup, sub)
                 elif name == "boot-storm":
                     results[name] = storm.run(settings, cleanup, sub, storm.options(args))
+                elif name == "propagation":
+                    results[name] = propagation.run(settings, cleanup, sub, args)
+                elif name == "first-request":
+                    results[name] = first_request.run(settings, cleanup, sub, args)
+                elif name == "scale":
+                    results[name] = scale.run(settings, cleanup, sub, scale.options(args))
                 elif name == "proxy-rss":
                     results[name] = proxy_rss.run(settings, cleanup, sub)
                 else:

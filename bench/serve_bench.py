@@ -6,6 +6,12 @@ the same number of processes: 1 vs 1 (server pinned to CPU 1, wrk -t1 to CPU 0) 
 be pinned apart, so servers and wrk -t2 share both). Each point is run
 ``repeats`` times, alternating which server goes first, and the median is reported.
 
+One more point per layout, mode ``keep-alive+token``, is an IMDSv2 client: the
+static leaf on keep-alive with a token serve issued (``PUT /latest/api/token``) in
+an ``X-aws-ec2-metadata-token`` header on every request, as botocore and
+cloud-init send it. nginx gets the same header line and ignores it (same request
+bytes, same reply bytes); serve checks it on every request.
+
 With ``--metrics`` a second serve runs beside the first, the same but with
 ``--metrics-listen`` on (counting every request, the compiled path's included, and
 timing each call), loaded in the same rotation; a second table gives both against
@@ -14,6 +20,7 @@ nginx and against each other, and a scrape after the load shows the counts.
 
 from __future__ import annotations
 
+import http.client
 import re
 import time
 from dataclasses import dataclass
@@ -22,6 +29,7 @@ from pathlib import Path
 from bench.harness import (
     BenchError,
     Cleanup,
+    Fetched,
     Series,
     Settings,
     fetch,
@@ -40,7 +48,10 @@ NETWORK = "demo-net"
 # random_seed is fresh per request, so nginx gets one sample of the same size).
 PATHS = ("/latest/meta-data/instance-id", "/latest/meta-data/", "/openstack/latest/meta_data.json")
 MODES = ("keep-alive", "close")
-TARGETS = {"keep-alive": 0.8, "close": 0.9}
+# The IMDSv2 point: PATHS[0], keep-alive, a valid token on every request.
+TOKEN_MODE = "keep-alive+token"
+TARGETS = {"keep-alive": 0.8, "close": 0.9, TOKEN_MODE: 0.8}
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,13 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
         print(f"   serve with --metrics-listen: pid {metered.pid} :{mport}, metrics on :{scrape_port}")
         servers["serve+metrics"] = mport
         pids["serve+metrics"] = metered.pid
+    # Each serve seals its own tokens (its own key); nginx gets serve's, for the same bytes.
+    tokens = {name: imds_token(port) for name, port in servers.items() if name != "nginx"}
+    tokens["nginx"] = tokens["serve"]
+    for name, port in servers.items():
+        got = fetch_with(port, PATHS[0], {TOKEN_HEADER: tokens[name]})
+        if got.status != 200 or got.body != routes[PATHS[0]][1]:
+            raise BenchError(f"{name} answered {got.status} for {PATHS[0]} with a token: {got.body[:200]!r}")
 
     def load(name: str, path: str, mode: str, duration: float) -> Series:
         return Series(
@@ -155,6 +173,7 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
                     close=mode == "close",
                     cpus=layout.wrk_cpus,
                     watch={"server": [pids[name]]},
+                    headers=[f"{TOKEN_HEADER}: {tokens[name]}"] if mode == TOKEN_MODE else (),
                 )
             ]
         )
@@ -162,30 +181,29 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
     for name in servers:  # warm up: site cache, page cache, TCP state
         load(name, PATHS[0], "keep-alive", 1)
     points = []
-    for path in PATHS:
-        for mode in MODES:
-            runs: dict[str, Series] = {name: Series() for name in servers}
-            for r in range(settings.repeats):
-                order = list(servers) if r % 2 == 0 else list(reversed(servers))
-                for name in order:
-                    runs[name].runs.extend(load(name, path, mode, settings.duration).runs)
-                    time.sleep(0.2)
-            point = Point(layout.name, path, mode, runs["serve"], runs["nginx"], runs.get("serve+metrics"))
-            points.append(point)
+    for path, mode in _points():
+        runs: dict[str, Series] = {name: Series() for name in servers}
+        for r in range(settings.repeats):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                runs[name].runs.extend(load(name, path, mode, settings.duration).runs)
+                time.sleep(0.2)
+        point = Point(layout.name, path, mode, runs["serve"], runs["nginx"], runs.get("serve+metrics"))
+        points.append(point)
+        print(
+            f"  {path:35} {mode:10} serve {point.serve.median:9.0f}/s {point.serve.spread:5} "
+            f"nginx {point.nginx.median:9.0f}/s {point.nginx.spread:5} ratio {point.ratio:.2f}  "
+            f"CPU/req {point.serve.cpu_us('server'):.0f} / {point.nginx.cpu_us('server'):.0f} us  "
+            f"other load {point.serve.other_load:.0%}",
+            flush=True,
+        )
+        if point.metered is not None:
             print(
-                f"  {path:35} {mode:10} serve {point.serve.median:9.0f}/s {point.serve.spread:5} "
-                f"nginx {point.nginx.median:9.0f}/s {point.nginx.spread:5} ratio {point.ratio:.2f}  "
-                f"CPU/req {point.serve.cpu_us('server'):.0f} / {point.nginx.cpu_us('server'):.0f} us  "
-                f"other load {point.serve.other_load:.0%}",
+                f"  {'':35} {'':10} serve+metrics {point.metered.median:9.0f}/s {point.metered.spread:5} "
+                f"on/off {ratio(point.metered, point.serve)}  "
+                f"CPU/req {point.metered.cpu_us('server'):.0f} us",
                 flush=True,
             )
-            if point.metered is not None:
-                print(
-                    f"  {'':35} {'':10} serve+metrics {point.metered.median:9.0f}/s {point.metered.spread:5} "
-                    f"on/off {ratio(point.metered, point.serve)}  "
-                    f"CPU/req {point.metered.cpu_us('server'):.0f} us",
-                    flush=True,
-                )
     if scrape_port:
         print(f"  {scraped(scrape_port)}")
     mem_serve, mem_nginx = memory_tree(serve.pid), memory_tree(nginx.pid)
@@ -198,6 +216,36 @@ def _run_layout(settings: Settings, cleanup: Cleanup, work: Path, registry: str,
     if metered is not None:
         cleanup.run_now(metered.stop)
     return points
+
+
+def _points() -> list[tuple[str, str]]:
+    """(path, mode) of every point of a layout, in the order they are run."""
+    return [(path, mode) for path in PATHS for mode in MODES] + [(PATHS[0], TOKEN_MODE)]
+
+
+def imds_token(port: int) -> str:
+    """An IMDSv2 token from the serve on ``port`` (127.0.0.1), valid for 6 hours."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BenchError(f"the token PUT answered {resp.status}: {body[:200]!r}")
+    return body.decode()
+
+
+def fetch_with(port: int, path: str, headers: dict[str, str]) -> Fetched:
+    """One GET with these headers to 127.0.0.1."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return Fetched(resp.status, resp.getheader("Content-Type", ""), resp.read())
+    finally:
+        conn.close()
 
 
 def scraped(port: int) -> str:

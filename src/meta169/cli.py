@@ -190,6 +190,26 @@ def main(
 )
 @click.option("--poll-interval", default=0.5, show_default=True, help="Seconds between registry change checks.")
 @click.option(
+    "--registry-listen/--no-registry-listen",
+    default=True,
+    show_default=True,
+    help="PostgreSQL: hear of registry changes as they commit (LISTEN/NOTIFY); polling stays as the fallback. "
+    "Off behind a pooler that does not pass notifications on (PgBouncer in transaction mode).",
+)
+@click.option(
+    "--site-cache-size",
+    type=click.IntRange(min=1),
+    default=4_000,
+    show_default=True,
+    help="Rendered sites kept in memory (about 30 KB each); the oldest go first and render again when asked.",
+)
+@click.option(
+    "--prerender/--no-prerender",
+    default=True,
+    show_default=True,
+    help="Render sites ahead: at start and for every instance a registry change brings (up to --site-cache-size).",
+)
+@click.option(
     "--proxy-secret-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Shared secret (file, mode 0600) for proxy listeners on TCP.",
@@ -314,6 +334,9 @@ def _serve_config(
     proxy_mode: bool,
     vendor_data_file: Path | None,
     poll_interval: float,
+    registry_listen: bool,
+    site_cache_size: int,
+    prerender: bool,
     proxy_secret_file: Path | None,
     neutron_secret_file: Path | None,
     token_key_file: Path | None,
@@ -370,6 +393,9 @@ def _serve_config(
         listeners=tuple(specs),
         static_vendor_data=vendor,
         poll_interval=poll_interval,
+        registry_listen=registry_listen,
+        site_cache_size=site_cache_size,
+        prerender=prerender,
         proxy_secret=read_secret_file(proxy_secret_file, what="--proxy-secret-file") if proxy_secret_file else None,
         neutron_secret=(
             read_secret_file(neutron_secret_file, what="--neutron-secret-file") if neutron_secret_file else None
@@ -479,11 +505,19 @@ def _parse_binding(text: str) -> Any:
 
 
 @main.command()
-@click.option("--upstream", required=True, metavar="unix:PATH|HOST:PORT", help="Where meta169 serve listens.")
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    required=True,
+    metavar="unix:PATH|HOST:PORT",
+    help="Where meta169 serve listens. Repeatable: requests go to the healthy upstream with the fewest "
+    "outstanding, and one that fails before replying is retried on another.",
+)
 @click.option(
     "--secret-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Shared secret for a TCP upstream (file, mode 0600); required for TCP.",
+    help="Shared secret for TCP upstreams (file, mode 0600); required for TCP.",
 )
 @click.option(
     "--listeners",
@@ -508,7 +542,21 @@ def _parse_binding(text: str) -> Any:
     "--upstream-timeout",
     default=10.0,
     show_default=True,
-    help="Seconds to wait for serve's reply before answering the guest 504.",
+    help="Seconds to wait for serve's reply (waiting for a connection included) before answering the guest 504.",
+)
+@click.option(
+    "--upstream-queue",
+    type=click.IntRange(min=0),
+    default=4096,
+    show_default=True,
+    help="Requests that may wait for a connection to serve when every upstream's 256 are busy; past it, 503.",
+)
+@click.option(
+    "--upstream-check-interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between health checks of each upstream (skipped while it answers requests).",
 )
 @click.option(
     "--metrics-listen",
@@ -553,12 +601,14 @@ def _proxy_config(
     obj: Ctx,
     log_level: int,
     *,
-    upstream: str,
+    upstreams: tuple[str, ...],
     secret_file: Path | None,
     listener_file: Path | None,
     from_registry: bool,
     listens: tuple[str, ...],
     upstream_timeout: float,
+    upstream_queue: int,
+    upstream_check_interval: float,
     metrics_listen: str | None,
     allow_empty: bool,
     drain_timeout: float,
@@ -568,16 +618,18 @@ def _proxy_config(
 
     if not (listener_file or from_registry or listens):
         raise ConfigError("give --listeners FILE, --from-registry or at least one --listen")
-    spec = dataclasses.replace(parse_upstream(upstream), reply_timeout=upstream_timeout)
+    specs = tuple(dataclasses.replace(parse_upstream(u), reply_timeout=upstream_timeout) for u in upstreams)
     secret = None
     if secret_file is not None:
         from meta169.secretfile import read_secret_file
 
         secret = read_secret_file(secret_file, what="--secret-file")
-    elif spec.is_tcp:
+    elif any(spec.is_tcp for spec in specs):
         raise ConfigError("a TCP --upstream needs --secret-file (per-request HMAC); use unix:PATH otherwise")
     return ProxyConfig(
-        upstream=spec,
+        upstreams=specs,
+        queue_limit=upstream_queue,
+        check_interval=upstream_check_interval,
         secret=secret,
         static=tuple(parse_static_listener(x) for x in listens),
         listener_file=listener_file,
@@ -624,6 +676,13 @@ def _proxy_config(
     show_default=True,
     help="On SIGTERM, seconds to let requests in flight finish before closing them.",
 )
+@click.option(
+    "--max-body-mib",
+    type=click.IntRange(min=1, max=1024),
+    default=4,
+    show_default=True,
+    help="Largest request body in MiB: an import of 100,000 instances is about 50 MiB of JSON.",
+)
 @pass_ctx
 def admin(obj: Ctx, /, **params: Any) -> None:
     """Serve the authenticated admin API (list, show, create, update, delete, import).
@@ -654,6 +713,7 @@ def _admin_config(
     metrics_listen: str | None,
     allow_empty: bool,
     drain_timeout: float,
+    max_body_mib: int,
 ) -> Any:
     """admin's AdminConfig from its parameters: at start, and again on SIGHUP."""
     from meta169.admin.run import AdminConfig
@@ -668,6 +728,7 @@ def _admin_config(
         drain_timeout=drain_timeout,
         log_level=log_level,
         metrics_listen=_metrics_address(metrics_listen),
+        max_body_bytes=max_body_mib << 20,
     )
 
 
@@ -741,17 +802,41 @@ def _with_registry(obj: Ctx, fn: Callable[[Any], None]) -> None:
 
 @instance.command("list")
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="At most this many instances (one page), in uuid order.",
+)
+@click.option("--marker", metavar="UUID", help="Start after this uuid: the last one of the previous page.")
+@click.option("--all", "every", is_flag=True, help="Every instance, read from the registry a page at a time.")
 @pass_ctx
-def instance_list(obj: Ctx, as_json: bool) -> None:
-    """One line per instance: uuid, name, network:ip of each port."""
+def instance_list(obj: Ctx, as_json: bool, limit: int, marker: str | None, every: bool) -> None:
+    """One line per instance: uuid, name, network:ip of each port.
+
+    Pages as Nova's list APIs do: --limit, then --marker with the last uuid shown.
+    """
+    from meta169.registry import iter_instances
 
     def body(registry: Any) -> None:
-        rows = [_instance_summary(i) for i in registry.list_instances()]
+        if every:
+            rows = (_instance_summary(i) for i in iter_instances(registry, page=limit, marker=marker))
+        else:
+            rows = (_instance_summary(i) for i in registry.list_instances(limit=limit, marker=marker))
+        last, shown = None, 0
         if as_json:
-            click.echo(json.dumps(rows, indent=2))
-            return
+            click.echo("[", nl=False)
         for row in rows:
-            click.echo(f"{row['uuid']}  {row['name']:<20} {' '.join(row['addresses'])}")
+            if as_json:
+                click.echo(("," if shown else "") + "\n  " + json.dumps(row), nl=False)
+            else:
+                click.echo(f"{row['uuid']}  {row['name']:<20} {' '.join(row['addresses'])}")
+            last, shown = row["uuid"], shown + 1
+        if as_json:
+            click.echo("\n]" if shown else "]")
+        if not every and shown == limit:
+            click.echo(f"{shown} shown; for the next page: meta169 instance list --marker {last}", err=True)
 
     _with_registry(obj, body)
 

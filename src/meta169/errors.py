@@ -15,6 +15,7 @@ translated at the module boundary that met them, with ``raise ... from exc``.
     │   │   └── UnknownCaller       no instance has this IP on this network
     │   ├── AmbiguousCaller         several instances claim this IP (a data bug)
     │   ├── Conflict                a write would contradict existing state
+    │   ├── RegistryUnavailable     the database cannot be reached (refused, lost, timed out)
     │   └── SchemaError             the database schema is newer or broken
     ├── HTTPError                   carries ``status``; the server maps it to a reply
     ├── PlumbingError               a namespace, rule or daemon operation failed
@@ -70,6 +71,14 @@ class UnknownCaller(NotFound):
         self.scope = scope
         self.ip = ip
         super().__init__(f"no instance with IP {ip} on {scope}")
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry's database cannot be reached: connection refused, lost or timed out.
+
+    Unlike other registry errors it says nothing about the data: the same call can
+    succeed once the database is back, so serve answers from its cache meanwhile.
+    """
 
 
 class AmbiguousCaller(RegistryError):

@@ -4,9 +4,12 @@ answered, for every document of a real site, and stops the moment it must."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import http.client
 import re
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -19,19 +22,23 @@ from meta169.api.cache import SiteCache
 from meta169.api.config import ServeConfig
 from meta169.api.metadata import MetadataApp
 from meta169.api.ratelimit import Buckets, RateLimit
+from meta169.api.server import RunningServer, start
 from meta169.api.tokens import KeyRing
 from meta169.http import wire
 from meta169.http.limits import Limits
 from meta169.http.listen import Binding, ListenAddress, ListenerSpec
 from meta169.http.message import Request, Response, date_line
 from meta169.model import Instance, MetadataOptions, Network, Port, SSHKey, Subnet, parse_ip, parse_network
+from meta169.proxy.upstream import Upstream, UpstreamSpec
 from meta169.registry.memory import MemoryRegistry
 from meta169.render import RenderOptions
 from tests.capabilities import require
 from tests.http_parse import parse_request
-from tests.integration.serving import get, in_process
+from tests.integration.serving import get, in_process, proxy_in_process
+from tests.scrape import scrape, total, value
 
 UUID = "5e0c2d9a-8d8c-4f6e-9c1a-0d9c2b7f1a11"
+OTHER_UUID = "7a1f3c22-2b4d-4e8f-8a0b-6c5d4e3f2a10"
 PEER = "10.0.0.11"
 
 
@@ -191,7 +198,7 @@ def test_fastpath_declines_what_the_python_path_must_judge(
     asyncio.run(main())
 
 
-def test_fastpath_never_remembers_for_tokens_required() -> None:
+def test_fastpath_with_tokens_required_answers_only_valid_tokens() -> None:
     registry = _registry(MetadataOptions(http_tokens="required"))
     cache = SiteCache(registry, RenderOptions())
     ring = KeyRing.generate()
@@ -203,13 +210,54 @@ def test_fastpath_never_remembers_for_tokens_required() -> None:
         async def run() -> None:
             path = "/latest/meta-data/instance-id"
             token = tokens.issue(ring, UUID, 60)
+            with_token = _request(path, f"X-aws-ec2-metadata-token: {token}\r\n")
+            assert await _python_answer(app, _request(path)) == b"HTTP/1.1 401"
+            assert fast(with_token, PEER) is None  # not checked yet: the Python path checks the seal
+            python = await _python_answer(app, with_token)
+            assert python.endswith(UUID.encode())
             for _ in range(3):
-                assert await _python_answer(app, _request(path)) == b"HTTP/1.1 401"
-                # Answered with a valid token, but a tokenless repeat must still be refused.
-                with_token = await _python_answer(app, _request(path, f"X-aws-ec2-metadata-token: {token}\r\n"))
-                assert with_token.endswith(UUID.encode())
+                compiled = fast(with_token, PEER)
+                assert compiled is not None and _without_date(compiled[0]) == _without_date(python)
+                # A tokenless repeat, a forged or another instance's token: still the Python path's 401.
                 assert fast(_request(path), PEER) is None
-            assert cache.wire_sites("net-a", "") == {}
+                assert await _python_answer(app, _request(path)) == b"HTTP/1.1 401"
+                forged = _request(path, f"X-aws-ec2-metadata-token: {tokens.issue(KeyRing.generate(), UUID, 60)}\r\n")
+                assert fast(forged, PEER) is None
+                assert await _python_answer(app, forged) == b"HTTP/1.1 401"
+            other = _request(path, f"X-aws-ec2-metadata-token: {tokens.issue(ring, OTHER_UUID, 60)}\r\n")
+            assert fast(other, PEER) is None and await _python_answer(app, other) == b"HTTP/1.1 401"
+            # The caller's table says tokens are required, so it outlives no option change:
+            # a registry change drops it with the site.
+            assert cache.wire_sites("net-a", "")[PEER][-1] is True
+
+        asyncio.run(run())
+    finally:
+        cache.close()
+
+
+def test_fastpath_token_table_stays_bounded_under_a_flood() -> None:
+    # Forged tokens are refused by the Python path and never recorded; a guest
+    # minting valid tokens in a loop keeps only its newest few.
+    registry = _registry()
+    cache = SiteCache(registry, RenderOptions())
+    ring = KeyRing.generate()
+    validated = tokens.Validated(max_tokens=64, per_instance=4)
+    app = MetadataApp(cache, Binding("network", "net-a"), token_keys=ring, validated_tokens=validated)
+    try:
+
+        async def run() -> None:
+            path = "/latest/meta-data/instance-id"
+            for _ in range(200):
+                forged = tokens.issue(KeyRing.generate(), UUID, 60)
+                assert await _python_answer(app, _request(path, f"X-aws-ec2-metadata-token: {forged}\r\n")) == (
+                    b"HTTP/1.1 401"
+                )
+            assert len(validated) == 0
+            minted = [tokens.issue(ring, UUID, 60) for _ in range(50)]
+            for token in minted:
+                reply = await _python_answer(app, _request(path, f"X-aws-ec2-metadata-token: {token}\r\n"))
+                assert reply.endswith(UUID.encode())
+            assert set(validated.table) == {t.encode() for t in minted[-4:]}
 
         asyncio.run(run())
     finally:
@@ -508,3 +556,73 @@ def test_serve_keeps_its_listen_backlog(tmp_path: Path) -> None:
     assert any(str(path) in line and line.split()[3] == str(want) for line in unix.splitlines()), unix
     port = addresses[1].port
     assert any(line.split()[3].endswith(f":{port}") and line.split()[2] == str(want) for line in tcp.splitlines()), tcp
+
+
+@contextlib.contextmanager
+def _running(config: ServeConfig, registry: MemoryRegistry) -> Iterator[RunningServer]:
+    """``api.server.start`` on a loop in a thread; the running server."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        running = asyncio.run_coroutine_threadsafe(start(config, registry=registry), loop).result(10)
+        try:
+            yield running
+        finally:
+            asyncio.run_coroutine_threadsafe(running.close(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def test_serve_imdsv2_clients_stay_on_the_fast_path(tmp_path: Path) -> None:
+    """An IMDSv2 client (the token PUT, then the token on every GET of one keep-alive
+    connection, as botocore and cloud-init send it) straight to a network listener
+    and through the proxy, for an instance that requires tokens: the repeats are the
+    compiled path's, its counters say so, and refusals stay the Python path's 401."""
+    ttl, header, doc, repeats = "X-aws-ec2-metadata-token-ttl-seconds", "X-aws-ec2-metadata-token", "/latest/", 8
+    sock_path = tmp_path / "serve.sock"
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(
+            ListenerSpec(ListenAddress("127.0.0.1", 0), Binding("network", "net-a")),
+            ListenerSpec(ListenAddress(unix_path=sock_path), Binding("proxy")),
+        ),
+        poll_interval=0.05,
+        rate_limit=None,
+        metrics_listen=ListenAddress("127.0.0.1", 0),
+    )
+    with _running(config, _registry(MetadataOptions(http_tokens="required"))) as running:
+        assert running.ops is not None
+        metrics = running.ops.address.port
+        deadline = time.monotonic() + 5
+        # A lookup overlapping the first registry poll is served but not cached.
+        while value(scrape(metrics), "meta169_serve_registry_polls_total", result="ok") < 2:
+            assert time.monotonic() < deadline, "no registry poll"
+            time.sleep(0.02)
+        direct = (running.addresses[0].host, running.addresses[0].port)
+        with proxy_in_process(Upstream(UpstreamSpec(unix_path=sock_path)), Binding("network", "net-a")) as proxy:
+            for address in (direct, proxy):
+                status, _, token = get(address, "/latest/api/token", method="PUT", headers={ttl: "60"})
+                assert status == 200
+                conn = http.client.HTTPConnection(*address, timeout=5)
+                try:
+                    bodies = set()
+                    for _ in range(repeats):
+                        conn.request("GET", doc + "meta-data/instance-id", headers={header: token.decode()})
+                        resp = conn.getresponse()
+                        assert resp.status == 200
+                        bodies.add(resp.read())
+                    assert bodies == {UUID.encode()}
+                    forged = tokens.issue(KeyRing.generate(), UUID, 60)
+                    for refused in ({}, {header: forged}, {header: token.decode()[:-1]}):
+                        conn.request("GET", doc + "meta-data/instance-id", headers=refused)
+                        resp = conn.getresponse()
+                        assert (resp.status, resp.read()) == (401, b"Unauthorized\n"), refused
+                finally:
+                    conn.close()
+        samples = scrape(metrics)
+    # The first GET with a token on each listener is checked in Python, the rest are repeats.
+    assert total(samples, "meta169_serve_requests_total", path="fast") >= 2 * (repeats - 1)
+    assert total(samples, "meta169_serve_requests_total", path="python", status="4xx") >= 6

@@ -30,7 +30,9 @@ class _Recorder(Upstream):
         self.sent: list[bytes] = []
         self.pipelined: list[bool] = []
 
-    def request(self, payload: bytes, convert: Any, sink: Any, *, pipeline: bool = False) -> None:
+    def request(
+        self, payload: bytes, convert: Any, sink: Any, *, pipeline: bool = False, idempotent: bool = True
+    ) -> None:
         self.sent.append(payload)
         self.pipelined.append(pipeline)
 

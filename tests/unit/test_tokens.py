@@ -11,6 +11,7 @@ from meta169.errors import ConfigError
 A = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
 B = "11111111-1111-4111-8111-111111111111"
 NOW = 1_800_000_000.0
+NOW_S = int(NOW)
 RING = KeyRing((TokenKey(1, b"k" * 32),))
 
 
@@ -81,3 +82,62 @@ def test_tokens_other_node_with_same_ring_accepts() -> None:
 def test_tokens_bad_key_file_is_config_error(text: str) -> None:
     with pytest.raises(ConfigError):
         KeyRing.parse(text, source="keys")
+
+
+def test_tokens_valid_until_gives_the_sealed_expiry() -> None:
+    token = tokens.issue(RING, A, 60, now=NOW + 0.25)
+    assert tokens.valid_until(RING, token, A, now=NOW) == NOW + 61  # rounded up, never cut
+    assert tokens.valid_until(RING, token, B, now=NOW) is None
+    assert tokens.valid_until(RING, token, A, now=NOW + 61) is None
+    assert tokens.valid_until(RING, "forged", A, now=NOW) is None
+
+
+def _validated(max_tokens: int, per_instance: int) -> tokens.Validated:
+    return tokens.Validated(max_tokens=max_tokens, per_instance=per_instance)
+
+
+def test_tokens_validated_maps_token_bytes_to_instance_and_expiry() -> None:
+    table = _validated(8, 4)
+    token = tokens.issue(RING, A, 60, now=NOW)
+    table.add(token, A, NOW_S + 60, now=NOW)
+    table.add(token, A, NOW_S + 60, now=NOW)  # again: one entry
+    assert table.table == {token.encode(): (A, NOW_S + 60)}
+
+
+def test_tokens_validated_instance_evicts_only_its_own_oldest() -> None:
+    table = _validated(100, 3)
+    table.add("b-only", B, NOW_S + 60, now=NOW)
+    for n in range(10):
+        table.add(f"a-{n}", A, NOW_S + 60, now=NOW)
+    assert list(table.table) == [b"b-only", b"a-7", b"a-8", b"a-9"]
+
+
+def test_tokens_validated_full_table_sweeps_expired_first() -> None:
+    table = _validated(8, 8)
+    for n in range(4):
+        table.add(f"old-{n}", A, NOW_S - 1, now=NOW - 100)  # recorded while valid
+    for n in range(4):
+        table.add(f"live-{n}", B, NOW_S + 60, now=NOW)
+    table.add("new", B, NOW_S + 60, now=NOW)
+    assert set(table.table) == {b"live-0", b"live-1", b"live-2", b"live-3", b"new"}
+
+
+def test_tokens_validated_stays_bounded_and_consistent() -> None:
+    # Many instances, none expired: the oldest eighth makes way at each sweep.
+    table = _validated(64, 4)
+    uuids = [f"00000000-0000-4000-8000-{n:012d}" for n in range(100)]
+    for n in range(5000):
+        table.add(f"t-{n}", uuids[n % len(uuids)], NOW_S + 60, now=NOW)
+        assert len(table) <= 64
+    assert f"t-{4999}".encode() in table.table
+    # every entry is held under its instance and nothing else is (the per-instance bound's bookkeeping)
+    held = table._by_instance
+    assert sum(len(keys) for keys in held.values()) == len(table)
+    assert all(table.table[key][0] == uuid for uuid, keys in held.items() for key in keys)
+    assert all(len(keys) <= 4 for keys in held.values())
+
+
+@pytest.mark.parametrize(("max_tokens", "per_instance"), [(0, 1), (1, 0)])
+def test_tokens_validated_needs_room(max_tokens: int, per_instance: int) -> None:
+    with pytest.raises(ValueError):
+        _validated(max_tokens, per_instance)

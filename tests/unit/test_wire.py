@@ -634,3 +634,128 @@ def test_wire_answer_takes_from_the_shared_bucket(compiled: Any) -> None:
         _fast(compiled, {b"/a": (HEAD_200, b"hello")}, {UUID: wire.PyBucket(1.0, 1.0, 0.0)}).answer(
             request, "10.0.0.11"
         )
+
+
+# -- IMDSv2 tokens ---------------------------------------------------------------------
+
+TOKEN_NAME = b"x-aws-ec2-metadata-token"
+TOKEN = b"AQAAAAB-sealed-token-as-the-Python-path-issued-it"
+
+
+def _with_tokens(compiled: Any, slot: tuple[Any, ...], known: dict[bytes, Any], buckets: Any = None) -> Any:
+    return compiled.FastPath(
+        {"10.0.0.11": slot}, buckets, 8192, 64, 2048, OWNED, PREFIXES, None, None, None, known, TOKEN_NAME
+    )
+
+
+def _get(extra: bytes = b"") -> bytes:
+    return b"GET /a HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"", None),
+        (b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n", TOKEN),
+        (b"x-AWS-EC2-metadata-TOKEN:\t " + TOKEN + b" \t\r\n", TOKEN),  # trimmed as serve trims it
+        (b"X-aws-ec2-metadata-token:\r\n", b""),
+    ],
+)
+def test_wire_reads_the_token_header_where_it_is_given(compiled: Any, line: bytes, expected: bytes | None) -> None:
+    data = _get(line)
+    got = compiled.recognise(data, 8192, 64, 2048, OWNED, PREFIXES, None, TOKEN_NAME)
+    assert got is not None and got["token"] == expected
+    # without the name it stays an owned header, declined
+    assert (compiled.recognise(data, 8192, 64, 2048, OWNED, PREFIXES) is None) == (expected is not None)
+
+
+def test_wire_declines_a_repeated_token_header(compiled: Any) -> None:
+    # serve joins a repeated header into one value ("a,b"), which is no token: 401.
+    twice = _get((b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n") * 2)
+    assert compiled.recognise(twice, 8192, 64, 2048, OWNED, PREFIXES, None, TOKEN_NAME) is None
+    # the token is read beside the proxy's stamp too
+    stamped = _get(STAMP + b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n")
+    got = compiled.recognise(stamped, 8192, 64, 2048, OWNED, PREFIXES, STAMP_NAMES, TOKEN_NAME)
+    assert got is not None and (got["token"], got["caller"]) == (TOKEN, b"10.0.0.11")
+
+
+def test_wire_answers_a_token_the_table_vouches_for(compiled: Any) -> None:
+    known = {TOKEN: (UUID, int(time.time()) + 60)}
+    fast = _with_tokens(compiled, ({b"/a": (HEAD_200, b"hello")}, UUID), known)
+    sent = _get(b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n")
+    assert fast.answer(sent, "10.0.0.11")[0].endswith(b"hello")
+    assert fast.answer(_get(), "10.0.0.11") is not None  # optional: no token is fine too
+    for other in (b"forged", TOKEN[:-1], TOKEN + b"x", b""):
+        assert fast.answer(_get(b"X-aws-ec2-metadata-token: " + other + b"\r\n"), "10.0.0.11") is None
+    # another instance's token, though valid for that one
+    known[TOKEN] = ("11111111-1111-4111-8111-111111111111", int(time.time()) + 60)
+    assert fast.answer(sent, "10.0.0.11") is None
+    # expired by the wall clock: valid while expiry > time.time(), as in api.tokens
+    known[TOKEN] = (UUID, int(time.time()))
+    assert fast.answer(sent, "10.0.0.11") is None
+    known[TOKEN] = (UUID, int(time.time()) + 2)
+    assert fast.answer(sent, "10.0.0.11") is not None
+    known.clear()  # the table is read in place
+    assert fast.answer(sent, "10.0.0.11") is None
+
+
+def test_wire_required_slot_answers_only_with_a_token(compiled: Any) -> None:
+    known = {TOKEN: (UUID, int(time.time()) + 60)}
+    sent = _get(b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n")
+    required = _with_tokens(compiled, ({b"/a": (HEAD_200, b"hello")}, UUID, True), known)
+    assert required.answer(_get(), "10.0.0.11") is None  # the Python path answers 401
+    assert required.answer(sent, "10.0.0.11") is not None
+    optional = _with_tokens(compiled, ({b"/a": (HEAD_200, b"hello")}, UUID, False), known)
+    assert optional.answer(_get(), "10.0.0.11") is not None and optional.answer(sent, "10.0.0.11") is not None
+
+
+def test_wire_token_is_checked_before_the_bucket(compiled: Any) -> None:
+    # A request declined for its token takes nothing from the instance's bucket:
+    # the Python path, which answers it, takes its own.
+    bucket = compiled.Bucket(0.001, 1.0, time.monotonic())
+    fast = _with_tokens(compiled, ({b"/a": (HEAD_200, b"hello")}, UUID, True), {}, {UUID: bucket})
+    for _ in range(3):
+        assert fast.answer(_get(b"X-aws-ec2-metadata-token: forged\r\n"), "10.0.0.11") is None
+        assert fast.answer(_get(), "10.0.0.11") is None
+    assert bucket.tokens == 1.0
+
+
+def test_wire_counts_token_answers_in_their_class(compiled: Any) -> None:
+    known = {TOKEN: (UUID, int(time.time()) + 60)}
+    fast = _with_tokens(compiled, ({b"/a": (HEAD_200, b"hello", 5)}, UUID), known)
+    fast.answer(_get(b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n") * 2 + _get(), "10.0.0.11")
+    fast.answer(_get(b"X-aws-ec2-metadata-token: forged\r\n"), "10.0.0.11")  # declined: not counted
+    assert fast.stats()[0][5] == 3
+
+
+def test_wire_proxy_socket_checks_the_token_of_the_stamped_caller(compiled: Any) -> None:
+    known = {TOKEN: (UUID, int(time.time()) + 60)}
+    networks = {"net-a": {"10.0.0.11": ({b"/a": (HEAD_200, b"hello")}, UUID, True)}}
+    fast = compiled.FastPath(networks, None, 8192, 64, 2048, OWNED, PREFIXES, {}, STAMP_NAMES, None, known, TOKEN_NAME)
+    assert fast.answer(_get(STAMP + b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n"), "") is not None
+    assert fast.answer(_get(STAMP), "") is None
+    other = b"X-Meta169-Caller-IP: 10.0.0.12\r\nX-Meta169-Network-ID: net-a\r\n"
+    assert fast.answer(_get(other + b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n"), "") is None
+
+
+def test_wire_token_arguments_are_checked(compiled: Any) -> None:
+    def make(known: Any, name: Any) -> Any:
+        return compiled.FastPath({}, None, 8192, 64, 2048, OWNED, PREFIXES, None, None, None, known, name)
+
+    with pytest.raises(TypeError, match="together"):
+        make({}, None)
+    with pytest.raises(TypeError, match="together"):
+        make(None, TOKEN_NAME)
+    with pytest.raises(TypeError, match="dict"):
+        make([], TOKEN_NAME)
+    with pytest.raises(ValueError, match="lower-case"):
+        make({}, b"X-aws-ec2-metadata-token")
+    with pytest.raises(TypeError, match="bytes"):
+        make({}, "x-aws-ec2-metadata-token")
+    fast = make({}, TOKEN_NAME)
+    assert fast.token == TOKEN_NAME and fast.tokens == {}
+    sent = _get(b"X-aws-ec2-metadata-token: " + TOKEN + b"\r\n")
+    for entry in [UUID, (UUID,), (UUID, "60"), (b"uuid", 60), (UUID, 2**80)]:
+        bad = _with_tokens(compiled, ({b"/a": (HEAD_200, b"hello")}, UUID), {TOKEN: entry})
+        with pytest.raises((TypeError, OverflowError)):
+            bad.answer(sent, "10.0.0.11")

@@ -7,7 +7,7 @@ inventory format, so what ``meta169 import`` accepts, the API accepts:
 =======  ===========================  =========================================
 method   path                         what
 =======  ===========================  =========================================
-GET      /v1/instances                all instances (inventory form)
+GET      /v1/instances                a page of instances (inventory form)
 GET      /v1/instances/UUID           one instance
 PUT      /v1/instances/UUID           create or replace one instance (JSON)
 DELETE   /v1/instances/UUID           remove it and its ports
@@ -16,16 +16,27 @@ POST     /v1/import                   an inventory document (JSON or YAML)
 GET      /v1/health                   no auth; 200 with the registry revision
 =======  ===========================  =========================================
 
+The instance list pages as Nova's list APIs do: ``?limit=N`` (default and at most
+1000, Nova's ``[api] max_limit``) and ``?marker=UUID``, the last uuid of the previous
+page; instances come in uuid order. The body stays a JSON list; when the page is
+full, a ``Link: <...>; rel="next"`` header (RFC 8288) gives the next page's URL.
+
+An import is one transaction: all of it is written, or (400, 409, 503) none.
+Its body may be as large as the server's ``--max-body-mib``.
+
 Errors: 401 without a valid token, 400 for an invalid body (the inventory error,
-naming the entry and field), 404 unknown, 409 conflicts, 503 registry failure.
+naming the entry and field) or query, 404 unknown, 409 conflicts, 503 registry
+failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -97,7 +108,7 @@ class AdminApp:
         if route is None:
             known = any(k[1] == parts[1] and k[2] == len(parts) - 2 for k in _ROUTES)
             return error_response(405 if known else 404)
-        answer = self._run(lambda: route(self._registry, parts[2:], req.body))
+        answer = self._run(lambda: route(self._registry, parts[2:], req))
         kind = _WRITES.get(route)
         if kind is not None and self._metrics is not None:
             return self._counted(kind, answer, self._metrics)
@@ -140,17 +151,44 @@ def _decode(body: bytes) -> str:
         raise ValidationError("body is not UTF-8") from exc
 
 
-def _list_instances(reg: Registry, _: list[str], __: bytes) -> Response:
-    return _json(200, [instance_to_dict(i) for i in reg.list_instances()])
+# Nova's default for ``[api] max_limit``: a page is at most this long.
+MAX_LIMIT = 1000
 
 
-def _get_instance(reg: Registry, args: list[str], _: bytes) -> Response:
+def _page(req: Request) -> tuple[int, str | None]:
+    """``limit`` and ``marker`` from the query; ValidationError (400) when invalid."""
+    query = urllib.parse.parse_qs(req.raw_path.decode("latin-1").partition("?")[2], keep_blank_values=True)
+    unknown = sorted(set(query) - {"limit", "marker"})
+    if unknown:
+        raise ValidationError(f"unknown query parameter {unknown[0]!r}: use limit and marker")
+    limit = MAX_LIMIT
+    if "limit" in query:
+        text = query["limit"][-1]
+        if not (text.isascii() and text.isdigit()):
+            raise ValidationError(f"limit must be a non-negative integer, not {text[:20]!r}")
+        # A limit above the maximum is the maximum, as Nova's max_limit makes it.
+        limit = MAX_LIMIT if len(text) > len(str(MAX_LIMIT)) else min(int(text), MAX_LIMIT)
+    marker = query["marker"][-1] if "marker" in query else None
+    return limit, marker or None
+
+
+def _list_instances(reg: Registry, _: list[str], req: Request) -> Response:
+    limit, marker = _page(req)
+    found = reg.list_instances(limit=limit, marker=marker)
+    resp = _json(200, [instance_to_dict(i) for i in found])
+    if found and len(found) == limit:
+        query = urllib.parse.urlencode({"limit": limit, "marker": found[-1].uuid})
+        return dataclasses.replace(resp, headers=(("Link", f'</v1/instances?{query}>; rel="next"'),))
+    return resp
+
+
+def _get_instance(reg: Registry, args: list[str], _: Request) -> Response:
     return _json(200, instance_to_dict(reg.get_instance(args[0])))
 
 
-def _put_instance(reg: Registry, args: list[str], body: bytes) -> Response:
+def _put_instance(reg: Registry, args: list[str], req: Request) -> Response:
     try:
-        entry = json.loads(_decode(body))
+        entry = json.loads(_decode(req.body))
     except ValueError as exc:
         raise ValidationError(f"body is not JSON: {exc}") from exc
     if not isinstance(entry, dict):
@@ -170,25 +208,25 @@ def _put_instance(reg: Registry, args: list[str], body: bytes) -> Response:
     return _json(status, instance_to_dict(reg.get_instance(inventory.instances[0].uuid)))
 
 
-def _delete_instance(reg: Registry, args: list[str], _: bytes) -> Response:
+def _delete_instance(reg: Registry, args: list[str], _: Request) -> Response:
     reg.delete_instance(args[0])
     return Response(204, b"")
 
 
-def _list_networks(reg: Registry, _: list[str], __: bytes) -> Response:
+def _list_networks(reg: Registry, _: list[str], __: Request) -> Response:
     return _json(200, [network_to_dict(n) for n in reg.list_networks()])
 
 
-def _list_routers(reg: Registry, _: list[str], __: bytes) -> Response:
+def _list_routers(reg: Registry, _: list[str], __: Request) -> Response:
     return _json(200, [router_to_dict(r) for r in reg.list_routers()])
 
 
-def _import(reg: Registry, _: list[str], body: bytes) -> Response:
-    report = apply_inventory(reg, parse_inventory(_decode(body), source="request body"))
+def _import(reg: Registry, _: list[str], req: Request) -> Response:
+    report = apply_inventory(reg, parse_inventory(_decode(req.body), source="request body"))
     return _json(200, {"report": format_import_report(report), "revision": report.revision})
 
 
-Route = Callable[[Registry, list[str], bytes], Response]
+Route = Callable[[Registry, list[str], Request], Response]
 # (method, collection, number of path arguments) -> handler
 _ROUTES: dict[tuple[str, str, int], Route] = {
     ("GET", "instances", 0): _list_instances,

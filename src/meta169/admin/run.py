@@ -47,6 +47,8 @@ class AdminConfig:
     log_level: int | None = None
     # /metrics, /healthz and /readyz on a listener of their own; None: off.
     metrics_listen: ListenAddress | None = None
+    # The largest request body: an import's inventory (a restart applies a change).
+    max_body_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.address.unix_path is not None:
@@ -74,7 +76,7 @@ def run_admin(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     registry = open_registry(config.registry_url)
     try:
-        if not config.allow_empty and not registry.list_instances():
+        if not config.allow_empty and not registry.has_instances():
             raise RegistryError(
                 f"{describe_registry_url(config.registry_url)} holds no instances; import an inventory first, "
                 f"or pass --allow-empty to fill it through the admin API"
@@ -113,7 +115,9 @@ async def _serve(
     signals = Signals(None)
     signals.install()
     try:
-        server, app, ticker = await start_admin(registry, config.token, (address.host, address.port), metrics=metrics)
+        server, app, ticker = await start_admin(
+            registry, config.token, (address.host, address.port), max_body=config.max_body_bytes, metrics=metrics
+        )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
     running = config
@@ -149,7 +153,7 @@ async def _serve(
             on_ready(host, port)
 
         async def empty() -> str | None:
-            if not await app.run_blocking(registry.list_instances):
+            if not await app.run_blocking(registry.has_instances):
                 return f"registry {describe_registry_url(config.registry_url)} holds no instances"
             return None
 

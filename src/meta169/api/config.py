@@ -20,7 +20,8 @@ from meta169.model import MetadataOptions
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
-    registry_url: str
+    # May carry a password joined from a 0600 file: never in repr or logs.
+    registry_url: str = field(repr=False)
     listeners: tuple[ListenerSpec, ...]
     limits: Limits = field(default_factory=Limits)
     static_vendor_data: dict[str, Any] = field(default_factory=dict)
@@ -28,6 +29,13 @@ class ServeConfig:
     # How often serve asks the registry whether anything changed; an import in
     # another process shows within this interval (plus one query).
     poll_interval: float = 0.5
+    # PostgreSQL: learn of each write as it commits (LISTEN/NOTIFY), polling only as
+    # a safety net. Off for a pooler that does not pass notifications on.
+    registry_listen: bool = True
+    # Rendered sites kept in memory (the oldest go first), and whether sites are
+    # rendered ahead, at start and for every instance a change brings.
+    site_cache_size: int = 4_000
+    prerender: bool = True
     # Shared with meta169 proxy for TCP proxy listeners (per-request HMAC). Never
     # printed: repr=False keeps it out of logs and tracebacks.
     proxy_secret: bytes | None = field(default=None, repr=False)

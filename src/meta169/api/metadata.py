@@ -14,11 +14,11 @@ from collections.abc import Awaitable
 from urllib.parse import unquote
 
 from meta169.api import tokens
-from meta169.api.cache import MISS_AMBIGUOUS, Miss, SiteCache
+from meta169.api.cache import MISS_AMBIGUOUS, RETRY_AFTER_S, Miss, SiteCache
 from meta169.api.identity import NeutronIdentity, caller_from_proxy_headers, neutron_identity
 from meta169.api.ratelimit import Buckets, retry_after
 from meta169.api.tokens import TOKEN_HEADER, TTL_HEADER, KeyRing
-from meta169.errors import ConfigError, Conflict, HTTPError, NotFound, RegistryError
+from meta169.errors import ConfigError, Conflict, HTTPError, NotFound, RegistryError, RegistryUnavailable
 from meta169.http import wire
 from meta169.http.limits import Limits
 from meta169.http.listen import Binding
@@ -51,8 +51,10 @@ _ALLOW = (("Allow", "GET, HEAD"),)
 # tests/unit/test_owned_headers.py holds the lists to their source). The compiled
 # fast path answers only GET and HEAD on those listeners and repeats only answers
 # given without any of these, so it declines every request that carries one
-# (http.wire); on a proxy socket it reads the stamp itself (HDR_CALLER_IP with
-# HDR_NETWORK or HDR_ROUTER).
+# (http.wire), except two it is given the means to check itself: on a proxy socket
+# the stamp (HDR_CALLER_IP with HDR_NETWORK or HDR_ROUTER), and the IMDSv2 token,
+# which it accepts only when this path has found that very token valid for the
+# caller's instance and it has not expired since (tokens.Validated).
 PYTHON_OWNED_HEADERS = frozenset(
     (TOKEN_HEADER,)  # IMDSv2: a token that is sent must be valid, else 401
 )
@@ -75,6 +77,10 @@ PYTHON_OWNED_PREFIXES = (IDENTITY_PREFIX,)
 _HIT = ("hit",)
 _MISS = ("miss",)
 _VIA_PYTHON = ("python",)
+# While the registry is unreachable a caller serve has not cached gets this, never
+# 404: cloud-init takes a 404 as "no metadata service here" and gives up on the
+# datasource, where a 503 is retried by the EC2 crawl and by SDKs.
+_UNAVAILABLE_HEADERS = (("Retry-After", str(RETRY_AFTER_S)),)
 
 
 def _describe(caller: Caller | NeutronIdentity) -> str:
@@ -151,6 +157,7 @@ class MetadataApp:
         "_ring",
         "_scope",
         "_secret",
+        "_validated",
         "_wire",
     )
 
@@ -166,6 +173,7 @@ class MetadataApp:
         neutron_secret: bytes | None = None,
         metrics: ServeMetrics | None = None,
         access_log: AccessLog | None = None,
+        validated_tokens: tokens.Validated | None = None,
     ) -> None:
         self._cache = cache
         self._metrics = metrics
@@ -192,6 +200,10 @@ class MetadataApp:
         # router listeners, and on a proxy's Unix socket, where the stamp is trusted
         # as sent (over TCP every request's HMAC must be checked in Python).
         self._wire = self._direct is not None or (binding.kind == "proxy" and proxy_secret is None)
+        # The tokens this listener found valid, which its fast path may accept again.
+        self._validated: tokens.Validated | None = None
+        if self._wire:
+            self._validated = validated_tokens if validated_tokens is not None else tokens.Validated()
 
     def fast_path(self, limits: Limits) -> wire.Answer | None:
         """The compiled answer for repeated document requests, or None (Neutron and
@@ -220,6 +232,8 @@ class MetadataApp:
             routers=routers,
             stamp=stamp,
             latency_bounds=metrics.duration.bounds if metrics is not None else None,
+            tokens=self._validated.table if self._validated is not None else None,
+            token_header=TOKEN_HEADER,
         )
         if answer is None:
             return None
@@ -296,6 +310,9 @@ class MetadataApp:
             self._metrics.cache.inc(_MISS)
         try:
             entry = await self._cache.lookup(key, caller)
+        except RegistryUnavailable:
+            # Logged once per outage by the cache, not once per guest.
+            return error_response(503, "metadata registry unavailable", headers=_UNAVAILABLE_HEADERS)
         except RegistryError as exc:
             log.error("registry failure resolving %s: %s", _describe(caller), exc)
             return error_response(503, "metadata registry unavailable")
@@ -321,6 +338,8 @@ class MetadataApp:
             return error_response(404)
         if self._access is not None:
             self._answered = (req, entry.instance.uuid)
+        if self._metrics is not None and not self._cache.registry_up:
+            self._metrics.stale_answers.inc()
         if self._buckets is not None:
             wait = self._buckets.take(entry.instance.uuid)
             if wait:
@@ -354,9 +373,10 @@ class MetadataApp:
                 return error_response(401)
             body = doc.body if doc.fresh is None else doc.fresh()
             reply = (document_head(doc.content_type, len(body)), body)
-            if self._wire and options.http_tokens != "required" and b"%" not in raw:
-                # Without a token this caller gets this same reply: let the fast path repeat it.
-                self._remember(req, caller, entry, raw, doc, reply)
+            if self._wire and b"%" not in raw:
+                # Any request of this caller without a token (unless tokens are required)
+                # or with one found valid gets this same reply: let the fast path repeat it.
+                self._remember(req, caller, entry, raw, doc, reply, options.http_tokens == "required")
             return reply
         token_path = _token_path_kind(path)
         if token_path:
@@ -376,7 +396,14 @@ class MetadataApp:
         return Response(200, body, doc.content_type)
 
     def _remember(
-        self, req: Request, caller: Caller | NeutronIdentity | None, site: Site, raw: bytes, doc: Document, reply: Fast
+        self,
+        req: Request,
+        caller: Caller | NeutronIdentity | None,
+        site: Site,
+        raw: bytes,
+        doc: Document,
+        reply: Fast,
+        tokens_required: bool,
     ) -> None:
         key: tuple[str, str, object]
         if self._direct is not None:
@@ -399,7 +426,7 @@ class MetadataApp:
                 return
         else:
             return
-        self._cache.remember_wire(key, peer, site, raw, entry)
+        self._cache.remember_wire(key, peer, site, raw, entry, tokens_required=tokens_required)
 
     def _unauthorized(self, req: Request, options: MetadataOptions, uuid: str) -> bool:
         """IMDSv2: a token that is sent must be valid; with ``required`` one must be sent."""
@@ -408,8 +435,12 @@ class MetadataApp:
             refused = options.http_tokens == "required"
             reason = "missing"
         else:
-            refused = not tokens.is_valid(self._ring, token, uuid)
+            expiry = tokens.valid_until(self._ring, token, uuid)
+            refused = expiry is None
             reason = "invalid"
+            if expiry is not None and self._validated is not None:
+                # Found valid for this instance: the fast path may accept it until it expires.
+                self._validated.add(token, uuid, expiry)
         if refused and self._metrics is not None:
             self._metrics.tokens_refused.inc((reason,))
         return refused
@@ -474,6 +505,8 @@ class MetadataApp:
             return error_response(409, "password already set")
         except NotFound:
             return error_response(404)
+        except RegistryUnavailable:
+            return error_response(503, "metadata registry unavailable", headers=_UNAVAILABLE_HEADERS)
         except RegistryError as exc:
             log.error("password store failed for %s: %s", uuid, exc)
             return error_response(503, "metadata registry unavailable")

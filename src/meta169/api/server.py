@@ -7,9 +7,10 @@ handles signals (``http.lifecycle``): SIGHUP reloads what can change while
 serving (rate limits, static vendor data, log level), SIGTERM and SIGINT drain.
 
 The readiness checks ``start()`` keeps in the :class:`~meta169.health.Health` it is
-given: ``registry`` (the last poll answered), ``registry-poll`` (it answered
-recently), ``listeners`` (every listener bound), ``registry-empty`` (instances
-exist) and ``networks`` (every network and router a listener names exists).
+given: ``registry`` (the registry answered the last call: a poll, a lookup),
+``registry-poll`` (it answered recently), ``listeners`` (every listener bound),
+``registry-empty`` (instances exist) and ``networks`` (every network and router a
+listener names exists).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from meta169.api.cache import SiteCache
+from meta169.api.cache import RELAXED_POLL_S, Scope, SiteCache
 from meta169.api.config import ServeConfig
 from meta169.api.metadata import MetadataApp
 from meta169.api.ratelimit import Buckets
@@ -177,6 +178,8 @@ async def start(
     cache = SiteCache(
         reg,
         render_options(config),
+        max_sites=config.site_cache_size,
+        prerender=prerender_scope(config) if config.prerender else None,
         vendordata_targets=config.vendordata_targets,
         vendordata_timeout=config.vendordata_timeout,
         metrics=metrics,
@@ -264,6 +267,18 @@ async def _export(running: RunningServer, metrics: ServeMetrics, export: ExportS
         export.hub.start()
 
 
+def prerender_scope(config: ServeConfig) -> Scope:
+    """Whose sites to render ahead: the listeners' networks and routers, or every
+    instance when a listener takes callers of any (a proxy or Neutron binding)."""
+    kinds = {s.binding.kind for s in config.listeners}
+    if kinds - {"network", "router"}:
+        return Scope(everything=True)
+    return Scope(
+        networks=frozenset(s.binding.id for s in config.listeners if s.binding.kind == "network"),
+        routers=frozenset(s.binding.id for s in config.listeners if s.binding.kind == "router"),
+    )
+
+
 async def _watch_registry(running: RunningServer, config: ServeConfig, *, announce: bool) -> None:
     """Set the readiness checks and start the tasks that keep them: the registry
     poll, its freshness, the empty registry, the networks listeners name."""
@@ -273,7 +288,7 @@ async def _watch_registry(running: RunningServer, config: ServeConfig, *, announ
     shown = describe_registry_url(config.registry_url)
 
     async def empty() -> str | None:
-        if not await cache.run_blocking(cache.registry.list_instances):
+        if not await cache.run_blocking(cache.registry.has_instances):
             return f"registry {shown} holds no instances: every guest gets 404 until an import"
         return None
 
@@ -285,7 +300,7 @@ async def _watch_registry(running: RunningServer, config: ServeConfig, *, announ
             return f"listeners name {', '.join(absent)}, not in the registry: their guests get 404 until it is imported"
         return None
 
-    # Looking for instances lists them all: the main process does it, not each worker.
+    # One check is enough: the main process asks, not each worker.
     checks = [Recheck(health, CHECK_EMPTY, empty, until_resolved=True)] if announce else []
     if bindings:
         checks.append(Recheck(health, CHECK_NETWORKS, missing, warn=announce))
@@ -309,19 +324,33 @@ async def _watch_registry(running: RunningServer, config: ServeConfig, *, announ
             for check in checks:
                 check.poke()
 
-    # A poll stuck on an unreachable database never reports; the clock does.
-    stale_after = max(5.0, 10 * config.poll_interval)
+    def on_registry_state(up: bool, detail: str) -> None:
+        nonlocal last_answer
+        if up:
+            last_answer = loop.time()
+        health.set(CHECK_REGISTRY, up, detail)
+
+    cache.on_registry_state = on_registry_state
+
+    # A poll stuck on an unreachable database never reports; the clock does. While
+    # the change feed is connected the poll runs every RELAXED_POLL_S only.
+    def stale_after() -> float:
+        return max(5.0, 10 * config.poll_interval, 3 * RELAXED_POLL_S if cache.listening else 0.0)
 
     async def freshness() -> None:
         while True:
             age = loop.time() - last_answer
-            fresh = age < stale_after
+            fresh = age < stale_after()
             health.set(CHECK_POLL, fresh, "" if fresh else f"no registry answer for {age:.0f} s")
             await asyncio.sleep(max(1.0, config.poll_interval))
 
     running._tasks.append(loop.create_task(cache.poll_forever(config.poll_interval, on_poll)))
+    feed = cache.registry.change_feed() if config.registry_listen else None
+    if feed is not None:
+        running._tasks.append(loop.create_task(cache.listen_forever(feed, on_poll)))
     running._tasks.append(loop.create_task(freshness()))
     running._tasks.extend(loop.create_task(check.run()) for check in checks)
+    cache.start()
 
 
 def _missing_bindings(registry: Registry, bindings: Sequence[Binding]) -> list[str]:
@@ -344,7 +373,7 @@ def refuse_empty(config: ServeConfig) -> None:
         return
     registry = open_registry(config.registry_url)
     try:
-        empty = not registry.list_instances()
+        empty = not registry.has_instances()
     finally:
         registry.close()
     if empty:

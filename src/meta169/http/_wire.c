@@ -262,6 +262,9 @@ typedef struct {
     const char *scope;
     Py_ssize_t scope_len;
     int scope_is_router;
+    /* With a token name to read: the IMDSv2 token's value, trimmed (NULL when not sent). */
+    const char *token;
+    Py_ssize_t token_len;
 } Simple;
 
 /* RFC 9110 5.6.2 tchar. */
@@ -307,8 +310,10 @@ enum { STAMP_CALLER = 0, STAMP_NETWORK = 1, STAMP_ROUTER = 2 };
  * (api.metadata.PYTHON_OWNED_HEADERS / PYTHON_OWNED_PREFIXES): exact lower-case
  * names and name prefixes, matched case-insensitively on the wire. With ``stamped``
  * the trusted proxy's stamp (caller IP, network id, router id; also given by
- * Python, from http.stamp) is read instead of declined. The pointers are into bytes
- * objects their owner keeps alive (the FastPath's tuples, or a call's arguments).
+ * Python, from http.stamp) is read instead of declined; with ``token`` (the IMDSv2
+ * token header's name, given with the table of tokens Python has validated) that
+ * header is read too, once. The pointers are into bytes objects their owner keeps
+ * alive (the FastPath's tuples, or a call's arguments).
  */
 typedef struct {
     Py_ssize_t n_names;
@@ -320,10 +325,33 @@ typedef struct {
     int stamped;
     const char *stamp[STAMP_NAMES];
     Py_ssize_t stamp_lens[STAMP_NAMES];
+    const char *token; /* NULL: the token header is declined like any owned one */
+    Py_ssize_t token_len;
     /* The first bytes, in either case, of every name above: most headers a guest
      * sends (Host, Accept, User-Agent) start with none of them and skip the lists. */
     unsigned char first[256];
 } Rules;
+
+/* Check that the bytes ``item`` is a non-empty lower-case token (``what`` names its list). */
+static int
+check_name(PyObject *item, const char *what)
+{
+    const char *s = PyBytes_AS_STRING(item);
+    Py_ssize_t len = PyBytes_GET_SIZE(item);
+    if (len == 0) {
+        PyErr_Format(PyExc_ValueError, "%s holds an empty name", what);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < len; j++) {
+        unsigned char c = (unsigned char)s[j];
+        if (!tchar[c] || (c >= 'A' && c <= 'Z')) {
+            PyErr_Format(PyExc_ValueError, "%s must hold lower-case header names (RFC 9110 tokens), not %R", what,
+                         item);
+            return -1;
+        }
+    }
+    return 0;
+}
 
 /*
  * Check that ``tuple`` is a tuple of at most ``max`` non-empty lower-case tokens
@@ -347,30 +375,28 @@ check_names(PyObject *tuple, Py_ssize_t max, const char *what)
             PyErr_Format(PyExc_TypeError, "%s must be a tuple of bytes", what);
             return -1;
         }
-        const char *s = PyBytes_AS_STRING(item);
-        Py_ssize_t len = PyBytes_GET_SIZE(item);
-        if (len == 0) {
-            PyErr_Format(PyExc_ValueError, "%s holds an empty name", what);
+        if (check_name(item, what) < 0) {
             return -1;
-        }
-        for (Py_ssize_t j = 0; j < len; j++) {
-            unsigned char c = (unsigned char)s[j];
-            if (!tchar[c] || (c >= 'A' && c <= 'Z')) {
-                PyErr_Format(PyExc_ValueError, "%s must hold lower-case header names (RFC 9110 tokens), not %R",
-                             what, item);
-                return -1;
-            }
         }
     }
     return 0;
 }
 
-/* Fill ``r`` from the tuples (``stamp`` may be Py_None); -1 with an exception set. */
+/* Fill ``r`` from the tuples (``stamp`` and ``token`` may be Py_None); -1 with an exception set. */
 static int
-rules_init(Rules *r, PyObject *owned, PyObject *prefixes, PyObject *stamp)
+rules_init(Rules *r, PyObject *owned, PyObject *prefixes, PyObject *stamp, PyObject *token)
 {
     if (check_names(owned, MAX_OWNED, "owned") < 0 || check_names(prefixes, MAX_OWNED, "owned_prefixes") < 0) {
         return -1;
+    }
+    if (token != Py_None) {
+        if (!PyBytes_CheckExact(token)) {
+            PyErr_SetString(PyExc_TypeError, "token must be bytes (the token header's name) or None");
+            return -1;
+        }
+        if (check_name(token, "token") < 0) {
+            return -1;
+        }
     }
     if (stamp != Py_None) {
         if (check_names(stamp, STAMP_NAMES, "stamp") < 0) {
@@ -396,7 +422,16 @@ rules_init(Rules *r, PyObject *owned, PyObject *prefixes, PyObject *stamp)
         r->stamp[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(stamp, i));
         r->stamp_lens[i] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(stamp, i));
     }
+    r->token = token != Py_None ? PyBytes_AS_STRING(token) : NULL;
+    r->token_len = token != Py_None ? PyBytes_GET_SIZE(token) : 0;
     memset(r->first, 0, sizeof r->first);
+    if (r->token != NULL) {
+        unsigned char c = (unsigned char)r->token[0];
+        r->first[c] = 1;
+        if (c >= 'a' && c <= 'z') {
+            r->first[c - 32] = 1;
+        }
+    }
     PyObject *lists[] = {owned, prefixes, stamp};
     for (size_t l = 0; l < sizeof lists / sizeof lists[0]; l++) {
         for (Py_ssize_t i = 0; lists[l] != Py_None && i < PyTuple_GET_SIZE(lists[l]); i++) {
@@ -449,8 +484,9 @@ stamp_index(const Rules *r, const char *name, Py_ssize_t len)
  * header other than one "close" or "keep-alive", anything over serve's limits as
  * HTTPProtocol counts them, and (with ``rules``) every header Python owns. With
  * ``rules->stamped`` (a trusted proxy's Unix socket) the proxy's stamp is read
- * instead: one caller IP and one network or router id. Without ``rules`` (a guest
- * at the proxy) any header passes: the Stamper's own lists filter them.
+ * instead: one caller IP and one network or router id. With ``rules->token`` one
+ * IMDSv2 token header is read instead (answer_one checks it). Without ``rules`` (a
+ * guest at the proxy) any header passes: the Stamper's own lists filter them.
  */
 static int
 recognise(const char *d, Py_ssize_t n, Py_ssize_t max_header_bytes, Py_ssize_t max_headers, Py_ssize_t max_url,
@@ -505,6 +541,8 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_header_bytes, Py_ssize_t m
     r->scope = NULL;
     r->caller_len = r->scope_len = 0;
     r->scope_is_router = 0;
+    r->token = NULL;
+    r->token_len = 0;
     while (p < end - 2) {
         if (++count > max_headers) {
             return 0;
@@ -584,6 +622,11 @@ recognise(const char *d, Py_ssize_t n, Py_ssize_t max_header_bytes, Py_ssize_t m
             r->scope = value;
             r->scope_len = value_len;
             r->scope_is_router = stamp == STAMP_ROUTER;
+        } else if (rules->token != NULL && name_is(name, name_len, rules->token, rules->token_len)) {
+            /* Python joins a repeated header into one value, which is then no token: 401. */
+            if (r->token != NULL) return 0;
+            r->token = value;
+            r->token_len = value_len;
         } else if (owned_by_python(rules, name, name_len)) {
             return 0;
         }
@@ -649,10 +692,14 @@ typedef struct {
     PyObject *sites;
     PyObject *routers; /* NULL on a direct listener */
     PyObject *buckets; /* dict: instance uuid -> Bucket, or NULL without rate limit */
-    /* The tuples of bytes ``rules`` points into, kept alive with it. */
+    /* dict: IMDSv2 token bytes -> (instance uuid, expiry in Unix seconds), the tokens
+     * the Python path found valid (api.tokens.Validated); NULL: tokens are declined. */
+    PyObject *tokens;
+    /* The tuples of bytes ``rules`` points into, kept alive with it (and the token name). */
     PyObject *owned;
     PyObject *owned_prefixes;
     PyObject *stamp;
+    PyObject *token_name;
     Rules rules;
     Py_ssize_t max_header_bytes;
     Py_ssize_t max_headers;
@@ -681,14 +728,24 @@ check_limits(Py_ssize_t max_header_bytes, Py_ssize_t max_headers, Py_ssize_t max
 static PyObject *
 FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"sites", "buckets", "max_header_bytes", "max_headers", "max_url_bytes", "owned",
-                             "owned_prefixes", "routers", "stamp", "latency_bounds", NULL};
+    static char *kwlist[] = {"sites",  "buckets",        "max_header_bytes", "max_headers", "max_url_bytes",
+                             "owned",  "owned_prefixes", "routers",          "stamp",       "latency_bounds",
+                             "tokens", "token",          NULL};
     PyObject *sites, *buckets, *owned, *owned_prefixes, *routers = Py_None, *stamp = Py_None;
-    PyObject *latency_bounds = Py_None;
+    PyObject *latency_bounds = Py_None, *tokens = Py_None, *token = Py_None;
     Py_ssize_t max_header_bytes, max_headers, max_url_bytes;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OnnnOO|OOO", kwlist, &PyDict_Type, &sites, &buckets,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OnnnOO|OOOOO", kwlist, &PyDict_Type, &sites, &buckets,
                                      &max_header_bytes, &max_headers, &max_url_bytes, &owned, &owned_prefixes,
-                                     &routers, &stamp, &latency_bounds)) {
+                                     &routers, &stamp, &latency_bounds, &tokens, &token)) {
+        return NULL;
+    }
+    /* The token header is read only where there is a table to check it against. */
+    if ((tokens == Py_None) != (token == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "tokens and token are given together or not at all");
+        return NULL;
+    }
+    if (tokens != Py_None && !PyDict_CheckExact(tokens)) {
+        PyErr_SetString(PyExc_TypeError, "tokens must be a dict or None");
         return NULL;
     }
     double bounds[MAX_BOUNDS];
@@ -727,7 +784,7 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     Rules rules;
-    if (rules_init(&rules, owned, owned_prefixes, stamp) < 0) {
+    if (rules_init(&rules, owned, owned_prefixes, stamp, token) < 0) {
         return NULL;
     }
     FastPathObject *self = (FastPathObject *)type->tp_alloc(type, 0);
@@ -737,6 +794,10 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->owned = Py_NewRef(owned);
     self->owned_prefixes = Py_NewRef(owned_prefixes);
     self->stamp = Py_NewRef(stamp);
+    self->token_name = Py_NewRef(token);
+    if (tokens != Py_None) {
+        self->tokens = Py_NewRef(tokens);
+    }
     self->rules = rules;
     Py_INCREF(sites);
     self->sites = sites;
@@ -762,9 +823,11 @@ FastPath_dealloc(FastPathObject *self)
     Py_XDECREF(self->sites);
     Py_XDECREF(self->routers);
     Py_XDECREF(self->buckets);
+    Py_XDECREF(self->tokens);
     Py_XDECREF(self->owned);
     Py_XDECREF(self->owned_prefixes);
     Py_XDECREF(self->stamp);
+    Py_XDECREF(self->token_name);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -774,6 +837,54 @@ monotonic_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* time.time()'s clock: token expiries are Unix seconds. */
+static double
+wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/*
+ * Whether the IMDSv2 token the request carried may be accepted for the instance
+ * ``uuid`` (the caller's, from its slot): 1 when the table of tokens the Python path
+ * validated holds it, for that very instance, and it has not expired by the clock
+ * now (api.tokens: valid while expiry > time.time()); 0 otherwise (the Python path
+ * then judges it, 401 for a forged, expired or other instance's token); -1 with an
+ * exception set.
+ */
+static int
+token_accepted(FastPathObject *self, const Simple *req, PyObject *uuid)
+{
+    if (self->tokens == NULL || !PyUnicode_CheckExact(uuid)) {
+        return 0;
+    }
+    PyObject *key = PyBytes_FromStringAndSize(req->token, req->token_len);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *known = PyDict_GetItemWithError(self->tokens, key); /* borrowed */
+    Py_DECREF(key);
+    if (known == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyTuple_CheckExact(known) || PyTuple_GET_SIZE(known) != 2 ||
+        !PyUnicode_CheckExact(PyTuple_GET_ITEM(known, 0)) || !PyLong_CheckExact(PyTuple_GET_ITEM(known, 1))) {
+        PyErr_SetString(PyExc_TypeError, "tokens must map token bytes to (instance uuid, expiry)");
+        return -1;
+    }
+    long long expiry = PyLong_AsLongLong(PyTuple_GET_ITEM(known, 1));
+    if (expiry == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!((double)expiry > wall_now())) {
+        return 0;
+    }
+    /* Both exact str: the comparison runs no Python code that could change the table. */
+    return PyUnicode_Compare(PyTuple_GET_ITEM(known, 0), uuid) == 0;
 }
 
 /* The slot of the caller a proxy stamped, borrowed; NULL (maybe with an error set) if none. */
@@ -827,10 +938,14 @@ answer_one(FastPathObject *self, const char *d, Py_ssize_t n, PyObject *peer, in
         }
         Py_RETURN_NONE;
     }
-    if (!PyTuple_CheckExact(slot) || PyTuple_GET_SIZE(slot) != 2 || !PyDict_CheckExact(PyTuple_GET_ITEM(slot, 0))) {
-        PyErr_SetString(PyExc_TypeError, "a site slot must be (dict, uuid)");
+    /* (wire, uuid), or (wire, uuid, tokens required) for an instance with http_tokens "required". */
+    Py_ssize_t slot_len = PyTuple_CheckExact(slot) ? PyTuple_GET_SIZE(slot) : 0;
+    if ((slot_len != 2 && slot_len != 3) || !PyDict_CheckExact(PyTuple_GET_ITEM(slot, 0)) ||
+        (slot_len == 3 && !PyBool_Check(PyTuple_GET_ITEM(slot, 2)))) {
+        PyErr_SetString(PyExc_TypeError, "a site slot must be (dict, uuid) or (dict, uuid, bool)");
         return NULL;
     }
+    int required = slot_len == 3 && PyTuple_GET_ITEM(slot, 2) == Py_True;
     PyObject *key = PyBytes_FromStringAndSize(req.path, req.path_len);
     if (key == NULL) {
         return NULL;
@@ -867,6 +982,20 @@ answer_one(FastPathObject *self, const char *d, Py_ssize_t n, PyObject *peer, in
             PyErr_SetString(PyExc_TypeError, "wire entries hold bytes");
             return NULL;
         }
+    }
+    /* IMDSv2 (EC2 user guide): a token that is sent must be valid, and with tokens
+     * required one must be sent. Checked before the bucket, so a request declined
+     * here takes no token from it (the Python path takes one when it answers). */
+    if (req.token != NULL) {
+        int accepted = token_accepted(self, &req, PyTuple_GET_ITEM(slot, 1));
+        if (accepted < 0) {
+            return NULL;
+        }
+        if (!accepted) {
+            Py_RETURN_NONE;
+        }
+    } else if (required) {
+        Py_RETURN_NONE; /* the Python path answers 401 */
     }
     if (self->buckets != NULL) {
         /* A uuid without a bucket yet is the Python path's to create. */
@@ -1103,6 +1232,8 @@ static PyMemberDef FastPath_members[] = {
     {"owned", T_OBJECT, offsetof(FastPathObject, owned), READONLY, NULL},
     {"owned_prefixes", T_OBJECT, offsetof(FastPathObject, owned_prefixes), READONLY, NULL},
     {"stamp", T_OBJECT, offsetof(FastPathObject, stamp), READONLY, NULL},
+    {"tokens", T_OBJECT, offsetof(FastPathObject, tokens), READONLY, NULL},
+    {"token", T_OBJECT, offsetof(FastPathObject, token_name), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1112,7 +1243,7 @@ static PyTypeObject FastPathType = {
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "FastPath(sites, buckets, max_header_bytes, max_headers, max_url_bytes, owned, owned_prefixes, "
-              "routers=None, stamp=None, latency_bounds=None)",
+              "routers=None, stamp=None, latency_bounds=None, tokens=None, token=None)",
     .tp_new = FastPath_new,
     .tp_dealloc = (destructor)FastPath_dealloc,
     .tp_methods = FastPath_methods,
@@ -1400,20 +1531,21 @@ header_pairs(const char *d, Py_ssize_t n)
 }
 
 /*
- * recognise(data, max_header_bytes, max_headers, max_url_bytes, owned=None, owned_prefixes=(), stamp=None):
- * what the recogniser makes of ``data``, for tests and diagnosis. With ``owned``
- * None no rules apply (the Stamper's view); else the FastPath's (``stamp`` as there).
+ * recognise(data, max_header_bytes, max_headers, max_url_bytes, owned=None, owned_prefixes=(), stamp=None,
+ * token=None): what the recogniser makes of ``data``, for tests and diagnosis. With
+ * ``owned`` None no rules apply (the Stamper's view); else the FastPath's (``stamp``
+ * and ``token`` as there).
  */
 static PyObject *
 wire_recognise(PyObject *module, PyObject *args, PyObject *kwds)
 {
     (void)module;
     static char *kwlist[] = {"data", "max_header_bytes", "max_headers", "max_url_bytes", "owned", "owned_prefixes",
-                             "stamp", NULL};
-    PyObject *data, *owned = Py_None, *owned_prefixes = NULL, *stamp = Py_None;
+                             "stamp", "token", NULL};
+    PyObject *data, *owned = Py_None, *owned_prefixes = NULL, *stamp = Py_None, *token = Py_None;
     Py_ssize_t max_header_bytes, max_headers, max_url;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnn|OOO", kwlist, &PyBytes_Type, &data, &max_header_bytes,
-                                     &max_headers, &max_url, &owned, &owned_prefixes, &stamp)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnn|OOOO", kwlist, &PyBytes_Type, &data, &max_header_bytes,
+                                     &max_headers, &max_url, &owned, &owned_prefixes, &stamp, &token)) {
         return NULL;
     }
     if (check_limits(max_header_bytes, max_headers, max_url) < 0) {
@@ -1426,14 +1558,14 @@ wire_recognise(PyObject *module, PyObject *args, PyObject *kwds)
         if (empty == NULL) {
             return NULL;
         }
-        int failed = rules_init(&rules, owned, owned_prefixes != NULL ? owned_prefixes : empty, stamp);
+        int failed = rules_init(&rules, owned, owned_prefixes != NULL ? owned_prefixes : empty, stamp, token);
         Py_DECREF(empty); /* ``rules`` keeps no pointer into an empty tuple */
         if (failed < 0) {
             return NULL;
         }
         use = &rules;
-    } else if (owned_prefixes != NULL || stamp != Py_None) {
-        PyErr_SetString(PyExc_TypeError, "owned_prefixes and stamp go with owned");
+    } else if (owned_prefixes != NULL || stamp != Py_None || token != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "owned_prefixes, stamp and token go with owned");
         return NULL;
     }
     const char *d = PyBytes_AS_STRING(data);
@@ -1449,6 +1581,15 @@ wire_recognise(PyObject *module, PyObject *args, PyObject *kwds)
     PyObject *out = Py_BuildValue("{s:s,s:y#,s:y#,s:O,s:N}", "method", req.head ? "HEAD" : "GET", "target", req.target,
                                   req.target_len, "path", req.path, req.path_len, "keep_alive",
                                   req.keep_alive ? Py_True : Py_False, "headers", headers);
+    if (out != NULL && use != NULL && use->token != NULL) {
+        PyObject *sent = req.token != NULL ? PyBytes_FromStringAndSize(req.token, req.token_len) : Py_NewRef(Py_None);
+        if (sent == NULL || PyDict_SetItemString(out, "token", sent) < 0) {
+            Py_XDECREF(sent);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(sent);
+    }
     if (out == NULL || use == NULL || !use->stamped) {
         return out;
     }
@@ -1604,8 +1745,9 @@ static PyMethodDef wire_methods[] = {
     {"set_seed_source", wire_set_seed_source, METH_O,
      "set_seed_source(callable | None): where pools of random seed bytes come from (None: getrandom)."},
     {"recognise", (PyCFunction)(void (*)(void))wire_recognise, METH_VARARGS | METH_KEYWORDS,
-     "recognise(data, max_header_bytes, max_headers, max_url_bytes, owned=None, owned_prefixes=(), stamp=None) "
-     "-> dict of method, target, path, keep_alive, headers (and caller, scope_kind, scope with a stamp), or None."},
+     "recognise(data, max_header_bytes, max_headers, max_url_bytes, owned=None, owned_prefixes=(), stamp=None, "
+     "token=None) -> dict of method, target, path, keep_alive, headers (and caller, scope_kind, scope with a "
+     "stamp; token with a token name), or None."},
     {"date_line", wire_date_line, METH_NOARGS, "The current Date header line, as the fast path writes it."},
     {NULL, NULL, 0, NULL},
 };

@@ -19,7 +19,8 @@ names) and ``owned_prefixes``, both defined once next to the code that reads tho
 headers (``api.metadata.PYTHON_OWNED_HEADERS`` / ``PYTHON_OWNED_PREFIXES``: the IMDSv2
 token and TTL headers, Neutron's and X-Forwarded-For, every ``X-Meta169-*``), and
 on a proxy listener ``stamp``, the names of the proxy's stamp (``http.stamp``),
-the one owned group the fast path reads instead of declining. Names are matched
+read instead of declined; likewise ``token``, the IMDSv2 token header's name, read
+and checked against ``tokens`` (below) when both are given. Names are matched
 case-insensitively on the wire. The proxy's :func:`stamper` likewise gets its drop
 lists from ``proxy.server``. Every reply or request the C code assembles is written
 into a buffer it sized first, with each write checked against that size.
@@ -27,15 +28,26 @@ into a buffer it sized first, with each write checked against that size.
 Tables (owned by the metadata application's site cache, which drops them together
 with the cached site):
 
-- ``sites``: caller address text -> ``(wire, uuid)``, for one network or router
-  (a direct listener, keyed by the TCP peer); a proxy listener gets two maps of
-  these, by network id and by router id, and keys by the stamp the trusted proxy
-  sent (``X-Meta169-Caller-IP`` with ``X-Meta169-Network-ID`` or ``-Router-ID``);
+- ``sites``: caller address text -> ``(wire, uuid)`` or ``(wire, uuid,
+  tokens_required)``, for one network or router (a direct listener, keyed by the
+  TCP peer); a proxy listener gets two maps of these, by network id and by router
+  id, and keys by the stamp the trusted proxy sent (``X-Meta169-Caller-IP`` with
+  ``X-Meta169-Network-ID`` or ``-Router-ID``). With ``tokens_required`` True (an
+  instance with IMDSv2 ``http_tokens: required``) a request without a token is
+  declined (the Python path answers 401);
 - ``wire``: request path bytes (before ``?``) -> ``(head, body)``, or
   ``(head, prefix, suffix)`` for a document whose body is ``prefix + <fresh
   base64 random seed> + suffix`` (meta_data.json, see ``render.document``); either
   may end with a small int, the reply's metrics class (0..15), whose counter in the
   FastPath goes up each time the reply is repeated.
+
+And, not per caller, ``tokens`` (owned by the metadata application, filled by
+``api.tokens.Validated``): IMDSv2 token bytes -> ``(instance uuid, expiry in Unix
+seconds)``, the tokens the Python path found valid. A request carrying the token
+header is answered only when this holds the value sent (once, trimmed) for the
+uuid of the caller's slot with the expiry still ahead by the wall clock, checked
+before the rate-limit bucket; any other token (forged, expired, another
+instance's, or just not seen yet) is declined, and the Python path judges it.
 
 Counters (read at scrape time, never a Python call per request): :func:`fast_stats`
 gives a FastPath's answers per class and, when it was made with ``latency_bounds``,
@@ -62,7 +74,11 @@ WireEntry = (
     tuple[bytes, bytes] | tuple[bytes, bytes, bytes] | tuple[bytes, bytes, int] | tuple[bytes, bytes, bytes, int]
 )
 WireTable = dict[bytes, WireEntry]
-SiteSlots = dict[str, tuple[WireTable, str]]
+# (wire, instance uuid), or (wire, instance uuid, whether IMDSv2 tokens are required)
+SiteSlot = tuple[WireTable, str] | tuple[WireTable, str, bool]
+SiteSlots = dict[str, SiteSlot]
+# IMDSv2 token bytes -> (instance uuid, expiry in Unix seconds), all found valid.
+TokenTable = dict[bytes, tuple[str, int]]
 # (replies, keep-alive), or (replies, True, offset where the Python path goes on).
 Answer = Callable[[bytes, str], "tuple[bytes, bool] | tuple[bytes, bool, int] | None"]
 # (upstream request, HEAD asked, keep-alive, request target)
@@ -137,6 +153,8 @@ def fast_path(
     routers: dict[str, SiteSlots] | None = None,
     stamp: tuple[str, str, str] | None = None,
     latency_bounds: tuple[float, ...] | None = None,
+    tokens: TokenTable | None = None,
+    token_header: str | None = None,
 ) -> Answer | None:
     """The compiled ``answer(data, peer)`` over these tables, or None without the
     extension.
@@ -147,7 +165,10 @@ def fast_path(
     ``stamp`` names the caller IP, network id and router id headers, and ``peer`` is
     ignored in favour of that stamp; the stamp is read even where it is also owned.
     ``latency_bounds`` (increasing upper bounds in seconds) turns on timing each
-    call: two clock reads per call, none without.
+    call: two clock reads per call, none without. With ``tokens`` and
+    ``token_header`` (lower case, given together) a request carrying that header is
+    answered when ``tokens`` vouches for its value, as the module docstring says;
+    the header is read even where it is also owned.
     """
     if _wire is None:
         return None
@@ -162,6 +183,8 @@ def fast_path(
         routers,
         None if stamp is None else tuple(n.encode("latin-1") for n in stamp),
         latency_bounds,
+        tokens,
+        None if token_header is None else token_header.encode("latin-1"),
     )
     answer: Answer = fast.answer
     return answer

@@ -5,10 +5,12 @@ when they differ, so re-importing an unchanged file changes nothing, not even th
 registry revision.
 
 An import is planned first (:func:`plan_inventory`, which reads the registry and
-checks everything) and written second (:func:`apply_plan`); ``--dry-run`` shows
-the plan. With ``prune`` the registry becomes equal to the inventory: instances it
-does not list are removed, and networks and routers too, once nothing left uses
-them (removing an instance is what frees its IP for a new one).
+checks everything) and written second (:func:`apply_plan`, one transaction for the
+whole plan); ``--dry-run`` shows the plan. Both take time linear in the sizes of the
+inventory and the registry: one read of each, dictionaries, then one batch. With
+``prune`` the registry becomes equal to the inventory: instances it does not list
+are removed, and networks and routers too, once nothing left uses them (removing
+an instance is what frees its IP for a new one).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Literal, TypeVar
 from meta169.errors import AmbiguousCaller, Conflict, NotFound
 from meta169.inventory.schema import INSTANCE, NETWORK, ROUTER, Inventory, Where
 from meta169.model import DEFAULT_SOURCE, Caller, Instance, IPAddress, Network, Router
-from meta169.registry.base import Registry
+from meta169.registry.base import Batch, Registry
 
 M = TypeVar("M", Network, Router, Instance)
 
@@ -136,31 +138,36 @@ def apply_inventory(registry: Registry, inventory: Inventory, *, prune: bool = F
 
 
 def apply_plan(registry: Registry, plan: ImportPlan) -> ImportReport:
-    """Make the writes of ``plan`` in its order: instances removed first (their IPs
-    and networks freed), then networks, routers and instances written, then routers
-    and networks removed.
+    """Make the writes of ``plan`` as one batch (:meth:`Registry.apply_batch`): one
+    transaction and one revision, instances removed first (their IPs and networks
+    freed), then networks, routers and instances written, then routers and networks
+    removed.
 
-    The plan was checked as a whole before this first write; the writes are one
-    transaction each, so a database failing midway leaves a prefix of them, which
-    running the same import again completes (it is idempotent). An object already
-    removed by someone else counts as removed.
+    All or nothing: a failure midway (a Conflict with a writer that got in since
+    the plan was made, the database) writes none of it, and the registry stays as
+    it was. An object already removed by someone else counts as removed. A plan
+    without changes writes nothing, so the revision stays.
     """
-    remove: dict[KindName, Callable[[str], None]] = {
-        "instance": registry.delete_instance,
-        "router": registry.delete_router,
-        "network": registry.delete_network,
-    }
+    return plan.report(registry.apply_batch(plan_batch(plan)))
+
+
+def plan_batch(plan: ImportPlan) -> Batch:
+    """The registry writes of ``plan``."""
+    stored: dict[KindName, list[Network | Router | Instance]] = {"network": [], "router": [], "instance": []}
+    removed: dict[KindName, list[str]] = {"network": [], "router": [], "instance": []}
     for change in plan.changes:
         if change.action == "remove":
-            with suppress(NotFound):
-                remove[change.kind](change.ident)
-        elif isinstance(change.value, Network):
-            registry.put_network(change.value)
-        elif isinstance(change.value, Router):
-            registry.put_router(change.value)
-        elif isinstance(change.value, Instance):
-            registry.put_instance(change.value)
-    return plan.report(registry.revision())
+            removed[change.kind].append(change.ident)
+        elif change.value is not None:
+            stored[change.kind].append(change.value)
+    return Batch(
+        networks=[v for v in stored["network"] if isinstance(v, Network)],
+        routers=[v for v in stored["router"] if isinstance(v, Router)],
+        instances=[v for v in stored["instance"] if isinstance(v, Instance)],
+        delete_instances=removed["instance"],
+        delete_routers=removed["router"],
+        delete_networks=removed["network"],
+    )
 
 
 def plan_inventory(
@@ -263,9 +270,10 @@ def plan_inventory(
 
 
 def _check_kept_users(
-    dropped: Sequence[str], instances: Iterable[Instance], routers: Iterable[Router], scope: set[str]
+    dropped_networks: Sequence[str], instances: Iterable[Instance], routers: Iterable[Router], scope: set[str]
 ) -> None:
     """A network a prune removes must not be used by what another source owns."""
+    dropped = frozenset(dropped_networks)
     for instance in instances:
         if instance.source in scope:
             continue

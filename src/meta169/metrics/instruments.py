@@ -3,7 +3,8 @@
 Names follow the Prometheus conventions: ``meta169_<role>_``, base units in the
 name (``_seconds``), ``_total`` on counters. Label values are small fixed sets (a
 status class, a reason), never a caller, a path or an instance: those go to the
-access log. The one exception is the proxy's listener gauges, a pair per namespace.
+access log. The exceptions are the proxy's listener gauges, a pair per namespace,
+and its upstream gauge, one per ``--upstream`` given.
 """
 
 from __future__ import annotations
@@ -96,11 +97,46 @@ class ServeMetrics(Metrics):
         # The listeners' compiled fast paths, read at scrape time.
         self.fast_paths: list[FastStats] = []
         self.reader(self._fast_families)
+        self.registry_up = self.gauge(
+            "meta169_serve_registry_up",
+            "1 while the registry answers, 0 while it cannot be reached (cached callers are then served "
+            "stale, others get 503); the lowest of the workers.",
+            merge="min",
+        )
+        self.registry_up.set(1)
+        self.stale_answers = self.counter(
+            "meta169_serve_stale_answers_total",
+            "Answers given from the cache while the registry could not be reached (both paths).",
+        )
+        # The fast path's answers during outages: its total when the current one
+        # began, and what the past ones added.
+        self._fast_at_outage: int | None = None
+        self._fast_stale = 0
+        self.reader(self._fast_stale_family)
 
     def poll_ok(self, revision: int) -> None:
         self.polls.inc(("ok",))
         self.revision.set(revision)
         self.last_poll = self._clock()
+
+    def registry_state(self, up: bool) -> None:
+        """The registry became reachable (``up``) or unreachable."""
+        self.registry_up.set(1 if up else 0)
+        if not up:
+            self._fast_at_outage = self._fast_total()
+        elif self._fast_at_outage is not None:
+            self._fast_stale += self._fast_total() - self._fast_at_outage
+            self._fast_at_outage = None
+
+    def _fast_total(self) -> int:
+        return sum(sum(stats()[0]) for stats in self.fast_paths)
+
+    def _fast_stale_family(self) -> Iterable[Family]:
+        # Named like stale_answers: snapshot() adds the compiled path's share to it.
+        stale = Family(self.stale_answers.family.name, "counter", "")
+        during = 0 if self._fast_at_outage is None else self._fast_total() - self._fast_at_outage
+        stale.values[()] = float(self._fast_stale + during)
+        return (stale,)
 
     def _poll_age(self) -> Iterable[Family]:
         age = Family(
@@ -149,20 +185,52 @@ class ProxyMetrics(Metrics):
         )
         self.upstream_errors = self.counter(
             "meta169_proxy_upstream_errors_total",
-            "Guest requests answered with an error of the hop to serve: 502 (unreachable, closed, bad reply), "
-            "503 (connection pool exhausted), 504 (no reply in time).",
+            "Guest requests answered with an error of the hop to serve: 502 (no upstream reachable, connection "
+            "closed, bad reply), 503 (wait queue full), 504 (no reply in time, waiting included).",
             ("code",),
             [("502",), ("503",), ("504",)],
         )
         self.upstream_duration = self.histogram(
             "meta169_proxy_upstream_duration_seconds",
-            "Time from sending a request to serve to having its whole reply.",
+            "Time from handing a request to the hop to serve (connecting, waiting for a connection and "
+            "sending again included) to having its whole reply.",
+        )
+        self.retries = self.counter(
+            "meta169_proxy_upstream_retries_total",
+            "Requests sent to serve again: connect (a connection to an upstream could not be opened; nothing "
+            "was sent), lost (a connection closed before any byte of the reply).",
+            ("reason",),
+            [("connect",), ("lost",)],
+        )
+        self.queue_wait = self.histogram(
+            "meta169_proxy_upstream_queue_wait_seconds",
+            "Time requests waited for a connection to serve, every upstream's connections being busy "
+            "(only requests that waited).",
         )
         # Compiled stampers of the open listeners; what they forwarded before a
         # listener closed is kept in ``stamped_closed``.
         self.stampers: dict[object, StamperCount] = {}
         self.stamped_closed = 0
         self.reader(self._stamped)
+
+    def watch_upstreams(self, states: Callable[[], Sequence[tuple[str, bool]]], waiting: Callable[[], int]) -> None:
+        """Read at every scrape: each upstream's address and whether it is marked up,
+        and the number of requests waiting for a connection."""
+
+        def read() -> Iterable[Family]:
+            up = Family(
+                "meta169_proxy_upstream_up",
+                "gauge",
+                "1 while an upstream (serve node) is marked up, 0 while down (connect or health check failed).",
+                ("upstream",),
+            )
+            for name, is_up in states():
+                up.values[(name,)] = 1.0 if is_up else 0.0
+            queued = Family("meta169_proxy_upstream_queued", "gauge", "Requests waiting for a connection to serve now.")
+            queued.values[()] = float(waiting())
+            return (up, queued)
+
+        self.reader(read)
 
     def forget_stamper(self, key: object) -> None:
         count = self.stampers.pop(key, None)

@@ -6,8 +6,9 @@ configuration (static listeners, the listener file, log level); a stop closes th
 listeners, lets the requests in flight get their replies from serve within the
 drain timeout, then closes (``http.lifecycle``). Readiness checks kept in the
 :class:`~meta169.health.Health` given: ``listeners`` (every desired listener
-open), ``listener-source`` (the last read of the file or registry worked) and,
-with ``--from-registry``, ``registry-empty``.
+open), ``listener-source`` (the last read of the file or registry worked),
+``upstreams`` (at least one upstream marked up) and, with ``--from-registry``,
+``registry-empty``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from meta169.proxy.server import (
     netns_exists,
     watch,
 )
-from meta169.proxy.upstream import Upstream, UpstreamSpec
+from meta169.proxy.upstream import CHECK_INTERVAL, QUEUE_LIMIT, Upstream, UpstreamSpec
 from meta169.sdnotify import Notifier, ping_watchdog
 
 log = logging.getLogger("meta169.proxy")
@@ -44,15 +45,18 @@ log = logging.getLogger("meta169.proxy")
 CHECK_LISTENERS = "listeners"
 CHECK_SOURCE = "listener-source"
 CHECK_EMPTY = "registry-empty"
+CHECK_UPSTREAMS = "upstreams"
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    upstream: UpstreamSpec
+    # The serve nodes, each with a connection pool of its own (proxy.upstream).
+    upstreams: tuple[UpstreamSpec, ...]
     secret: bytes | None = field(default=None, repr=False)
     static: tuple[ProxyListener, ...] = ()
     listener_file: Path | None = None
-    registry_url: str | None = None
+    # May carry a password joined from a 0600 file: never in repr or logs.
+    registry_url: str | None = field(default=None, repr=False)
     interval: float = 1.0
     # With registry_url: start even if the registry holds no instances.
     allow_empty: bool = False
@@ -62,9 +66,20 @@ class ProxyConfig:
     log_level: int | None = None
     # /metrics, /healthz and /readyz on a listener of their own; None: off.
     metrics_listen: ListenAddress | None = None
+    # Requests that may wait for a connection to serve when every pool is busy.
+    queue_limit: int = QUEUE_LIMIT
+    # Seconds between two looks at each upstream's health.
+    check_interval: float = CHECK_INTERVAL
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise ConfigError("give at least one --upstream")
+        names = [str(spec) for spec in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--upstream given twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
 
 
-# What a reload changes while running; the upstream and its secret need a restart.
+# What a reload changes while running; the upstreams and their secret need a restart.
 RELOADABLE = ("static", "listener_file", "registry_url", "interval", "allow_empty", "drain_timeout", "log_level")
 
 
@@ -172,7 +187,9 @@ async def serve_proxy(
     notifier = notifier if notifier is not None else Notifier()
     running = _Running(config, health if health is not None else Health())
     metrics = ProxyMetrics() if config.metrics_listen is not None else None
-    server = ProxyServer(Upstream(config.upstream, metrics=metrics), secret=config.secret, metrics=metrics)
+    upstream = Upstream(config.upstreams, metrics=metrics, queue_limit=config.queue_limit)
+    upstream.start_checks(config.check_interval)
+    server = ProxyServer(upstream, secret=config.secret, metrics=metrics)
     ops: OpsServer | None = None
     if metrics is not None and config.metrics_listen is not None:
         ops = await start_ops(config.metrics_listen, Exporter("proxy", metrics), running.health)
@@ -180,7 +197,10 @@ async def serve_proxy(
     errors = await server.reconcile(initial)
     for err in errors:
         log.error("%s", err)
-    tasks = [asyncio.get_running_loop().create_task(_check_listeners(running, server))]
+    tasks = [
+        asyncio.get_running_loop().create_task(_check_listeners(running, server)),
+        asyncio.get_running_loop().create_task(_check_upstreams(running, upstream)),
+    ]
     if config.registry_url is not None:
         empty = Recheck(running.health, CHECK_EMPTY, _empty_check(config.registry_url), until_resolved=True)
         await empty.first()
@@ -195,7 +215,8 @@ async def serve_proxy(
     if on_ready is not None:
         on_ready(len(server.listeners))
     failed = f", {len(errors)} failed (see the log)" if errors else ""
-    notifier.ready(f"proxying {len(server.listeners)} listeners to {config.upstream}{failed}")
+    targets = ", ".join(str(spec) for spec in config.upstreams)
+    notifier.ready(f"proxying {len(server.listeners)} listeners to {targets}{failed}")
     tasks.append(asyncio.get_running_loop().create_task(ping_watchdog(notifier)))
     try:
         stopper = asyncio.get_running_loop().create_task(_relay(stop, running))
@@ -234,6 +255,20 @@ async def _check_listeners(running: _Running, server: ProxyServer) -> None:
         await asyncio.sleep(running.config.interval)
 
 
+async def _check_upstreams(running: _Running, upstream: Upstream) -> None:
+    """Ready while at least one upstream is marked up (a proxy with none answers
+    every guest 502)."""
+    while True:
+        states = upstream.states()
+        down = [name for name, up in states if not up]
+        running.health.set(
+            CHECK_UPSTREAMS,
+            len(down) < len(states),
+            f"down: {', '.join(down)}" if down else f"{len(states)} up",
+        )
+        await asyncio.sleep(running.config.interval)
+
+
 def _empty_check(registry_url: str) -> Callable[[], Awaitable[str | None]]:
     async def check() -> str | None:
         if await asyncio.to_thread(_registry_is_empty, registry_url):
@@ -256,7 +291,7 @@ def _registry_is_empty(registry_url: str) -> bool:
 
     registry = open_registry(registry_url)
     try:
-        return not registry.list_instances()
+        return not registry.has_instances()
     finally:
         registry.close()
 

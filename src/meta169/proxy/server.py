@@ -44,7 +44,7 @@ from meta169.http.stamp import (
 from meta169.metrics.core import Family
 from meta169.metrics.instruments import ProxyMetrics
 from meta169.model import IPAddress, check_id, parse_ip
-from meta169.proxy.upstream import Reply, Upstream
+from meta169.proxy.upstream import IDEMPOTENT, Reply, Upstream
 
 log = logging.getLogger("meta169.proxy")
 
@@ -238,7 +238,13 @@ class ProxyApp:
         payload = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + req.body
         later = Later()
         pipeline = upstream_method == "GET" and not req.body
-        self._upstream.request(payload, _relay_head if method == "HEAD" else _relay, later, pipeline=pipeline)
+        self._upstream.request(
+            payload,
+            _relay_head if method == "HEAD" else _relay,
+            later,
+            pipeline=pipeline,
+            idempotent=upstream_method in IDEMPOTENT,
+        )
         return later
 
 

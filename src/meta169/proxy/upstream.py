@@ -1,9 +1,8 @@
-"""The proxy's side of the proxy-to-server hop: a keep-alive connection pool.
+"""The proxy's side of the proxy-to-server hop: keep-alive connection pools to one
+or several ``serve`` nodes, with health checks, failover and a wait queue.
 
 Replies from ``serve`` are small (user data is at most 64 KiB) and always carry
-Content-Length, so a reply is read whole, bounded, and relayed verbatim. Failures
-map to what the guest should see, and a guest never hangs: cannot connect -> 502,
-pool exhausted -> 503, no reply in time -> 504.
+Content-Length, so a reply is read whole, bounded, and relayed verbatim.
 
 The steady state costs no task, no coroutine and no timer per request: a pooled
 connection is an asyncio protocol; :meth:`Upstream.request` writes to it, and its
@@ -11,16 +10,54 @@ connection is an asyncio protocol; :meth:`Upstream.request` writes to it, and it
 sweep a fraction of the reply timeout long finds requests past their deadline.
 Only opening a new connection awaits. GETs that arrive together are pipelined on
 one connection (see :class:`Upstream`).
+
+Each upstream (``--upstream``, repeatable) has a pool of its own. A request goes to
+the pool, among those marked up, with the fewest requests outstanding (ties taken in
+turn), so a node that answers slowly gets less. What a guest sees when something
+fails (it never hangs):
+
+- a connection cannot be opened: its pool is marked down and its requests, never
+  sent, go to a pool they have not tried; with none left, 502;
+- a connection closes before any byte of a request's reply: the request goes again,
+  preferably to another pool, if repeating it is safe: a method RFC 9110 9.2.2 calls
+  idempotent (GET, HEAD, the IMDSv2 token PUT). serve's one request that changes
+  state, the password POST (Nova's ``password.py``), goes again only if it was never
+  written; it never takes an idle keep-alive connection (serve may have closed it
+  while idle) but a new one, or one that has just answered. A request that was
+  alone on a new connection when serve went away may have been its cause: it goes
+  only to a node it has not been sent to. No request is sent more than twice again;
+  past that, or with no node left to try, 502;
+- every pool has ``max_connections`` busy: the request waits in one FIFO queue, at
+  most ``queue_limit`` long, for a connection to free (a freed connection takes up
+  to PIPELINE_DEPTH waiting GETs at once); 504 at its deadline, 503 only when the
+  queue is full or there is no connection to wait for. A 503 on ``/openstack`` or
+  on the token PUT makes cloud-init 22.4.2 give up on the metadata service, where
+  haproxy, too, leaves connections beyond ``maxconn`` waiting;
+- no reply by the deadline (``reply_timeout`` after the guest's request reached
+  the proxy, queueing included): 504, not repeated (the guest's time is spent).
+
+Health: a pool is marked down when a connection to it cannot be opened or its
+probe fails, and up again only by a probe that succeeds. With :meth:`Upstream.start_checks`,
+every interval each pool that is down, or that answered nothing since the last
+look, is probed: a new connection, ``GET /healthz`` without an identity stamp and
+with ``Connection: close``, and the status line of the reply. serve answers such a
+request from its event loop without the registry (400 on a Unix listener: no
+caller; 403 over TCP: no signature), so any HTTP status line shows the node
+accepts, parses and answers; the probe costs serve one small request a second,
+counted in its ``meta169_serve_requests_total`` as a 4xx of tree ``other``, and
+nothing while real replies flow. When every pool is marked down, requests are tried
+on them anyway: a node may be back before its next probe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar, cast
@@ -30,10 +67,23 @@ from meta169.http import wire
 from meta169.http.grammar import TOKEN, TOKEN_RE
 from meta169.metrics.instruments import ProxyMetrics
 
+log = logging.getLogger("meta169.proxy")
+
 MAX_REPLY = 1 << 20
 MAX_HEAD = 64 << 10
 # GETs sharing one upstream connection at most; serve queues up to 32 per connection.
 PIPELINE_DEPTH = 8
+# Requests waiting for a connection to serve at most, over all upstreams.
+QUEUE_LIMIT = 4096
+# Seconds between two looks at each upstream's health.
+CHECK_INTERVAL = 1.0
+# A request is sent again at most this many times after a connection closed under
+# it (a stale keep-alive connection, then a node that died); connect failures, where
+# nothing was sent, are bounded by the pools instead (each tried once).
+MAX_RESENDS = 2
+# RFC 9110 9.2.2: repeating these has the effect of sending them once.
+IDEMPOTENT = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"))
+PROBE = b"GET /healthz HTTP/1.1\r\nhost: metadata\r\nconnection: close\r\n\r\n"
 T = TypeVar("T")
 
 # serve's replies always frame by Content-Length (http.message.encode_response).
@@ -80,9 +130,25 @@ class Sink(Protocol[T_contra]):
 
 
 class _Pending(Generic[T]):
-    """One request in flight: where its converted reply goes, and by when."""
+    """One request in flight or waiting: where its converted reply goes, by when,
+    and what may be done with it when a connection fails."""
 
-    __slots__ = ("convert", "deadline", "done", "payload", "pipeline", "retried", "sink", "started")
+    __slots__ = (
+        "convert",
+        "deadline",
+        "done",
+        "fresh",
+        "idempotent",
+        "payload",
+        "pipeline",
+        "queued",
+        "resends",
+        "sink",
+        "started",
+        "tried",
+    )
+    # Set when it starts waiting for a connection (the loop's time); read only then.
+    queued: float
 
     def __init__(
         self,
@@ -91,7 +157,8 @@ class _Pending(Generic[T]):
         sink: Sink[T],
         deadline: float,
         pipeline: bool,
-        started: float = 0.0,
+        started: float,
+        idempotent: bool,
     ) -> None:
         self.started = started  # perf_counter() when sent, for the latency metric
         self.payload = payload
@@ -99,7 +166,11 @@ class _Pending(Generic[T]):
         self.sink = sink
         self.deadline = deadline
         self.pipeline = pipeline
-        self.retried = False
+        self.idempotent = idempotent
+        # Only on a connection that has not carried a request yet (see _Pool.send).
+        self.fresh = not idempotent
+        self.resends = 0
+        self.tried = 0  # bit i: placed on pool i once
         self.done = False
 
 
@@ -110,7 +181,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = ("_buf", "_pool", "_queued", "closed", "pending", "reusable", "transport", "used")
 
-    def __init__(self, pool: Upstream) -> None:
+    def __init__(self, pool: _Pool) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
         self.pending: deque[_Pending[object]] = deque()
@@ -118,7 +189,7 @@ class _Conn(asyncio.Protocol):
         self.reusable = True  # False once closing, or once serve said it will close
         self.used = False  # has carried a reply before: may be a stale keep-alive
         self._buf = b""  # the start of a reply not yet complete
-        self._queued: list[bytes] = []  # a pipeline being filled, written by flush()
+        self._queued: list[_Pending[object]] = []  # a pipeline being filled, written by flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -131,16 +202,22 @@ class _Conn(asyncio.Protocol):
     def queue(self, pending: _Pending[object]) -> None:
         """Add to the pipeline being filled; flush() writes it all at once."""
         self.pending.append(pending)
-        self._queued.append(pending.payload)
+        self._queued.append(pending)
+        pool = self._pool
+        pool.outstanding += 1
+        pending.tried |= pool.bit
 
     def flush(self) -> None:
         if self.transport is None and not self.closed:
             return  # still connecting: written once connected
-        queued, self._queued = self._queued, []
-        if queued and self.transport is not None and not self.closed and self.reusable:
+        queued = self._queued
+        transport = self.transport
+        if queued and transport is not None and not self.closed and self.reusable:
+            self._queued = []
             # One write, so serve wakes once and reads the whole pipeline in one go.
-            self.transport.write(b"".join(queued) if len(queued) > 1 else queued[0])
-        # else: the connection is going away; connection_lost sends its requests on.
+            transport.write(b"".join([p.payload for p in queued]) if len(queued) > 1 else queued[0].payload)
+        # else: the connection is going away; what stays in _queued was never written,
+        # and connection_lost sends it on.
 
     def data_received(self, data: bytes) -> None:
         pending = self.pending
@@ -177,6 +254,10 @@ class _Conn(asyncio.Protocol):
             self.used = True
             if not self.reusable:
                 break
+        pool = self._pool
+        if done:
+            pool.outstanding -= len(done)
+            pool.replies += len(done)
         rest = self._buf = buf[off:] if off else buf
         if not self.reusable:
             self._close()
@@ -187,33 +268,47 @@ class _Conn(asyncio.Protocol):
             self._broken("metadata server sent a reply larger than 1 MiB")
             return
         elif not pending:
-            self._pool.release(self)
+            upstream = pool.upstream
+            if upstream.wait_queue:
+                upstream.freed(self)
+            else:
+                pool.idle.append(self)
         self._deliver(done)
 
     def _deliver(self, done: list[tuple[_Pending[object], Reply]]) -> None:
+        upstream = self._pool.upstream
         for pending, reply in done:
-            self._pool.succeed(pending, reply)
+            upstream.succeed(pending, reply)
 
     def _broken(self, reason: str) -> None:
         """The reply at the head cannot be read: 502 for it, the rest go elsewhere."""
         self._close()
         if self.pending:
-            self._pool.fail(self.pending.popleft(), HTTPError(502, reason))
+            self._pool.outstanding -= 1
+            self._pool.upstream.fail(self.pending.popleft(), HTTPError(502, reason))
         self._buf = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
-        self._pool.forget(self)
+        pool = self._pool
+        pool.forget(self)
         pending = list(self.pending)
         self.pending.clear()
+        unsent, self._queued = self._queued, []
+        pool.outstanding -= len(pending)
         partial = bool(self._buf)
         self._buf = b""
+        upstream = pool.upstream
         for i, p in enumerate(pending):
-            # A reused keep-alive connection the server had already closed, or a
-            # request queued behind another one: one retry on a fresh connection, as
-            # every HTTP client does. A reply cut off midway is not retried.
-            self._pool.lost(p, retry=(self.used and not partial) if i == 0 else True)
+            sent = p not in unsent
+            if i == 0:
+                # Bytes of its reply had come: it is not sent again. Alone on a
+                # connection that never answered: serve may have died of it.
+                upstream.lost(p, sent=sent, partial=partial, suspect=not self.used)
+            else:
+                upstream.lost(p, sent=sent, partial=False, suspect=False)  # queued behind another
+        upstream.pump()  # the pool has room for a new connection
 
     def _close(self) -> None:
         self.reusable = False
@@ -282,94 +377,104 @@ def _frame(data: bytes, offset: int) -> tuple[int, int, dict[str, str], bool] | 
     return int(status_line.group(2)), total, headers, keep
 
 
-class Upstream:
-    """A pool of connections to serve.
+class _Pool:
+    """The connections to one upstream, and what is known of its health."""
 
-    GETs that reach the proxy in the same loop iteration share one connection, up to
-    PIPELINE_DEPTH of them: they leave in one write and serve reads them in one go,
-    instead of one wake-up of serve (and, on a shared CPU, one preemption of the
-    proxy) per request (docs/benchmarks.md, finding 13). Anything else (a token PUT,
-    a POST) has a connection to itself.
-    """
+    __slots__ = (
+        "_batch",
+        "_batch_ends",
+        "bit",
+        "connecting",
+        "idle",
+        "index",
+        "looked_at",
+        "name",
+        "open",
+        "outstanding",
+        "probing",
+        "replies",
+        "spec",
+        "up",
+        "upstream",
+    )
 
-    def __init__(self, spec: UpstreamSpec, *, metrics: ProxyMetrics | None = None) -> None:
+    def __init__(self, upstream: Upstream, spec: UpstreamSpec, index: int) -> None:
+        self.upstream = upstream
         self.spec = spec
-        # Counts errors by status and the time to each reply, when given.
-        self._metrics = metrics
-        self._idle: list[_Conn] = []
-        self._open: set[_Conn] = set()
-        self._connecting = 0
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.index = index
+        self.bit = 1 << index
+        self.name = str(spec)
+        self.idle: list[_Conn] = []
+        self.open: set[_Conn] = set()
+        self.connecting = 0
+        self.outstanding = 0  # requests on its connections, replies not read yet
+        self.replies = 0  # replies read, ever: traffic that shows it answers
+        self.looked_at = 0  # ``replies`` at the last health look
+        self.up = True
+        self.probing = False
         self._batch: _Conn | None = None  # this iteration's pipeline, if any
         self._batch_ends = False
 
-    def request(self, payload: bytes, convert: Callable[[Reply], T], sink: Sink[T], *, pipeline: bool = False) -> None:
-        """Send one complete request; ``sink`` gets ``convert(reply)`` or an HTTPError.
-        ``pipeline``: a GET without body, which may share a connection."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.spec.reply_timeout
-        started = time.perf_counter() if self._metrics is not None else 0.0
-        pending = cast("_Pending[object]", _Pending(payload, convert, sink, deadline, pipeline, started))
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
-        self._dispatch(pending)
-
-    @property
-    def _sweep_every(self) -> float:
-        # A reply is declared late at most a tenth of the timeout after its deadline.
-        return max(0.05, self.spec.reply_timeout / 10)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        busy = False
-        for conn in list(self._open):
-            for pending in list(conn.pending):
-                if pending.done:
-                    continue
-                if pending.deadline <= now:
-                    self._timeout(pending, conn)
-                else:
-                    busy = True
-        if busy or self._connecting:
-            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
-
-    def _dispatch(self, pending: _Pending[object], *, fresh: bool = False) -> None:
-        """On this iteration's pipeline, an idle connection, or a new one. ``fresh``
-        (a retry): only on a connection that has not carried a reply yet."""
+    def send(self, pending: _Pending[object]) -> bool:
+        """On this iteration's pipeline, an idle connection, or a new one; False when
+        every connection the pool may have is busy."""
         if pending.pipeline:
             batch = self._batch
             if (
                 batch is not None
                 and batch.reusable
                 and len(batch.pending) < PIPELINE_DEPTH
-                and not (fresh and batch.used)
+                and not (pending.fresh and batch.used)
             ):
                 batch.queue(pending)
-                return
-        while self._idle and not fresh:
-            conn = self._idle.pop()
+                return True
+        idle = self.idle
+        if not pending.fresh and self._reuse(pending):
+            return True
+        if len(self.open) + self.connecting < self.spec.max_connections:
+            conn = _Conn(self)
+            conn.queue(pending)  # written once connected
+            if pending.pipeline:
+                self._open_batch(conn)
+            self.connecting += 1
+            task = asyncio.get_running_loop().create_task(self._connect(conn))
+            task.add_done_callback(_ignore)
+            return True
+        # No room for a new connection: an idle one rather than a wait.
+        return bool(idle) and self._reuse(pending)
+
+    def _reuse(self, pending: _Pending[object]) -> bool:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
             if conn.reusable:
                 if pending.pipeline:
                     conn.queue(pending)
                     self._open_batch(conn)
                 else:
                     conn.send(pending)
-                return
-        if len(self._open) + self._connecting >= self.spec.max_connections:
-            self.fail(pending, HTTPError(503, "metadata proxy busy"))
-            return
-        conn = _Conn(self)
-        conn.queue(pending)  # written once connected
-        if pending.pipeline:
-            self._open_batch(conn)
-        self._connecting += 1
-        task = asyncio.get_running_loop().create_task(self._connect(conn))
-        task.add_done_callback(_ignore)
+                return True
+        return False
+
+    def take(self, conn: _Conn, waiting: deque[_Pending[object]], now: float) -> None:
+        """A connection that just freed takes the first waiting request, and with a
+        GET the GETs right behind it, as one pipeline."""
+        upstream = self.upstream
+        head = waiting.popleft()
+        upstream.waited(head, now)
+        conn.queue(head)
+        if head.pipeline:
+            while waiting and len(conn.pending) < PIPELINE_DEPTH:
+                following = waiting[0]
+                if following.done:
+                    waiting.popleft()
+                    continue
+                if not following.pipeline:
+                    break
+                waiting.popleft()
+                upstream.waited(following, now)
+                conn.queue(following)
+        conn.flush()
 
     def _open_batch(self, conn: _Conn) -> None:
         if self._batch is not None:
@@ -389,14 +494,15 @@ class Upstream:
 
     async def _connect(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.spec.connect_timeout
+        spec = self.spec
+        deadline = loop.time() + spec.connect_timeout
         pause = 0.005
         try:
             while True:
-                if self.spec.unix_path is not None:
-                    coro = loop.create_unix_connection(lambda: conn, str(self.spec.unix_path))
+                if spec.unix_path is not None:
+                    coro = loop.create_unix_connection(lambda: conn, str(spec.unix_path))
                 else:
-                    coro = loop.create_connection(lambda: conn, self.spec.host, self.spec.port)
+                    coro = loop.create_connection(lambda: conn, spec.host, spec.port)
                 try:
                     await asyncio.wait_for(coro, max(0.001, deadline - loop.time()))
                     break
@@ -410,34 +516,179 @@ class Upstream:
         except (TimeoutError, OSError) as exc:
             conn.closed = True
             conn.reusable = False
+            conn._queued = []
             if self._batch is conn:
                 self._batch = None
-            error = HTTPError(502, f"metadata server unreachable at {self.spec}: {exc}")
-            while conn.pending:
-                self.fail(conn.pending.popleft(), error)
+            self.connecting -= 1
+            self.upstream.unreachable(self, conn, exc)
             return
-        finally:
-            self._connecting -= 1
+        except BaseException:
+            self.connecting -= 1
+            raise
+        self.connecting -= 1
         if conn.closed:  # lost at once: connection_lost has sent its requests on
             return
-        self._open.add(conn)
+        self.open.add(conn)
         conn.flush()
 
-    # -- called by connections ---------------------------------------------------------------
-    def release(self, conn: _Conn) -> None:
-        if conn.reusable and not conn.pending:
-            self._idle.append(conn)
-
     def forget(self, conn: _Conn) -> None:
-        self._open.discard(conn)
+        self.open.discard(conn)
         with contextlib.suppress(ValueError):
-            self._idle.remove(conn)
+            self.idle.remove(conn)
         if self._batch is conn:
             self._batch = None
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._open)
+    def mark_down(self, reason: str) -> None:
+        if self.up:
+            self.up = False
+            log.warning("upstream %s is down: %s", self.name, reason)
+
+    def mark_up(self) -> None:
+        if not self.up:
+            self.up = True
+            log.warning("upstream %s is up again", self.name)
+
+
+class Upstream:
+    """Connection pools to one or several serve nodes, as one.
+
+    GETs that reach the proxy in the same loop iteration share one connection of a
+    pool, up to PIPELINE_DEPTH of them: they leave in one write and serve reads them
+    in one go, instead of one wake-up of serve (and, on a shared CPU, one preemption
+    of the proxy) per request (docs/benchmarks.md, finding 13). Anything else (a
+    token PUT, a POST) has a connection to itself.
+    """
+
+    def __init__(
+        self,
+        specs: UpstreamSpec | Sequence[UpstreamSpec],
+        *,
+        metrics: ProxyMetrics | None = None,
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> None:
+        specs = (specs,) if isinstance(specs, UpstreamSpec) else tuple(specs)
+        if not specs:
+            raise ValueError("an upstream needs at least one address")
+        self.specs = specs
+        self._pools = [_Pool(self, spec, i) for i, spec in enumerate(specs)]
+        # The one pool, when there is only one: its requests skip the choosing.
+        self._single = self._pools[0] if len(self._pools) == 1 else None
+        self._timeout = min(spec.reply_timeout for spec in specs)
+        self._queue_limit = queue_limit
+        self.wait_queue: deque[_Pending[object]] = deque()
+        # Counts errors by status, retries, waits and the time to each reply, when given.
+        self._metrics = metrics
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn = 0  # where the next tie between pools is broken
+        self._checker: asyncio.Task[None] | None = None
+        self._probes: set[asyncio.Task[None]] = set()
+        self._closing = False
+        if metrics is not None:
+            metrics.watch_upstreams(self.states, self.waiting)
+
+    def request(
+        self,
+        payload: bytes,
+        convert: Callable[[Reply], T],
+        sink: Sink[T],
+        *,
+        pipeline: bool = False,
+        idempotent: bool = True,
+    ) -> None:
+        """Send one complete request; ``sink`` gets ``convert(reply)`` or an HTTPError.
+        ``pipeline``: a GET without body, which may share a connection.
+        ``idempotent``: safe to send again after it was written (not a POST)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        started = time.perf_counter() if self._metrics is not None else 0.0
+        pending = cast("_Pending[object]", _Pending(payload, convert, sink, deadline, pipeline, started, idempotent))
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+        single = self._single
+        if single is None or self._closing or not single.send(pending):
+            self._dispatch(pending)
+
+    # -- where a request goes --------------------------------------------------------------
+    def _dispatch(self, pending: _Pending[object], *, untried: bool = False, front: bool = False) -> bool:
+        """Place ``pending`` on a pool, or queue it; False when no pool may take it
+        (``untried``: only pools it was not placed on before)."""
+        if self._closing:
+            self.fail(pending, HTTPError(503, "metadata proxy stopping"))
+            return True
+        candidates = self._candidates(pending, untried)
+        if not candidates:
+            return False
+        for pool in candidates:
+            if pool.send(pending):
+                return True
+        self._wait(pending, front)
+        return True
+
+    def _candidates(self, pending: _Pending[object], untried: bool) -> Sequence[_Pool]:
+        pools = self._pools
+        if len(pools) == 1:
+            return () if untried and pending.tried else pools
+        tried = pending.tried
+        usable = [p for p in pools if p.up and not (untried and tried & p.bit)]
+        if not usable:
+            # Every pool it may go to is marked down: try them anyway.
+            usable = [p for p in pools if not (untried and tried & p.bit)]
+        if len(usable) > 1:
+            count = len(pools)
+            turn = self._turn = (self._turn + 1) % count
+            usable.sort(key=lambda p: (bool(tried & p.bit), p.outstanding, (p.index - turn) % count))
+        return usable
+
+    def _wait(self, pending: _Pending[object], front: bool) -> None:
+        waiting = self.wait_queue
+        if len(waiting) >= self._queue_limit or not any(p.open or p.connecting for p in self._pools):
+            # Nothing will free (no connection may be opened at all), or the queue is full.
+            self.fail(pending, HTTPError(503, "metadata proxy busy"))
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        pending.queued = loop.time()
+        if front:
+            waiting.appendleft(pending)
+        else:
+            waiting.append(pending)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
+    def waited(self, pending: _Pending[object], now: float) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_wait.observe(max(0.0, now - pending.queued))
+
+    def pump(self) -> None:
+        """Send waiting requests where there is room now (a connection closed, a pool
+        came back)."""
+        waiting = self.wait_queue
+        if not waiting or self._closing:
+            return
+        now = (self._loop or asyncio.get_running_loop()).time()
+        while waiting:
+            head = waiting[0]
+            if head.done:
+                waiting.popleft()
+                continue
+            if not any(pool.send(head) for pool in self._candidates(head, False)):
+                return
+            waiting.popleft()
+            self.waited(head, now)
+
+    # -- called by connections and pools -----------------------------------------------------
+    def freed(self, conn: _Conn) -> None:
+        """``conn`` answered everything it carried: the first waiting request takes
+        it, else it is pooled."""
+        waiting = self.wait_queue
+        while waiting and waiting[0].done:
+            waiting.popleft()
+        if waiting and not self._closing:
+            conn._pool.take(conn, waiting, (self._loop or asyncio.get_running_loop()).time())
+        elif conn.reusable:
+            conn._pool.idle.append(conn)
 
     def succeed(self, pending: _Pending[object], reply: Reply) -> None:
         if pending.done:
@@ -459,14 +710,76 @@ class Upstream:
                 self._metrics.upstream_errors.inc((str(error.status),))
             pending.sink.fail(error)
 
-    def lost(self, pending: _Pending[object], *, retry: bool) -> None:
-        if retry and not pending.retried and not pending.done:
-            pending.retried = True
-            self._dispatch(pending, fresh=True)
+    def lost(self, pending: _Pending[object], *, sent: bool, partial: bool, suspect: bool) -> None:
+        """The connection carrying ``pending`` closed before its whole reply came;
+        ``sent``: it had been written to that connection."""
+        if pending.done:
             return
-        self.fail(pending, HTTPError(502, "metadata server closed the connection"))
+        closed = HTTPError(502, "metadata server closed the connection")
+        if (sent and (partial or not pending.idempotent)) or pending.resends >= MAX_RESENDS:
+            self.fail(pending, closed)
+            return
+        pending.resends += 1
+        pending.fresh = True  # not on another keep-alive connection that may be stale
+        # A suspect goes to another node or nowhere; the others prefer another node.
+        if self._dispatch(pending, untried=suspect and sent, front=True):
+            if self._metrics is not None:
+                self._metrics.retries.inc(_LOST)
+        else:
+            self.fail(pending, closed)
 
-    def _timeout(self, pending: _Pending[object], conn: _Conn) -> None:
+    def unreachable(self, pool: _Pool, conn: _Conn, exc: BaseException) -> None:
+        """A connection to ``pool`` could not be opened: none of its requests was sent."""
+        pool.mark_down(f"cannot connect: {exc}")
+        error = HTTPError(502, f"metadata server unreachable at {pool.spec}: {exc}")
+        while conn.pending:
+            pending = conn.pending.popleft()
+            pool.outstanding -= 1
+            if pending.done:
+                continue
+            if self._dispatch(pending, untried=True, front=True):
+                if self._metrics is not None:
+                    self._metrics.retries.inc(_CONNECT)
+            else:
+                self.fail(pending, error)
+        self.pump()
+
+    # -- deadlines -------------------------------------------------------------------------
+    @property
+    def _sweep_every(self) -> float:
+        # A reply is declared late at most a tenth of the timeout after its deadline.
+        return max(0.05, self._timeout / 10)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        busy = False
+        for pool in self._pools:
+            for conn in list(pool.open):
+                for pending in list(conn.pending):
+                    if pending.done:
+                        continue
+                    if pending.deadline <= now:
+                        self._timeout_on(pending, conn)
+                    else:
+                        busy = True
+            busy = busy or pool.connecting > 0
+        waiting = self.wait_queue
+        if waiting:
+            late = [p for p in waiting if not p.done and p.deadline <= now]
+            for pending in late:
+                self.waited(pending, now)
+                self.fail(pending, HTTPError(504, "no connection to the metadata server freed in time"))
+            if late:
+                kept = [p for p in waiting if not p.done]
+                waiting.clear()
+                waiting.extend(kept)
+            busy = busy or bool(waiting)
+        if busy:
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
+    def _timeout_on(self, pending: _Pending[object], conn: _Conn) -> None:
         self.fail(pending, HTTPError(504, "metadata server did not answer in time"))
         # The connection would deliver the late reply to the next request in line: it
         # is closed rather than reused, and what waits behind goes elsewhere. A late
@@ -474,13 +787,93 @@ class Upstream:
         if conn.pending and conn.pending[0] is pending:
             conn._close()
 
+    # -- health ----------------------------------------------------------------------------
+    def start_checks(self, interval: float = CHECK_INTERVAL) -> None:
+        """Look at every upstream's health each ``interval`` seconds from now on (see
+        the module's docstring); until :meth:`close`."""
+        if self._checker is None:
+            self._checker = asyncio.get_running_loop().create_task(self._check(interval))
+
+    async def _check(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            for pool in self._pools:
+                if pool.probing:
+                    continue
+                if pool.up and pool.replies != pool.looked_at:
+                    pool.looked_at = pool.replies  # it answered since the last look
+                    continue
+                pool.probing = True
+                task = loop.create_task(self._probe(pool))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, pool: _Pool) -> None:
+        spec = pool.spec
+        writer: asyncio.StreamWriter | None = None
+        try:
+            if spec.unix_path is not None:
+                opening = asyncio.open_unix_connection(str(spec.unix_path))
+            else:
+                opening = asyncio.open_connection(spec.host, spec.port)
+            reader, opened = await asyncio.wait_for(opening, spec.connect_timeout)
+            writer = opened
+            opened.write(PROBE)
+            line = await asyncio.wait_for(reader.readline(), spec.reply_timeout)
+        except TimeoutError:
+            pool.mark_down("no answer to the health check in time")
+            return
+        except (OSError, ValueError) as exc:  # ValueError: a line past the stream's limit
+            pool.mark_down(f"health check: {exc}")
+            return
+        finally:
+            pool.probing = False
+            if writer is not None:
+                writer.close()
+        if _STATUS_LINE_RE.fullmatch(line.rstrip(b"\r\n")) is None:
+            pool.mark_down("health check: no HTTP reply" if not line else "health check: not an HTTP reply")
+            return
+        pool.looked_at = pool.replies
+        pool.mark_up()
+        self.pump()
+
+    # -- state -----------------------------------------------------------------------------
+    def states(self) -> list[tuple[str, bool]]:
+        """Each upstream's address and whether it is marked up, in the order given."""
+        return [(pool.name, pool.up) for pool in self._pools]
+
+    def waiting(self) -> int:
+        """Requests waiting for a connection now."""
+        return sum(1 for pending in self.wait_queue if not pending.done)
+
+    @property
+    def open_connections(self) -> int:
+        return sum(len(pool.open) for pool in self._pools)
+
     async def close(self) -> None:
+        self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for conn in list(self._open):
-            conn._close()
-        self._idle.clear()
+        tasks = [*self._probes, *([self._checker] if self._checker is not None else [])]
+        self._checker = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stopping = HTTPError(503, "metadata proxy stopping")
+        while self.wait_queue:
+            self.fail(self.wait_queue.popleft(), stopping)
+        for pool in self._pools:
+            for conn in list(pool.open):
+                conn._close()
+            pool.idle.clear()
+
+
+_LOST = ("lost",)
+_CONNECT = ("connect",)
 
 
 def _ignore(task: asyncio.Task[None]) -> None:

@@ -23,19 +23,23 @@ import contextlib
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from meta169.errors import ConfigError
+from meta169.model import Instance
 from meta169.registry._common import DEFAULT_CHANGE_LOG_SIZE
-from meta169.registry.base import Changes, Registry
+from meta169.registry.base import Batch, Changes, Registry
 
 __all__ = [
+    "Batch",
     "Changes",
     "Registry",
     "default_registry_url",
     "describe_registry_url",
+    "iter_instances",
     "open_registry",
     "permission_warnings",
     "prepare_sqlite_file",
@@ -90,6 +94,19 @@ def open_registry(
                 with contextlib.suppress(OSError):
                     leftover.unlink()
         raise
+
+
+def iter_instances(registry: Registry, *, page: int = 1000, marker: str | None = None) -> Iterator[Instance]:
+    """Every instance after ``marker`` in uuid order, read ``page`` at a time, so a
+    walk of 100,000 instances never holds more than one page."""
+    if page < 1:
+        raise ValueError("page must be >= 1")
+    while True:
+        found = registry.list_instances(limit=page, marker=marker)
+        yield from found
+        if len(found) < page:
+            return
+        marker = found[-1].uuid
 
 
 def prepare_sqlite_file(path: Path, *, create: bool, create_directory: bool) -> bool:

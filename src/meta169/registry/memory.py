@@ -6,11 +6,12 @@ against all of them); nothing survives the process.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 
-from meta169.errors import AmbiguousCaller, Conflict, NotFound, UnknownCaller
+from meta169.errors import AmbiguousCaller, Conflict, NotFound, UnknownCaller, ValidationError
 from meta169.model import Caller, Instance, Network, Router
 from meta169.registry._common import (
     DEFAULT_CHANGE_LOG_SIZE,
@@ -18,7 +19,7 @@ from meta169.registry._common import (
     full_changes,
     stored_instance,
 )
-from meta169.registry.base import Changes
+from meta169.registry.base import Batch, ChangeFeed, Changes, Resolution
 
 
 class MemoryRegistry:
@@ -75,32 +76,22 @@ class MemoryRegistry:
 
     def put_router(self, router: Router) -> None:
         with self._lock:
-            self._require_networks(router.network_ids, f"router {router.id}")
-            self._routers[router.id] = router
+            self._store_router(router)
             self._bump(None)
 
     def put_instance(self, instance: Instance) -> None:
         instance = stored_instance(instance)
         with self._lock:
-            self._require_networks(sorted({p.network_id for p in instance.ports}), f"instance {instance.uuid}")
-            old = self._instances.get(instance.uuid)
-            if old is not None:
-                self._index(old, add=False)
-            self._instances[instance.uuid] = instance
-            self._index(instance, add=True)
-            old_ports = () if old is None else old.ports
-            if old_ports != instance.ports:
+            if self._store_instance(instance):
                 self._bump(instance.uuid, None)
             else:
                 self._bump(instance.uuid)
 
     def delete_instance(self, uuid: str) -> None:
         with self._lock:
-            old = self._instances.pop(uuid, None)
+            old = self._remove_instance(uuid)
             if old is None:
                 raise NotFound(f"no instance {uuid}")
-            self._index(old, add=False)
-            self._passwords.pop(uuid, None)
             if old.ports:
                 self._bump(uuid, None)
             else:
@@ -108,15 +99,8 @@ class MemoryRegistry:
 
     def delete_network(self, network_id: str) -> None:
         with self._lock:
-            if network_id not in self._networks:
+            if not self._remove_network(network_id):
                 raise NotFound(f"no network {network_id}")
-            users = sorted(i.uuid for i in self._instances.values() if any(p.network_id == network_id for p in i.ports))
-            if users:
-                raise Conflict(f"network {network_id} has ports of instances {', '.join(users)}")
-            routers = sorted(r.id for r in self._routers.values() if network_id in r.network_ids)
-            if routers:
-                raise Conflict(f"network {network_id} is attached to routers {', '.join(routers)}")
-            del self._networks[network_id]
             self._bump(None)
 
     def delete_router(self, router_id: str) -> None:
@@ -124,6 +108,76 @@ class MemoryRegistry:
             if self._routers.pop(router_id, None) is None:
                 raise NotFound(f"no router {router_id}")
             self._bump(None)
+
+    def apply_batch(self, batch: Batch) -> int:
+        instances = [stored_instance(i) for i in batch.instances]
+        with self._lock:
+            if not len(batch):
+                return self._revision
+            # All or nothing: a failure midway puts the dictionaries back.
+            saved = (dict(self._networks), dict(self._routers), dict(self._instances), dict(self._passwords))
+            try:
+                changed: list[str | None] = []
+                topology = bool(batch.networks or batch.routers)
+                for uuid in batch.delete_instances:
+                    old = self._remove_instance(uuid)
+                    if old is not None:
+                        changed.append(uuid)
+                        topology = topology or bool(old.ports)
+                for network in batch.networks:
+                    self._networks[network.id] = network
+                for router in batch.routers:
+                    self._store_router(router)
+                for instance in instances:
+                    topology = self._store_instance(instance) or topology
+                    changed.append(instance.uuid)
+                for router_id in batch.delete_routers:
+                    topology = self._routers.pop(router_id, None) is not None or topology
+                for network_id in batch.delete_networks:
+                    topology = self._remove_network(network_id) or topology
+            except BaseException:
+                self._networks, self._routers, self._instances, self._passwords = saved
+                self._owners.clear()
+                for instance in self._instances.values():
+                    self._index(instance, add=True)
+                raise
+            self._bump(*changed, *([None] if topology else []))
+            return self._revision
+
+    # -- writes' steps (called with the lock held) -------------------------------------
+
+    def _store_router(self, router: Router) -> None:
+        self._require_networks(router.network_ids, f"router {router.id}")
+        self._routers[router.id] = router
+
+    def _store_instance(self, instance: Instance) -> bool:
+        """Store ``instance``; whether its ports changed."""
+        self._require_networks(sorted({p.network_id for p in instance.ports}), f"instance {instance.uuid}")
+        old = self._instances.get(instance.uuid)
+        if old is not None:
+            self._index(old, add=False)
+        self._instances[instance.uuid] = instance
+        self._index(instance, add=True)
+        return (() if old is None else old.ports) != instance.ports
+
+    def _remove_instance(self, uuid: str) -> Instance | None:
+        old = self._instances.pop(uuid, None)
+        if old is not None:
+            self._index(old, add=False)
+            self._passwords.pop(uuid, None)
+        return old
+
+    def _remove_network(self, network_id: str) -> bool:
+        if network_id not in self._networks:
+            return False
+        users = sorted(i.uuid for i in self._instances.values() if any(p.network_id == network_id for p in i.ports))
+        if users:
+            raise Conflict(f"network {network_id} has ports of instances {', '.join(users)}")
+        routers = sorted(r.id for r in self._routers.values() if network_id in r.network_ids)
+        if routers:
+            raise Conflict(f"network {network_id} is attached to routers {', '.join(routers)}")
+        del self._networks[network_id]
+        return True
 
     # -- reads ------------------------------------------------------------------------
 
@@ -148,9 +202,22 @@ class MemoryRegistry:
             raise NotFound(f"no router {router_id}")
         return found
 
-    def list_instances(self) -> Sequence[Instance]:
+    def list_instances(self, *, limit: int | None = None, marker: str | None = None) -> Sequence[Instance]:
+        if limit is not None and limit < 0:
+            raise ValidationError(f"limit must be >= 0, not {limit}")
         with self._lock:
-            return [self._instances[k] for k in sorted(self._instances)]
+            keys = sorted(self._instances)
+            start = 0 if marker is None else bisect.bisect_right(keys, marker)
+            end = len(keys) if limit is None else start + limit
+            return [self._instances[k] for k in keys[start:end]]
+
+    def count_instances(self) -> int:
+        with self._lock:
+            return len(self._instances)
+
+    def has_instances(self) -> bool:
+        with self._lock:
+            return bool(self._instances)
 
     def list_networks(self) -> Sequence[Network]:
         with self._lock:
@@ -161,19 +228,50 @@ class MemoryRegistry:
             return [self._routers[k] for k in sorted(self._routers)]
 
     def resolve(self, caller: Caller) -> Instance:
-        ip = str(caller.ip)
         with self._lock:
-            if caller.network_id is not None:
-                scope: tuple[str, ...] = (caller.network_id,)
-            else:
-                router = self._routers.get(caller.router_id or "")
-                scope = () if router is None else router.network_ids
-            uuids = sorted({u for net in scope for u in self._owners.get((net, ip), ())})
-            if len(uuids) == 1:
-                return self._instances[uuids[0]]
+            found = self._resolve(caller)
+        if isinstance(found, Instance):
+            return found
+        raise found
+
+    def _resolve(self, caller: Caller) -> Resolution:
+        ip = str(caller.ip)
+        if caller.network_id is not None:
+            scope: tuple[str, ...] = (caller.network_id,)
+        else:
+            router = self._routers.get(caller.router_id or "")
+            scope = () if router is None else router.network_ids
+        uuids = sorted({u for net in scope for u in self._owners.get((net, ip), ())})
+        if len(uuids) == 1:
+            return self._instances[uuids[0]]
         if not uuids:
-            raise UnknownCaller(caller.scope, ip)
-        raise AmbiguousCaller(caller.scope, ip, uuids)
+            return UnknownCaller(caller.scope, ip)
+        return AmbiguousCaller(caller.scope, ip, uuids)
+
+    def resolve_many(self, callers: Sequence[Caller]) -> list[Resolution]:
+        with self._lock:  # one moment for all of them, as the SQL backends read
+            return [self._resolve(caller) for caller in callers]
+
+    def get_instances(self, uuids: Iterable[str]) -> Sequence[Instance]:
+        with self._lock:
+            return [self._instances[u] for u in sorted(set(uuids)) if u in self._instances]
+
+    def port_owners(self, network_ids: Sequence[str]) -> Sequence[tuple[str, str, str]]:
+        wanted = set(network_ids)
+        with self._lock:
+            return [
+                (network_id, ip, uuid)
+                for (network_id, ip), uuids in sorted(self._owners.items())
+                if network_id in wanted
+                for uuid in sorted(uuids)
+            ]
+
+    def get_networks(self, network_ids: Iterable[str]) -> dict[str, Network]:
+        with self._lock:
+            return {n: self._networks[n] for n in sorted(set(network_ids)) if n in self._networks}
+
+    def change_feed(self) -> ChangeFeed | None:
+        return None
 
     # -- passwords --------------------------------------------------------------------
 
