@@ -14,7 +14,9 @@ from meta169.http.message import Request, Response
 from meta169.http.protocol import HTTPProtocol
 
 
-class _Transport:
+class RecordingTransport:
+    """A transport that keeps what one connection would have sent."""
+
     def __init__(self, peer: str) -> None:
         self._peer = (peer, 40000) if peer else ""
         self.written: list[bytes] = []
@@ -50,7 +52,7 @@ def parse_request(data: bytes, peer: str = "", limits: Limits | None = None) -> 
             return Response(200)
 
         proto = HTTPProtocol(handler, limits or Limits(), loop=loop)
-        proto.connection_made(_Transport(peer))  # type: ignore[arg-type]
+        proto.connection_made(RecordingTransport(peer))  # type: ignore[arg-type]
         proto.data_received(data)
         proto.connection_lost(None)
         return got[0] if got else None

@@ -39,6 +39,7 @@ from meta169.registry.memory import MemoryRegistry
 from meta169.render import RenderOptions
 from tests.capabilities import require
 from tests.counters import SUMMARY
+from tests.http_parse import RecordingTransport
 from tests.unit.http_strategies import NAME, VALUE
 
 UUID = "5e0c2d9a-8d8c-4f6e-9c1a-0d9c2b7f1a11"
@@ -99,33 +100,6 @@ def _registry(http_tokens: str) -> MemoryRegistry:
     return reg
 
 
-class _Recording:
-    """A transport that keeps what one connection would have sent."""
-
-    def __init__(self, peer: str) -> None:
-        self._peer = (peer, 40000, 0, 0) if peer else ""
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._peer if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.written.append(bytes(data))
-
-    def writelines(self, parts: Any) -> None:
-        self.written.extend(bytes(p) for p in parts)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 @dataclass
 class Served:
     """One listener of serve, its Python path and its compiled path."""
@@ -161,7 +135,7 @@ class Served:
             handled.append(req)
             return self.app(req)
 
-        transport = _Recording(self.peer if peer is None else peer)
+        transport = RecordingTransport(self.peer if peer is None else peer)
         proto = HTTPProtocol(handler, LIMITS, loop=self.loop)
         proto.connection_made(transport)  # type: ignore[arg-type]
         proto.data_received(data)
