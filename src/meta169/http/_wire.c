@@ -1505,16 +1505,17 @@ header_pairs(const char *d, Py_ssize_t n)
         const char *value = colon + 1, *value_end = eol;
         while (value < value_end && (*value == ' ' || *value == '\t')) value++;
         while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
-        PyObject *name = PyBytes_FromStringAndSize(p, colon - p);
+        /* Made empty, then filled: CPython shares its one-byte bytes objects, so
+         * lower-casing a copy of the input in place would change b"A" everywhere. */
+        PyObject *name = PyBytes_FromStringAndSize(NULL, colon - p);
         if (name == NULL) {
             Py_DECREF(pairs);
             return NULL;
         }
         char *lower = PyBytes_AS_STRING(name);
-        for (Py_ssize_t i = 0; i < PyBytes_GET_SIZE(name); i++) {
-            if (lower[i] >= 'A' && lower[i] <= 'Z') {
-                lower[i] = (char)(lower[i] + 32);
-            }
+        for (Py_ssize_t i = 0; i < colon - p; i++) {
+            char c = p[i];
+            lower[i] = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
         }
         PyObject *pair = Py_BuildValue("(Ny#)", name, value, (Py_ssize_t)(value_end - value));
         if (pair == NULL || PyList_Append(pairs, pair) < 0) {
