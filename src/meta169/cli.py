@@ -166,6 +166,35 @@ def main(
     ctx.obj = Ctx(registry_url, registry_password_file)
 
 
+# -- options the daemons share ----------------------------------------------------------------
+# serve, proxy and admin take these; each is declared once here, with the help that differs
+# where the daemons do (proxy's metrics port is in the host's namespace, not a guest's).
+
+_Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _metrics_listen_option(where: str = "") -> _Decorator:
+    return click.option(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=f"Serve /metrics (Prometheus), /healthz and /readyz here{where} [default: off].",
+    )
+
+
+def _allow_empty_option(help_text: str) -> _Decorator:
+    return click.option("--allow-empty", is_flag=True, help=help_text)
+
+
+def _drain_timeout_option(in_flight: str = "finish") -> _Decorator:
+    return click.option(
+        "--drain-timeout",
+        type=click.FloatRange(min=0),
+        default=10.0,
+        show_default=True,
+        help=f"On SIGTERM, seconds to let requests in flight {in_flight} before closing them.",
+    )
+
+
 # -- serve -----------------------------------------------------------------------------------
 
 
@@ -261,11 +290,7 @@ def main(
     type=click.Path(file_okay=False, path_type=Path),
     help="Sign EC2 identity documents with this directory's key (meta169 identity init).",
 )
-@click.option(
-    "--metrics-listen",
-    metavar="HOST:PORT",
-    help="Serve /metrics (Prometheus), /healthz and /readyz here [default: off].",
-)
+@_metrics_listen_option()
 @click.option("--access-log", is_flag=True, help="Log one line per request (logger meta169.access).")
 @click.option(
     "--access-log-sample",
@@ -275,19 +300,11 @@ def main(
     metavar="RATE",
     help="With --access-log: the share of requests logged, chosen at random (0..1).",
 )
-@click.option(
-    "--allow-empty",
-    is_flag=True,
-    help="Start even if the registry holds no instances (every guest gets 404 until an import); "
-    "warns every minute and /readyz fails while it is empty.",
+@_allow_empty_option(
+    "Start even if the registry holds no instances (every guest gets 404 until an import); "
+    "warns every minute and /readyz fails while it is empty."
 )
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="On SIGTERM, seconds to let requests in flight finish before closing them.",
-)
+@_drain_timeout_option()
 @pass_ctx
 def serve(obj: Ctx, /, workers: int, **params: Any) -> None:
     """Serve the OpenStack and EC2 metadata trees.
@@ -558,23 +575,9 @@ def _parse_binding(text: str) -> Any:
     show_default=True,
     help="Seconds between health checks of each upstream (skipped while it answers requests).",
 )
-@click.option(
-    "--metrics-listen",
-    metavar="HOST:PORT",
-    help="Serve /metrics (Prometheus), /healthz and /readyz here, in the host's namespace [default: off].",
-)
-@click.option(
-    "--allow-empty",
-    is_flag=True,
-    help="With --from-registry: start even if the registry holds no instances.",
-)
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="On SIGTERM, seconds to let requests in flight get their replies before closing them.",
-)
+@_metrics_listen_option(", in the host's namespace")
+@_allow_empty_option("With --from-registry: start even if the registry holds no instances.")
+@_drain_timeout_option("get their replies")
 @pass_ctx
 def proxy(obj: Ctx, /, **params: Any) -> None:
     """Per-namespace metadata proxy: stamp caller identity, forward to serve.
@@ -659,23 +662,9 @@ def _proxy_config(
     required=True,
     help="Bearer token (file, mode 0600, at least 16 bytes).",
 )
-@click.option(
-    "--metrics-listen",
-    metavar="HOST:PORT",
-    help="Serve /metrics (Prometheus), /healthz and /readyz here [default: off].",
-)
-@click.option(
-    "--allow-empty",
-    is_flag=True,
-    help="Start even if the registry holds no instances (to fill it through this API).",
-)
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="On SIGTERM, seconds to let requests in flight finish before closing them.",
-)
+@_metrics_listen_option()
+@_allow_empty_option("Start even if the registry holds no instances (to fill it through this API).")
+@_drain_timeout_option()
 @click.option(
     "--max-body-mib",
     type=click.IntRange(min=1, max=1024),

@@ -31,6 +31,7 @@ import pytest
 
 from tests.capabilities import require
 from tests.counters import SUMMARY
+from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
@@ -296,9 +297,7 @@ def test_deb_package_serve_answers_from_the_chroot(chroot: Chroot, installed: li
     os.chown(runtime, *ids)
     notify_dir = chroot.path("/run/meta169-test")
     notify_dir.mkdir(mode=0o755, exist_ok=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_dir / "notify"))
         (notify_dir / "notify").chmod(0o666)
@@ -325,12 +324,7 @@ def test_deb_package_serve_answers_from_the_chroot(chroot: Chroot, installed: li
             assert response.status == 200, body
             assert json.loads(body)["uuid"] == "11111111-1111-4111-8111-111111111111"
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop(proc, 10)
             log.close()
 
 

@@ -13,7 +13,6 @@ test takes the lab down and checks that nothing of it is left.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,15 +26,12 @@ import pytest
 from meta169.errors import LabError
 from meta169.lab import Lab, lab_namespaces, qemu
 from meta169.lab import plan as lp
-from meta169.lab.image import build_image, find_image
 from meta169.lab.processes import find_marked
 from meta169.registry import open_registry
-from tests.capabilities import require
 from tests.counters import SUMMARY
+from tests.e2e.guest_image import guest_image
 from tests.e2e.lab_fixture import lab_config, require_lab
 
-ROOT = Path(__file__).resolve().parents[2]
-MIRROR = os.environ.get("META169_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 GUESTS = {"a1": "openstack", "b1": "ec2"}
 # ds-identify's and cloud-init's names for each (instance-data.json v1.platform, v1.cloud_name).
 PLATFORM = {"openstack": ("openstack", "openstack"), "ec2": ("ec2", "aws")}
@@ -46,24 +42,10 @@ CLOUD_INIT_WAIT = 900.0  # seconds for cloud-init's last stage under TCG
 pytestmark = pytest.mark.timeout(2400)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("META169_CACHE", str(ROOT / ".cache")))
-
-
 @pytest.fixture(scope="module")
 def guests() -> Iterator[Lab]:
     """A lab whose a1 and b1 are QEMU guests (OpenStack and EC2), booted; always torn down."""
-    for tool in (qemu.QEMU_BINARY, qemu.QEMU_IMG, "mmdebstrap", "mkfs.ext4"):
-        require(f"executable {tool}", shutil.which(tool) is not None, f"{tool} is not on PATH")
-    cached = find_image(cache_dir()) is not None
-    started = time.monotonic()
-    try:
-        image = build_image(cache_dir(), mirror=MIRROR)
-    except LabError as exc:
-        require("the guest image", False, f"building it failed: {exc}")
-    size = f"{image.size_bytes() / 2**20:.0f} MiB"
-    how = "cached" if cached else f"built in {time.monotonic() - started:.0f}s"
-    SUMMARY["qemu guest image"] = f"{image.directory.name}, {size}, {how}"
+    image = guest_image()
     config = lab_config(
         vms_per_network=1,
         qemu=tuple(lp.QemuGuest(vm, ds) for vm, ds in GUESTS.items()),  # type: ignore[arg-type]

@@ -25,7 +25,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 
 from tests.capabilities import require
+from tests.processes import free_port
 
 _BINARIES = ("initdb", "pg_ctl", "postgres")
 _SUPERUSER = "meta169"
@@ -88,12 +88,6 @@ def find_postgres_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _run_as() -> dict[str, Any]:
     """subprocess arguments that drop root; empty when not root."""
     if os.geteuid() != 0:
@@ -141,7 +135,7 @@ def _start(bindir: Path, root: Path, drop: dict[str, Any]) -> PostgresServer:
     for _ in range(_START_ATTEMPTS):
         # The port is free now; another process could take it before postgres binds,
         # so a failed start retries with a new one.
-        port = _free_port()
+        port = free_port()
         settings = {**_SETTINGS, "port": str(port), "unix_socket_directories": f"'{sockdir}'"}
         conf.write_text(base + "\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
         try:

@@ -7,8 +7,6 @@ import contextlib
 import http.client
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ from meta169.model import parse_ip
 from meta169.proxy.server import ProxyListener, ProxyServer
 from meta169.proxy.upstream import Upstream
 from meta169.registry import Registry
+from tests.processes import free_port, stop
 
 _READY = re.compile(r"listening on (\S+) \(([^)]*)\)")
 
@@ -36,13 +35,7 @@ class ServeProcess:
     log_lines: list[str] = field(default_factory=list)
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop(self.proc)
         assert self.proc.stderr is not None
         if self.proc.stderr.closed:
             return "\n".join(self.log_lines)
@@ -111,9 +104,29 @@ def get(
         conn.close()
 
 
-def write_inventory(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
+def imported_registry(directory: Path, inventory: str, *, name: str = "inv.yaml") -> str:
+    """The URL of a SQLite registry in ``directory`` that ``meta169 import`` filled with
+    ``inventory`` (written to ``directory / name``)."""
+    (directory / name).write_text(inventory)
+    url = f"sqlite:///{directory / 'registry.db'}"
+    run_cli(url, "import", str(directory / name))
+    return url
+
+
+def guests_inventory(guests: range, mac_prefix: str) -> str:
+    """net-a on 127.0.0.0/24 and guest N at 127.0.0.N for each N of ``guests``."""
+    return """
+networks:
+  - id: net-a
+    subnets: [{cidr: 127.0.0.0/24, gateway: 127.0.0.254}]
+instances:
+""" + "".join(
+        f"""  - uuid: 00000000-0000-4000-8000-{n:012d}
+    name: vm-{n}
+    ports: [{{network: net-a, mac: "{mac_prefix}:{n:02x}", ips: [127.0.0.{n}]}}]
+"""
+        for n in guests
+    )
 
 
 @contextlib.contextmanager
@@ -161,10 +174,7 @@ def proxy_in_process(upstream: Upstream, binding: Binding) -> Iterator[tuple[str
     loop in a thread; yields the listener's address."""
     loop = asyncio.new_event_loop()
     proxy = ProxyServer(upstream)
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     listener = ProxyListener(binding, parse_ip("127.0.0.1"), port)
     ready = threading.Event()
 

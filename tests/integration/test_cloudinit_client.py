@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.harness.cloudinit import run_datasource
-from tests.integration.serving import ServeProcess, run_cli, start_serve
+from tests.integration.serving import ServeProcess, imported_registry, start_serve
 
 UUID = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly ops@example"
@@ -54,9 +54,7 @@ pytestmark = pytest.mark.cloudinit
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     tmp = tmp_path_factory.mktemp("ci")
-    (tmp / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp / 'registry.db'}"
-    run_cli(url, "import", str(tmp / "inv.yaml"))
+    url = imported_registry(tmp, INVENTORY)
     srv = start_serve(url, ["127.0.0.1:0=router:router-a"])
     try:
         yield srv

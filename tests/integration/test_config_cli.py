@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 from tests.integration.serving import get, meta169_argv, run_cli
+from tests.processes import stop
 
 LISTENING = re.compile(r"listening on (\S+):(\d+) ")
 
@@ -154,12 +154,7 @@ def test_config_serve_from_the_file_alone_answers(tmp_path: Path) -> None:
         assert status == 200, body
         assert b'"name": "alpha"' in body
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
         if proc.stderr is not None:
             proc.stderr.close()
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.serving import ServeProcess, run_cli, start_serve
+from tests.integration.serving import ServeProcess, imported_registry, run_cli, start_serve
+from tests.processes import free_port
 
 ALPHA = "11111111-1111-4111-8111-111111111111"
 INVENTORY = f"""
@@ -34,12 +34,6 @@ instances:
 SECRET = b"doctor-test-secret-0123456789abcdef"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def secret_file(path: Path, value: bytes) -> Path:
     path.write_bytes(value)
     os.chmod(path, 0o600)
@@ -49,9 +43,7 @@ def secret_file(path: Path, value: bytes) -> Path:
 @pytest.fixture(scope="module")
 def registry_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     tmp = tmp_path_factory.mktemp("doctor")
-    (tmp / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp / 'registry.db'}"
-    run_cli(url, "import", str(tmp / "inv.yaml"))
+    url = imported_registry(tmp, INVENTORY)
     return url
 
 

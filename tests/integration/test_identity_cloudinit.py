@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.cloudinit import run_datasource
-from tests.integration.serving import ServeProcess, run_cli, start_serve
+from tests.integration.serving import ServeProcess, imported_registry, run_cli, start_serve
 
 UUID = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
 INVENTORY = f"""
@@ -36,9 +36,7 @@ pytestmark = pytest.mark.cloudinit
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     tmp = tmp_path_factory.mktemp("ci-identity")
-    (tmp / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp / 'registry.db'}"
-    run_cli(url, "import", str(tmp / "inv.yaml"))
+    url = imported_registry(tmp, INVENTORY)
     run_cli(url, "identity", "init", "--dir", str(tmp / "key"))
     srv = start_serve(url, ["127.0.0.1:0=router:router-a"], "--identity-key-dir", str(tmp / "key"))
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.capabilities import require
-from tests.integration.serving import ServeProcess, get, meta169_argv, run_cli, start_serve
+from tests.integration.serving import ServeProcess, get, imported_registry, meta169_argv, run_cli, start_serve
 
 UUID = "11111111-1111-4111-8111-111111111111"
 INVENTORY = f"""
@@ -50,9 +50,7 @@ class Served:
 @pytest.fixture(scope="module")
 def registry_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     tmp = tmp_path_factory.mktemp("identity-registry")
-    (tmp / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp / 'registry.db'}"
-    run_cli(url, "import", str(tmp / "inv.yaml"))
+    url = imported_registry(tmp, INVENTORY)
     return url
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from meta169.proxy.server import ProxyListener, ProxyServer
 from meta169.proxy.upstream import Upstream, UpstreamSpec
 from meta169.registry.memory import MemoryRegistry
 from tests.integration.serving import get
+from tests.processes import free_port
 from tests.scrape import scrape, value
 
 T = TypeVar("T")
@@ -55,18 +55,11 @@ def loop() -> Iterator[Loop]:
         running.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_metrics_proxy_counts_upstream_errors_of_a_dead_upstream(loop: Loop, tmp_path: Path) -> None:
     metrics = ProxyMetrics()
     dead = UpstreamSpec(unix_path=tmp_path / "nobody.sock", connect_timeout=0.5)
     server = ProxyServer(Upstream(dead, metrics=metrics), metrics=metrics)
-    listener = ProxyListener(Binding("network", "net-a"), parse_ip("127.0.0.1"), _free_port())
+    listener = ProxyListener(Binding("network", "net-a"), parse_ip("127.0.0.1"), free_port())
     assert loop.run(server.reconcile([listener])) == []
     ops: OpsServer = loop.run(start_ops(ListenAddress("127.0.0.1", 0), Exporter("proxy", metrics)))
     try:

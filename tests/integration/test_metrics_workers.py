@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.integration.serving import get, meta169_argv, run_cli
+from tests.integration.serving import get, imported_registry, meta169_argv
 from tests.integration.test_serve_process import TWO_TENANTS
 from tests.scrape import Samples, scrape, total, value
 
@@ -31,9 +31,7 @@ def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen[str], timeo
 
 
 def test_metrics_workers_one_scrape_covers_every_worker(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    (tmp_path / "inv.yaml").write_text(TWO_TENANTS)
-    run_cli(url, "import", str(tmp_path / "inv.yaml"))
+    url = imported_registry(tmp_path, TWO_TENANTS)
     argv = meta169_argv(
         "--log-format",
         "json",

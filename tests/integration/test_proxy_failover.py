@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-from meta169.errors import HTTPError
 from meta169.metrics.instruments import ProxyMetrics
-from meta169.proxy.upstream import Reply, Upstream, UpstreamSpec
-from tests.integration.serving import ServeProcess, meta169_argv, run_cli, start_serve
-from tests.integration.test_proxy_loopback import free_port
-from tests.integration.test_proxy_pipeline import FakeServe, Script, Sink
+from meta169.proxy.upstream import Upstream, UpstreamSpec
+from tests.integration.serving import ServeProcess, guests_inventory, imported_registry, meta169_argv, start_serve
+from tests.integration.test_proxy_pipeline import FakeServe, Script, Sink, answers
+from tests.processes import free_port, stop
 from tests.scrape import scrape, total, value
 
 
@@ -49,17 +48,6 @@ def _send(upstream: Upstream, method: str, path: str, count: int = 1) -> list[Si
     return sinks
 
 
-async def _outcomes(sinks: list[Sink]) -> list[bytes | int]:
-    out: list[bytes | int] = []
-    for o in await asyncio.wait_for(asyncio.gather(*(s.outcome for s in sinks)), 10):
-        if isinstance(o, HTTPError):
-            out.append(o.status)
-        else:
-            assert isinstance(o, Reply), o
-            out.append(o.raw.partition(b"\r\n\r\n")[2])
-    return out
-
-
 def _requests(*serves: FakeServe) -> int:
     return sum(data.count(b"HTTP/1.1\r\n") for serve in serves for _, data in serve.reads)
 
@@ -76,7 +64,7 @@ def test_proxy_failover_requests_spread_over_both_nodes(tmp_path: Path) -> None:
             upstream = Upstream([UpstreamSpec(unix_path=a.path), UpstreamSpec(unix_path=b.path)])
             try:
                 for _ in range(6):  # one at a time: both nodes idle each time, ties taken in turn
-                    assert await _outcomes(_send(upstream, "PUT", "/r/")) == [b"/r/0"]
+                    assert await answers(_send(upstream, "PUT", "/r/")) == [b"/r/0"]
                 assert (_requests(a), _requests(b)) == (3, 3)
             finally:
                 await upstream.close()
@@ -92,7 +80,7 @@ def test_proxy_failover_request_lost_on_one_node_is_answered_by_the_other(tmp_pa
             try:
                 gets = _send(upstream, "GET", "/g/", 6)  # pipelined, spread over both nodes
                 puts = _send(upstream, "PUT", "/latest/api/token", 2)  # the IMDSv2 token PUT
-                outcomes = await _outcomes(gets + puts)
+                outcomes = await answers(gets + puts)
                 assert outcomes == [f"/g/{i}".encode() for i in range(6)] + [
                     b"/latest/api/token0",
                     b"/latest/api/token1",
@@ -110,10 +98,10 @@ def test_proxy_failover_sent_post_is_never_sent_again(tmp_path: Path) -> None:
         async with _nodes(tmp_path, _hang_up, _hang_up) as (a, b):
             upstream = Upstream([UpstreamSpec(unix_path=a.path), UpstreamSpec(unix_path=b.path)])
             try:
-                assert await _outcomes(_send(upstream, "POST", "/openstack/latest/password")) == [502]
+                assert await answers(_send(upstream, "POST", "/openstack/latest/password")) == [502]
                 assert _requests(a, b) == 1
                 # A GET is tried once on each node, and no more.
-                assert await _outcomes(_send(upstream, "GET", "/latest/meta-data/")) == [502]
+                assert await answers(_send(upstream, "GET", "/latest/meta-data/")) == [502]
                 assert [sum(data.count(b"GET ") for _, data in node.reads) for node in (a, b)] == [1, 1]
             finally:
                 await upstream.close()
@@ -130,12 +118,12 @@ def test_proxy_failover_unreachable_node_is_marked_down_and_skipped(tmp_path: Pa
             try:
                 # A POST that could not be sent at all goes to the other node too.
                 sinks = _send(upstream, "POST", "/p/", 2) + _send(upstream, "GET", "/g/", 4)
-                assert await _outcomes(sinks) == [b"/p/0", b"/p/1"] + [f"/g/{i}".encode() for i in range(4)]
+                assert await answers(sinks) == [b"/p/0", b"/p/1"] + [f"/g/{i}".encode() for i in range(4)]
                 assert upstream.states() == [(f"unix:{gone.unix_path}", False), (f"unix:{b.path}", True)]
                 connect_retries = metrics.retries.values[("connect",)]
                 assert connect_retries >= 1
                 # Marked down: the next requests do not try it at all.
-                assert await _outcomes(_send(upstream, "GET", "/h/", 4)) == [f"/h/{i}".encode() for i in range(4)]
+                assert await answers(_send(upstream, "GET", "/h/", 4)) == [f"/h/{i}".encode() for i in range(4)]
                 assert metrics.retries.values[("connect",)] == connect_retries
             finally:
                 await upstream.close()
@@ -166,7 +154,7 @@ def test_proxy_failover_health_check_marks_down_and_back_up(tmp_path: Path) -> N
                     await until(upstream, [True, True])  # it answers now: back
                     probe = a.reads[0][1]
                     assert probe.startswith(b"GET /healthz HTTP/1.1\r\n") and b"x-meta169" not in probe.lower()
-                    assert await _outcomes(_send(upstream, "PUT", "/r/") + _send(upstream, "PUT", "/s/")) == [
+                    assert await answers(_send(upstream, "PUT", "/r/") + _send(upstream, "PUT", "/s/")) == [
                         b"/r/0",
                         b"/s/0",
                     ]
@@ -181,19 +169,8 @@ def test_proxy_failover_health_check_marks_down_and_back_up(tmp_path: Path) -> N
 
 # -- real processes ----------------------------------------------------------------------
 
-INVENTORY = """
-networks:
-  - id: net-a
-    subnets: [{cidr: 127.0.0.0/24, gateway: 127.0.0.254}]
-instances:
-""" + "".join(
-    f"""  - uuid: 00000000-0000-4000-8000-{n:012d}
-    name: vm-{n}
-    ports: [{{network: net-a, mac: "fa:16:3e:00:02:{n:02x}", ips: [127.0.0.{n}]}}]
-"""
-    for n in range(10, 26)
-)
 GUESTS = range(10, 26)
+INVENTORY = guests_inventory(GUESTS, "fa:16:3e:00:02")
 
 
 def _uuid(n: int) -> str:
@@ -240,12 +217,7 @@ def _proxy(tmp_path: Path, socks: list[Path], port: int) -> Iterator[int]:
             time.sleep(0.05)
         yield _metrics_port(log.read_text().splitlines())
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, 10)
 
 
 async def _ask(port: int, guest: int, method: str, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
@@ -311,9 +283,7 @@ async def _load(port: int, crawls: int, *, at: int = -1, then: object = None) ->
 
 
 def test_proxy_failover_sigkill_of_one_node_fails_no_guest_request(tmp_path: Path) -> None:
-    (tmp_path / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    run_cli(url, "import", str(tmp_path / "inv.yaml"))
+    url = imported_registry(tmp_path, INVENTORY)
     keys = tmp_path / "token.keys"
     keys.write_text("1:" + "ab" * 32 + "\n")  # one key ring: a token from one node is good on the other
     keys.chmod(0o600)

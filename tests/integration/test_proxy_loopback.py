@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.serving import ServeProcess, get, meta169_argv, run_cli, start_serve
+from tests.integration.serving import ServeProcess, get, imported_registry, meta169_argv, run_cli, start_serve
+from tests.processes import free_port, stop
 
 INVENTORY = """
 networks:
@@ -43,12 +43,6 @@ instances:
 ALPHA = "11111111-1111-4111-8111-111111111111"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Proxy:
     def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -66,13 +60,7 @@ class Proxy:
         raise AssertionError("proxy did not start: " + "".join(self.lines))
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         assert self.proc.stderr is not None
         if not self.proc.stderr.closed:
             self.lines.append(self.proc.stderr.read())
@@ -82,9 +70,7 @@ class Proxy:
 
 @pytest.fixture
 def registry_url(tmp_path: Path) -> str:
-    (tmp_path / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    run_cli(url, "import", str(tmp_path / "inv.yaml"))
+    url = imported_registry(tmp_path, INVENTORY)
     return url
 
 

@@ -114,6 +114,11 @@ def _bodies(outcomes: list[Reply | BaseException]) -> list[bytes | int]:
     return out
 
 
+async def answers(sinks: list[Sink], timeout: float = 10.0) -> list[bytes | int]:
+    """The body of each reply, or the status of each error, once every sink has one."""
+    return _bodies(await asyncio.wait_for(asyncio.gather(*(s.outcome for s in sinks)), timeout))
+
+
 def _echo(conn: int, index: int, request: bytes) -> Awaitable[bytes | None]:
     async def answer() -> bytes | None:
         return _reply(request.split(b" ")[1])

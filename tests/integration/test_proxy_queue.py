@@ -12,12 +12,11 @@ import re
 from collections.abc import Awaitable
 from pathlib import Path
 
-from meta169.errors import HTTPError
 from meta169.http.listen import Binding
 from meta169.metrics.instruments import ProxyMetrics
-from meta169.proxy.upstream import PIPELINE_DEPTH, Reply, Upstream, UpstreamSpec
-from tests.integration.serving import ServeProcess, proxy_in_process, run_cli, start_serve
-from tests.integration.test_proxy_pipeline import FakeServe, Sink
+from meta169.proxy.upstream import PIPELINE_DEPTH, Upstream, UpstreamSpec
+from tests.integration.serving import ServeProcess, guests_inventory, imported_registry, proxy_in_process, start_serve
+from tests.integration.test_proxy_pipeline import FakeServe, Sink, answers
 
 
 def _reply(body: bytes) -> bytes:
@@ -47,18 +46,6 @@ def _send(upstream: Upstream, numbers: range, *, method: str = "GET") -> list[Si
     return sinks
 
 
-async def _outcomes(sinks: list[Sink], timeout: float = 10.0) -> list[bytes | int]:
-    """The body of each reply, or the status of each error."""
-    out: list[bytes | int] = []
-    for o in await asyncio.wait_for(asyncio.gather(*(s.outcome for s in sinks)), timeout):
-        if isinstance(o, HTTPError):
-            out.append(o.status)
-        else:
-            assert isinstance(o, Reply), o
-            out.append(o.raw.partition(b"\r\n\r\n")[2])
-    return out
-
-
 def _order(serve: FakeServe) -> list[int]:
     """The request numbers in the order serve read them."""
     return [int(n) for _, data in serve.reads for n in re.findall(rb"/r/(\d+)", data)]
@@ -72,7 +59,7 @@ def test_proxy_queue_full_pool_waits_in_fifo_order(tmp_path: Path) -> None:
             try:
                 sinks = _send(upstream, range(6), method="PUT")  # PUTs: one on a connection at a time
                 assert upstream.waiting() == 5
-                assert await _outcomes(sinks) == [f"/r/{n}".encode() for n in range(6)]
+                assert await answers(sinks) == [f"/r/{n}".encode() for n in range(6)]
                 assert serve.connections == 1
                 assert _order(serve) == list(range(6))  # first come, first served
                 counts = metrics.queue_wait.series[()]
@@ -92,7 +79,7 @@ def test_proxy_queue_freed_connection_takes_waiting_gets_as_one_pipeline(tmp_pat
                 first = _send(upstream, range(1), method="PUT")
                 await asyncio.sleep(0.01)  # the PUT is on the only connection
                 gets = _send(upstream, range(1, 1 + PIPELINE_DEPTH + 2))
-                assert await _outcomes(first + gets) == [f"/r/{n}".encode() for n in range(PIPELINE_DEPTH + 3)]
+                assert await answers(first + gets) == [f"/r/{n}".encode() for n in range(PIPELINE_DEPTH + 3)]
                 # Once the PUT's reply came, the waiting GETs left PIPELINE_DEPTH to a write.
                 batches = [len(re.findall(rb"GET ", data)) for _, data in serve.reads[1:]]
                 assert batches[0] == PIPELINE_DEPTH and sum(batches) == PIPELINE_DEPTH + 2, batches
@@ -109,7 +96,7 @@ def test_proxy_queue_request_still_waiting_at_its_deadline_is_504(tmp_path: Path
             upstream = Upstream(spec)
             try:
                 sinks = _send(upstream, range(3), method="PUT")
-                assert await _outcomes(sinks) == [504, 504, 504]
+                assert await answers(sinks) == [504, 504, 504]
                 assert upstream.waiting() == 0
             finally:
                 await upstream.close()
@@ -124,34 +111,21 @@ def test_proxy_queue_full_queue_is_503_at_once(tmp_path: Path) -> None:
             try:
                 sinks = _send(upstream, range(5), method="PUT")
                 assert [s.outcome.done() for s in sinks] == [False, False, False, True, True]
-                assert await _outcomes(sinks) == [b"/r/0", b"/r/1", b"/r/2", 503, 503]
+                assert await answers(sinks) == [b"/r/0", b"/r/1", b"/r/2", 503, 503]
             finally:
                 await upstream.close()
 
     asyncio.run(body())
 
 
-INVENTORY = """
-networks:
-  - id: net-a
-    subnets: [{cidr: 127.0.0.0/24, gateway: 127.0.0.254}]
-instances:
-""" + "".join(
-    f"""  - uuid: 00000000-0000-4000-8000-{n:012d}
-    name: vm-{n}
-    ports: [{{network: net-a, mac: "fa:16:3e:00:01:{n:02x}", ips: [127.0.0.{n}]}}]
-"""
-    for n in range(10, 30)
-)
+INVENTORY = guests_inventory(range(10, 30), "fa:16:3e:00:01")
 
 
 def test_proxy_queue_burst_through_a_tiny_pool_all_answered(tmp_path: Path) -> None:
     """Twenty guests boot at once, each with an IMDSv2 token PUT (a connection of its
     own) and GETs, through a pool of 4 connections to a real serve: every request is
     answered 200, none 503."""
-    (tmp_path / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    run_cli(url, "import", str(tmp_path / "inv.yaml"))
+    url = imported_registry(tmp_path, INVENTORY)
     sock = tmp_path / "serve.sock"
     srv: ServeProcess = start_serve(url, [f"unix:{sock}=proxy"], "--rate-limit", "0")
     upstream = Upstream(UpstreamSpec(unix_path=sock, max_connections=4))

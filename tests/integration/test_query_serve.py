@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from meta169.client import ClientConfig, Endpoint, HTTPTransport, IMDSv2Mode, MetadataClient, parse_url
-from tests.integration.serving import ServeProcess, run_cli, start_serve
+from tests.integration.serving import ServeProcess, imported_registry, run_cli, start_serve
+from tests.processes import free_port
 
 ALPHA = "11111111-1111-4111-8111-111111111111"
 STRICT = "22222222-2222-4222-8222-222222222222"
@@ -36,18 +37,10 @@ instances:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, str]]:
     tmp: Path = tmp_path_factory.mktemp("query")
-    (tmp / "inv.yaml").write_text(INVENTORY)
-    url = f"sqlite:///{tmp / 'registry.db'}"
-    run_cli(url, "import", str(tmp / "inv.yaml"))
+    url = imported_registry(tmp, INVENTORY)
     srv = start_serve(url, ["127.0.0.1:0=network:net-q", "[::1]:0=network:net-v6"])
     try:
         yield srv, url

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.serving import ServeProcess, get, run_cli, start_serve
+from tests.integration.serving import ServeProcess, get, imported_registry, run_cli, start_serve
 
 TWO_TENANTS = """
 networks:
@@ -39,10 +39,7 @@ instances:
 
 @pytest.fixture
 def registry_url(tmp_path: Path) -> str:
-    inventory = tmp_path / "inv.yaml"
-    inventory.write_text(TWO_TENANTS)
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    run_cli(url, "import", str(inventory))
+    url = imported_registry(tmp_path, TWO_TENANTS)
     return url
 
 

@@ -29,7 +29,7 @@ from bench import sequences
 from bench.sequences import Recording, Step
 
 from tests.harness.cloudinit import driver_command
-from tests.integration.serving import ServeProcess, run_cli, start_serve
+from tests.integration.serving import ServeProcess, imported_registry, start_serve
 
 pytestmark = pytest.mark.cloudinit
 
@@ -107,9 +107,7 @@ def _handler(relay: Relay) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     tmp = tmp_path_factory.mktemp("storm-seq")
-    (tmp / "inv.json").write_text(json.dumps(sequences.recording_inventory(NETWORK)))
-    url = f"sqlite:///{tmp / 'registry.db'}"
-    run_cli(url, "import", str(tmp / "inv.json"))
+    url = imported_registry(tmp, json.dumps(sequences.recording_inventory(NETWORK)), name="inv.json")
     srv = start_serve(url, [f"127.0.0.1:0=network:{NETWORK}"])
     try:
         yield srv

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from meta169.cli import main
 from meta169.errors import Conflict, InventoryError, Meta169Error
-from meta169.model import Caller, Instance, Network, Port, Subnet, parse_ip, parse_network
+from meta169.model import Caller, Instance, Network, Port, SSHKey, Subnet, parse_ip, parse_network
 from meta169.registry import Registry, open_registry
 from meta169.registry.memory import MemoryRegistry
 from meta169.sources import libvirt as lv
@@ -227,6 +227,40 @@ def test_sync_libvirt_invalid_metadata_names_the_domain_and_element_and_writes_n
     assert refused.value.entry == f"domain bad ({bad})"
     assert refused.value.field == "metadata.meta169:hostname"
     assert registry.revision() == 0
+
+
+def test_sync_libvirt_metadata_element_bare_is_what_set_metadata_takes(
+    daemon: daemons.LibvirtDaemon, conn: Any
+) -> None:
+    """``virDomainSetMetadata`` (``virsh metadata --set``) puts the element in the
+    namespace it is given and refuses one that declares its own: the bare element
+    is the one a program passes it."""
+    import libvirt
+
+    network, _bridge = _network(conn, daemon, "<host mac='52:54:00:00:07:01' ip='10.55.{n}.70'/>")
+    guest = str(uuidlib.uuid4())
+    dom = conn.defineXML(_domain_xml("set-by-api", guest, ["52:54:00:00:07:01"], network))
+    instance = Instance(
+        uuid=guest,
+        name="set-by-api",
+        hostname="set-by-api-1",
+        metadata={"role": "web"},
+        keys=(SSHKey("alice", "ssh-ed25519 AAAA alice"),),
+        user_data=b"#cloud-config\n",
+    )
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    with pytest.raises(libvirt.libvirtError, match="namespace"):
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, lv.metadata_element(instance), "meta169", NS, flags)
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, lv.metadata_element(instance, bare=True), "meta169", NS, flags)
+    registry = MemoryRegistry()
+    lv.sync_libvirt(registry, daemon.uri)
+    got = registry.get_instance(guest)
+    assert (got.hostname, dict(got.metadata), got.keys, got.user_data) == (
+        instance.hostname,
+        {"role": "web"},
+        instance.keys,
+        instance.user_data,
+    )
 
 
 def test_sync_libvirt_cli_dry_run_then_sync_into_sqlite(

@@ -34,7 +34,8 @@ import pytest
 
 from tests.capabilities import require
 from tests.counters import SUMMARY
-from tests.integration.serving import ServeProcess, run_cli, start_serve
+from tests.integration.serving import ServeProcess, imported_registry, start_serve
+from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT_DIR = ROOT / "packaging" / "systemd"
@@ -265,20 +266,7 @@ def started(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        stop(proc, 10)
 
 
 def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> int:
@@ -294,10 +282,7 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> int
 
 @pytest.fixture
 def registry_url(tmp_path: Path) -> str:
-    inventory = tmp_path / "inventory.yaml"
-    inventory.write_text(INVENTORY)
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    run_cli(url, "import", str(inventory))
+    url = imported_registry(tmp_path, INVENTORY, name="inventory.yaml")
     return url
 
 

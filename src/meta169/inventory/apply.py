@@ -256,9 +256,9 @@ def plan_inventory(
             for uuid in sorted(instances)
             if uuid not in rewritten and instances[uuid].source in scope
         ]
-    changes += _plan_kind("network", inventory.networks, NETWORK.identify, networks, unchanged)
-    changes += _plan_kind("router", inventory.routers, ROUTER.identify, routers, unchanged)
-    changes += _plan_kind("instance", inventory.instances, INSTANCE.identify, instances, unchanged)
+    changes += plan_kind("network", inventory.networks, NETWORK.identify, networks, unchanged)
+    changes += plan_kind("router", inventory.routers, ROUTER.identify, routers, unchanged)
+    changes += plan_kind("instance", inventory.instances, INSTANCE.identify, instances, unchanged)
     if prune:
         wanted_routers = {r.id for r in inventory.routers}
         gone = {r for r in routers if r not in wanted_routers and routers[r].source in scope}
@@ -293,20 +293,29 @@ def _check_kept_users(
 _BULK_INSTANCES = 20
 
 
-def _plan_kind(
+def plan_kind(
     kind: KindName,
     objects: Sequence[M],
     key: Callable[[M], str],
     current: Mapping[str, M],
     unchanged: dict[KindName, int],
+    *,
+    check_owner: bool = True,
 ) -> list[Change]:
+    """The adds and changes that make ``current`` hold ``objects`` (matched by
+    ``key``); counts the objects already equal in ``unchanged[kind]``.
+
+    With ``check_owner``, an object stored from another source is a Conflict. A sync
+    (:mod:`meta169.sources.reconcile`) checks owners itself, adoption included, and
+    passes False.
+    """
     changes: list[Change] = []
     unchanged[kind] = 0
     for obj in objects:
         ident = key(obj)
         name = obj.name if isinstance(obj, Instance) else ""
         before = current.get(ident)
-        if before is not None and before.source != obj.source:
+        if check_owner and before is not None and before.source != obj.source:
             raise Conflict(
                 f"{kind} {ident}{f' ({name})' if name else ''} from {obj.source} is already in the registry "
                 f"from {before.source}; an import changes only what its own source owns"

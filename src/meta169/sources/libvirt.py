@@ -422,19 +422,23 @@ def describe(
     )
 
 
-def metadata_element(instance: Instance, *, network: str | None = None) -> str:
+def metadata_element(instance: Instance, *, network: str | None = None, bare: bool = False) -> str:
     """The ``<meta169:instance>`` element that makes a domain describe ``instance``.
 
-    For building a domain's ``<metadata>`` (or ``virDomainSetMetadata`` with
-    :data:`NAMESPACE`): hostname, project, zone, region, type, image, keys, tags,
-    metadata, user data and vendor data, plus ``network`` and the first port's IPs
-    for the first interface when given. The inverse of :func:`parse_metadata`.
+    For building a domain's ``<metadata>``: hostname, project, zone, region, type,
+    image, keys, tags, metadata, user data and vendor data, plus ``network`` and the
+    first port's IPs for the first interface when given. The inverse of
+    :func:`parse_metadata`. ``bare`` leaves the namespace out, as
+    ``virDomainSetMetadata`` (``virsh metadata --set``) takes the element: libvirt
+    puts it and its children in the namespace passed as the call's ``uri``
+    (:data:`NAMESPACE`), and refuses an element that declares one itself.
     """
+    ns = "" if bare else _NS
     ET.register_namespace(PREFIX, NAMESPACE)
-    root = ET.Element(f"{_NS}instance")
+    root = ET.Element(f"{ns}instance")
 
     def add(tag: str, text: str, **attrs: str) -> ET.Element:
-        child = ET.SubElement(root, f"{_NS}{tag}", attrs)
+        child = ET.SubElement(root, f"{ns}{tag}", attrs)
         child.text = text
         return child
 

@@ -24,13 +24,13 @@ move the registry revision).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from meta169.errors import Conflict
 from meta169.inventory import Change, ImportPlan, ImportReport, Inventory, apply_plan
-from meta169.inventory.apply import KindName
+from meta169.inventory.apply import KindName, plan_kind
 from meta169.inventory.schema import Where
 from meta169.model import Instance, IPAddress, Network, Router, check_source
 from meta169.registry.base import Registry
@@ -143,9 +143,10 @@ def plan_sync(state: RegistryState, desired: Inventory, source: str, *, adopt: I
         for i in state.instances
         if i.source == source and i.uuid not in wanted_instances
     ]
-    changes += _plan_kind("network", desired.networks, lambda n: n.id, networks, unchanged)
-    changes += _plan_kind("router", desired.routers, lambda r: r.id, routers, unchanged)
-    changes += _plan_kind("instance", desired.instances, lambda i: i.uuid, instances, unchanged)
+    # Owners were checked above, adoption included.
+    changes += plan_kind("network", desired.networks, lambda n: n.id, networks, unchanged, check_owner=False)
+    changes += plan_kind("router", desired.routers, lambda r: r.id, routers, unchanged, check_owner=False)
+    changes += plan_kind("instance", desired.instances, lambda i: i.uuid, instances, unchanged, check_owner=False)
     changes += [
         Change("remove", "router", r.id) for r in state.routers if r.source == source and r.id not in wanted_routers
     ]
@@ -249,26 +250,3 @@ def _check_removals(gone: set[str], kept_instances: Iterable[Instance], kept_rou
                     f"network {net} is gone from its source, but router {router.id} from {router.source} "
                     f"is still attached to it"
                 )
-
-
-def _plan_kind(
-    kind: KindName,
-    objects: Sequence[M],
-    key: Callable[[M], str],
-    current: Mapping[str, M],
-    unchanged: dict[KindName, int],
-) -> list[Change]:
-    changes: list[Change] = []
-    unchanged[kind] = 0
-    for obj in objects:
-        ident = key(obj)
-        name = obj.name if isinstance(obj, Instance) else ""
-        before = current.get(ident)
-        if before is None:
-            changes.append(Change("add", kind, ident, name, value=obj))
-        elif before == obj:
-            unchanged[kind] += 1
-        else:
-            differ = tuple(f.name for f in dataclasses.fields(obj) if getattr(before, f.name) != getattr(obj, f.name))
-            changes.append(Change("change", kind, ident, name, differ, value=obj))
-    return changes
