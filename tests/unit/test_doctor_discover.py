@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from meta169.client.transport import Reply
 from meta169.doctor import discover, host
 from meta169.doctor.discover import ConfigValues, Target
-from meta169.doctor.host import ExpectedListener
+from meta169.doctor.host import ExpectedListener, UpstreamPool
 from meta169.doctor.host_collect import HostCollector, HostRequest, checked_nothing, collect_host
 from meta169.errors import ClientError
 from meta169.model import parse_ip
@@ -32,6 +32,7 @@ SERVE = ("/usr/bin/meta169", "--registry", "sqlite:///var/lib/meta169/registry.d
          "--listen", "[::]:8776=proxy", "--listen", "127.0.0.1:0=proxy",
          "--listen", "10.0.0.5:80=network:net-a")  # fmt: skip
 NETNS_SOURCE = "ip netns list (Neutron names qrouter-*, qdhcp-*, ovnmeta-*)"
+SERVE_1, SERVE_2 = "unix:/run/meta169/serve-1.sock", "unix:/run/meta169/serve-2.sock"
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 
 
@@ -48,14 +49,34 @@ def test_doctor_discover_proxies_and_serves_by_command_line() -> None:
     proxy, *serves, bare = discover.process_targets(processes)
     assert proxy == Target(
         "meta169 proxy pid 10 (/proc/10/cmdline)", listener_files=(LISTENERS,),
-        static_listeners=("qrouter-r9/0.0.0.0:9697=router:r9",), upstream="unix:/run/meta169/serve.sock",
+        static_listeners=("qrouter-r9/0.0.0.0:9697=router:r9",), upstreams=("unix:/run/meta169/serve.sock",),
         secret_file="/etc/meta169/proxy.secret", registry_url="postgresql://db/meta169", pid=10,
     )  # fmt: skip
     # A wildcard listener is reached on loopback; port 0 cannot be known; network listeners are not upstreams.
-    assert [s.upstream for s in serves] == ["unix:/run/meta169/serve.sock", "127.0.0.1:8775", "[::1]:8776"]
+    assert [s.upstreams for s in serves] == [("unix:/run/meta169/serve.sock",), ("127.0.0.1:8775",), ("[::1]:8776",)]
+    assert not any(s.pooled for s in serves)  # a serve's listener is no proxy's failover pool
     assert {s.registry_url for s in serves} == {"sqlite:///var/lib/meta169/registry.db"}
-    assert bare.upstream == "127.0.0.1:8775" and "derives listeners from the registry" in bare.notes[0]
+    assert bare.upstreams == ("127.0.0.1:8775",) and "derives listeners from the registry" in bare.notes[0]
     assert [p.pid for p in discover.find_proxies(processes)] == [10, 14]
+
+
+def test_doctor_discover_every_upstream_of_a_running_proxy() -> None:
+    # --upstream is repeatable (meta169 proxy fails over between them), in both spellings.
+    proxy = ("/usr/bin/meta169", "proxy", "--upstream", SERVE_1, f"--upstream={SERVE_2}", "--upstream", SERVE_1,
+             "--listeners", LISTENERS)  # fmt: skip
+    serve = ("/usr/bin/meta169", "serve", "--listen", f"{SERVE_2}=proxy")
+    processes = [(20, proxy), (21, serve)]
+    assert discover.upstreams_of(proxy) == (SERVE_1, SERVE_2)
+    (found,) = discover.find_proxies(processes)
+    assert found.upstreams == (SERVE_1, SERVE_2)
+    target, served = discover.process_targets(processes)
+    assert (target.upstreams, target.pooled) == ((SERVE_1, SERVE_2), True)
+    assert (served.upstreams, served.pooled) == ((SERVE_2,), False)
+    assert target.describe().endswith(f"listener file {LISTENERS}; upstreams {SERVE_1}, {SERVE_2}")
+    scope = discover.scope([(target, {}), (served, {})])
+    assert scope.upstreams == ((SERVE_1, "", target.source), (SERVE_2, "", f"{target.source}, {served.source}"))
+    # Only the proxy's list is a pool: serve's listener is one of its members, not a pool of its own.
+    assert scope.pools == (UpstreamPool((SERVE_1, SERVE_2), target.source),)
 
 
 @pytest.mark.parametrize(
@@ -111,14 +132,29 @@ def test_doctor_discover_config_values_from_the_file() -> None:
     assert values == ConfigValues(
         "/etc/meta169/meta169.toml", registry_url="postgresql://db/meta169",
         serve_listens=("unix:/run/meta169/serve.sock=proxy", "0.0.0.0:8775=proxy", "127.0.0.1:8080=network:net-a"),
-        proxy_upstream="unix:/run/meta169/serve.sock", proxy_listener_files=(LISTENERS,),
+        proxy_upstreams=("unix:/run/meta169/serve.sock",), proxy_listener_files=(LISTENERS,),
         proxy_secret_file="/etc/meta169/proxy.secret",
     )  # fmt: skip
     proxy, serve = discover.config_targets(values)
-    assert (proxy.source, proxy.upstream, proxy.listener_files) == (
-        "config /etc/meta169/meta169.toml [proxy]", "unix:/run/meta169/serve.sock", (LISTENERS,))  # fmt: skip
+    assert (proxy.source, proxy.upstreams, proxy.listener_files) == (
+        "config /etc/meta169/meta169.toml [proxy]", ("unix:/run/meta169/serve.sock",), (LISTENERS,))  # fmt: skip
     # serve's other proxy listener is checked too; the one the proxy uses is not repeated.
-    assert (serve.source, serve.upstream) == ("config /etc/meta169/meta169.toml [serve]", "127.0.0.1:8775")
+    assert (serve.source, serve.upstreams) == ("config /etc/meta169/meta169.toml [serve]", ("127.0.0.1:8775",))
+
+
+def test_doctor_discover_config_upstream_list_is_one_pool() -> None:
+    # A repeatable flag's key takes a list (meta169.config): [proxy] upstream = [...].
+    text = (f'[serve]\nlisten = ["{SERVE_2}=proxy", "0.0.0.0:8775=proxy"]\n'
+            f'[proxy]\nupstream = ["{SERVE_1}", "{SERVE_2}"]\n')  # fmt: skip
+    values, notes = discover.config_values(tomllib.loads(text), "/etc/meta169/meta169.toml")
+    assert notes == () and values.proxy_upstreams == (SERVE_1, SERVE_2)
+    proxy, serve = discover.config_targets(values)
+    assert (proxy.upstreams, proxy.pooled) == ((SERVE_1, SERVE_2), True)
+    assert proxy.describe() == f"{proxy.source}: upstreams {SERVE_1}, {SERVE_2}"
+    assert (serve.upstreams, serve.pooled) == (("127.0.0.1:8775",), False)  # SERVE_2 is the proxy's already
+    scope = discover.scope([(proxy, {}), (serve, {})])
+    assert [u for u, _, _ in scope.upstreams] == [SERVE_1, SERVE_2, "127.0.0.1:8775"]
+    assert scope.pools == (UpstreamPool((SERVE_1, SERVE_2), proxy.source),)
 
 
 def test_doctor_discover_config_values_it_cannot_use_are_notes() -> None:
@@ -133,10 +169,10 @@ def test_doctor_discover_config_values_it_cannot_use_are_notes() -> None:
 
 def test_doctor_discover_scope_merges_and_remembers_where() -> None:
     lab = Target("lab demo (/run/meta169-lab/demo/lab.json)", namespaces=(("m169lab-demo-rtr-a", "router"),),
-                 upstream="unix:/run/meta169-lab/demo/serve.sock",
+                 upstreams=("unix:/run/meta169-lab/demo/serve.sock",),
                  registry_url="sqlite:///run/meta169-lab/demo/r.db")  # fmt: skip
     proxy = Target("meta169 proxy pid 7 (/proc/7/cmdline)", listener_files=("/run/meta169-lab/demo/listeners.json",),
-                   upstream="unix:/run/meta169-lab/demo/serve.sock", secret_file="")  # fmt: skip
+                   upstreams=("unix:/run/meta169-lab/demo/serve.sock",), secret_file="")  # fmt: skip
     netns = Target("ip netns list (Neutron names)", namespaces=((QR, "router"),))
     from_file = {"m169lab-demo-rtr-a": [_listener("0.0.0.0", 9697, "router router-a")]}
     scope = discover.scope([(lab, {}), (proxy, from_file), (netns, {})])
@@ -151,9 +187,9 @@ def test_doctor_discover_scope_merges_and_remembers_where() -> None:
 
 def test_doctor_discover_only_keeps_matching_namespaces_and_what_serves_them() -> None:
     lab = Target("lab demo", namespaces=(("m169lab-demo-rtr-a", "router"), ("m169lab-demo-dhcp-b", "dhcp")),
-                 upstream="unix:/lab.sock")  # fmt: skip
-    other = Target("meta169 proxy pid 9", namespaces=(("qrouter-other", "router"),), upstream="unix:/other.sock")
-    serve = Target("meta169 serve pid 8", upstream="unix:/serve.sock")
+                 upstreams=("unix:/lab.sock",))  # fmt: skip
+    other = Target("meta169 proxy pid 9", namespaces=(("qrouter-other", "router"),), upstreams=("unix:/other.sock",))
+    serve = Target("meta169 serve pid 8", upstreams=("unix:/serve.sock",), pooled=False)
     scope = discover.scope([(lab, {}), (other, {}), (serve, {})], ["m169lab-demo-rtr-*"])
     assert [n for n, _, _ in scope.namespaces] == ["m169lab-demo-rtr-a"]
     assert [u for u, _, _ in scope.upstreams] == ["unix:/lab.sock"]
@@ -183,9 +219,10 @@ def _collector(
     outputs: Mapping[tuple[str, ...], str],
     processes: Sequence[tuple[int, tuple[str, ...]]] = (),
     files: Mapping[str, str] | None = None,
+    send: Callable[[str, str, Mapping[str, str]], Reply] = _refused,
 ) -> HostCollector:
     texts = dict(files or {})
-    return HostCollector(runner=Runner(outputs), read=texts.get, processes=lambda: processes, send=_refused)
+    return HostCollector(runner=Runner(outputs), read=texts.get, processes=lambda: processes, send=send)
 
 
 def _qrouter(listening: str) -> dict[tuple[str, ...], str]:
@@ -226,7 +263,7 @@ def test_doctor_discover_nothing_found_checks_nothing() -> None:
 
 
 def test_doctor_discover_lab_targets_are_checked_with_their_upstream() -> None:
-    lab = Target("lab demo", namespaces=((QR, "router"),), upstream="unix:/run/meta169-lab/demo/serve.sock")
+    lab = Target("lab demo", namespaces=((QR, "router"),), upstreams=("unix:/run/meta169-lab/demo/serve.sock",))
     facts = collect_host(HostRequest(labs=(lab,)), _collector(_qrouter(HEADER)))
     assert [s.upstream for s in facts.servers] == ["unix:/run/meta169-lab/demo/serve.sock"]
     assert facts.namespaces[0].found_by == f"lab demo, {discover.netns_target([QR]).source}"  # type: ignore[union-attr]
@@ -247,3 +284,24 @@ def test_doctor_discover_running_proxy_that_holds_no_socket_is_told_to_read_its_
     assert first.id == "proxy-not-listening"
     assert "meta169 proxy (pid 4711) runs and its listeners name" in first.fix[0].text
     assert f"expected in {QR}: 0.0.0.0:9697 (router r1)" in first.evidence
+
+
+def test_doctor_discover_running_proxy_with_one_of_two_upstreams_down_is_a_warning() -> None:
+    listeners = json.dumps({"listeners": [{"netns": QR, "address": "0.0.0.0", "port": 9697, "router": "r1"}]})
+    proxy = ("meta169", "proxy", "--upstream", SERVE_1, "--upstream", SERVE_2, "--listeners", "/etc/l.json")
+
+    def send(upstream: str, path: str, headers: Mapping[str, str]) -> Reply:
+        if upstream == SERVE_2:
+            return _refused(upstream, path, headers)
+        return Reply(404, b"404 Not Found\n")  # the probe caller is nobody: serve is there
+
+    facts = collect_host(HostRequest(), _collector(_qrouter((ROUTER / "proc-net-tcp.txt").read_text()),
+                                                   [(4711, proxy)], {"/etc/l.json": listeners}, send))  # fmt: skip
+    assert [s.upstream for s in facts.servers] == [SERVE_1, SERVE_2]
+    report = host.analyse(facts)
+    (finding,) = report.findings
+    assert (finding.id, finding.severity) == ("upstream-degraded", "warning")
+    assert finding.summary.startswith(f"meta169 serve does not answer at {SERVE_2}: the proxy fails over to {SERVE_1}")
+    assert f"upstreams of the proxy (meta169 proxy pid 4711 (/proc/4711/cmdline)): {SERVE_1}, {SERVE_2}" in (
+        finding.evidence)  # fmt: skip
+    assert not report.has_errors

@@ -22,7 +22,7 @@ from meta169.doctor.host_collect import (
     collect_host,
     resolve_with,
 )
-from meta169.errors import ClientError, HTTPError
+from meta169.errors import ClientError, HTTPError, ValidationError
 from meta169.http.stamp import ReplayGuard, verify
 from meta169.model import Caller, Instance, Network, Port, Subnet
 from meta169.plumbing.command import CommandResult
@@ -184,8 +184,8 @@ def test_doctor_host_reads_the_metadata_route_from_dnsmasq_config() -> None:
 def test_doctor_host_finds_running_proxies_by_command_line() -> None:
     found = find_proxies([(1, PROXY_ARGV), (2, ("meta169", "serve", "--listen", "x")), (3, ("/usr/bin/meta169",
                           "proxy", "--upstream=unix:/run/s.sock")), (4, ("vim", "proxy"))])  # fmt: skip
-    assert [(p.pid, p.upstream, p.secret_file) for p in found] == [
-        (1, "127.0.0.1:8775", "/etc/meta169/proxy.secret"), (3, "unix:/run/s.sock", "")]  # fmt: skip
+    assert [(p.pid, p.upstreams, p.secret_file) for p in found] == [
+        (1, ("127.0.0.1:8775",), "/etc/meta169/proxy.secret"), (3, ("unix:/run/s.sock",), "")]  # fmt: skip
 
 
 # --- healthy ----------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_doctor_host_missing_drop_rule_is_a_warning() -> None:
 def test_doctor_host_proxy_down_means_nothing_listens() -> None:
     header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
     facts = run(runner=Runner(outputs(rtr_tcp=header)), processes=((4242, DNSMASQ_ARGV),),
-                req=HostRequest(listener_files=(LISTENERS,), upstream="127.0.0.1:8775",
+                req=HostRequest(listener_files=(LISTENERS,), upstreams=("127.0.0.1:8775",),
                                 secret_file="/etc/meta169/proxy.secret"))  # fmt: skip
     report = host.analyse(facts)
     assert [f.id for f in report.findings] == ["proxy-not-listening"]
@@ -304,7 +304,7 @@ def test_doctor_host_probe_caller_404_is_not_an_unknown_instance() -> None:
 def test_doctor_host_missing_namespace() -> None:
     runner = Runner(outputs())
     runner.outputs[("ip", "netns", "list")] = f"{DHCP_NS}\n"
-    facts = collect_host(HostRequest(namespaces=((RTR_NS, "router"),), upstream="127.0.0.1:8775"),
+    facts = collect_host(HostRequest(namespaces=((RTR_NS, "router"),), upstreams=("127.0.0.1:8775",)),
                          collector(runner))  # fmt: skip
     assert ids(facts) == ["netns-missing"]
 
@@ -324,11 +324,101 @@ def test_doctor_host_registry_unavailable_when_serve_answers_503() -> None:
     assert ids(run(send=send)) == ["registry-unavailable"]
 
 
+# --- several upstreams: the proxy fails over between them ---------------------------------------------------
+
+SERVE_1, SERVE_2, SERVE_3 = "unix:/run/meta169/serve-1.sock", "unix:/run/meta169/serve-2.sock", "10.1.0.7:8775"
+
+
+def answer(upstream: str, up: bool) -> host.ServerAnswer:
+    if up:
+        return host.ServerAnswer(upstream, "probe 192.0.2.1", False, 404, "404 Not Found")
+    return host.ServerAnswer(upstream, "probe 192.0.2.1", False, error="refused: Connection refused")
+
+
+@pytest.mark.parametrize(
+    ("pools", "down", "expected"),
+    [
+        ([(SERVE_1, SERVE_2)], [], []),
+        ([(SERVE_1, SERVE_2)], [SERVE_2], [("upstream-degraded", "warning", SERVE_2)]),
+        ([(SERVE_1, SERVE_2)], [SERVE_1, SERVE_2],
+         [("server-unreachable", "error", SERVE_1), ("server-unreachable", "error", SERVE_2)]),
+        ([(SERVE_1, SERVE_2, SERVE_3)], [SERVE_2, SERVE_3],
+         [("upstream-degraded", "warning", f"{SERVE_2}, {SERVE_3}")]),
+        # An upstream no proxy is known to list (a serve's listener) stands alone: down is an error.
+        ([], [SERVE_2], [("server-unreachable", "error", SERVE_2)]),
+        ([(SERVE_1,)], [SERVE_2], [("server-unreachable", "error", SERVE_2)]),
+        # Another proxy lists SERVE_2 alone: its guests get 502 while the first fails over.
+        ([(SERVE_1, SERVE_2), (SERVE_2,)], [SERVE_2],
+         [("server-unreachable", "error", SERVE_2), ("upstream-degraded", "warning", SERVE_2)]),
+    ],
+)  # fmt: skip
+def test_doctor_host_upstreams_down_by_pool(
+    pools: list[tuple[str, ...]], down: list[str], expected: list[tuple[str, str, str]]
+) -> None:
+    upstreams = list(dict.fromkeys([u for p in pools for u in p] + down))
+    facts = host.HostFacts(servers=tuple(answer(u, u not in down) for u in upstreams),
+                           pools=tuple(host.UpstreamPool(p, f"proxy {i}") for i, p in enumerate(pools)))  # fmt: skip
+    findings = host.analyse(facts).findings
+    assert [(f.id, f.severity) for f in findings] == [(i, sev) for i, sev, _ in expected]
+    for finding, (_, _, named) in zip(findings, expected, strict=True):
+        # Each finding names the upstreams it is about, and only the down ones as down.
+        assert finding.summary.startswith(f"meta169 serve does not answer at {named}"), finding.summary
+        assert all(any(u in e for e in finding.evidence) for u in named.split(", "))
+        assert len(finding.fix) == len(named.split(", "))
+
+
+def test_doctor_host_all_upstreams_down_names_the_others_too() -> None:
+    facts = host.HostFacts(servers=(answer(SERVE_1, False), answer(SERVE_2, False)),
+                           pools=(host.UpstreamPool((SERVE_1, SERVE_2), "meta169 proxy pid 7"),))  # fmt: skip
+    report = host.analyse(facts)
+    first, second = report.findings
+    assert first.summary == (f"meta169 serve does not answer at {SERVE_1}, nor at the proxy's other upstreams "
+                             f"({SERVE_2}): the proxy answers guests 502")  # fmt: skip
+    assert f"upstreams of the proxy (meta169 proxy pid 7): {SERVE_1}, {SERVE_2}" in first.evidence
+    assert SERVE_2 in second.evidence[0] and report.has_errors and report.broken_hop == "server"
+
+
+def test_doctor_host_degraded_upstreams_warn_on_the_server_hop() -> None:
+    facts = host.HostFacts(servers=(answer(SERVE_1, True), answer(SERVE_2, False)),
+                           pools=(host.UpstreamPool((SERVE_1, SERVE_2)),))  # fmt: skip
+    report = host.analyse(facts)
+    assert not report.has_errors and report.broken_hop is None
+    assert {h.hop: h.state for h in report.path}["server"] == "warning"
+
+
+def test_doctor_host_upstream_pool_is_validated() -> None:
+    with pytest.raises(ValidationError):
+        host.UpstreamPool(())
+    with pytest.raises(ValidationError):
+        host.UpstreamPool((SERVE_1, SERVE_1))
+
+
+def test_doctor_host_probes_each_upstream_given_on_the_command_line() -> None:
+    asked: list[str] = []
+
+    def send(upstream: str, path: str, headers: Mapping[str, str]) -> Reply:
+        asked.append(upstream)
+        if upstream == SERVE_2:
+            raise ClientError("Connection refused", reason="refused", url=upstream)
+        return Reply(404, b"404 Not Found\n")
+
+    # doctor --host --upstream SERVE_1 --upstream SERVE_2: one proxy's pool, each probed.
+    facts = run(HostRequest(upstreams=(SERVE_1, SERVE_2)), send=send)
+    assert asked == [SERVE_1, SERVE_2]
+    assert facts.pools == (host.UpstreamPool((SERVE_1, SERVE_2), "the command line"),)
+    (finding,) = host.analyse(facts).findings
+    assert (finding.id, finding.severity) == ("upstream-degraded", "warning")
+    assert SERVE_2 in finding.summary and f"fails over to {SERVE_1}" in finding.summary
+    # The single form is unchanged: one upstream down is the error.
+    assert ids(run(HostRequest(upstreams=(SERVE_2,)), send=send)) == ["server-unreachable"]
+
+
 # Each row of the host table is exercised by a test above; a new row needs one too.
 COVERED = {
     "netns-missing", "dnsmasq-not-running", "dnsmasq-no-metadata-route", "isolated-address-missing",
     "no-redirect-rule", "redirect-rules-incomplete", "proxy-not-listening", "server-unreachable", "secret-mismatch",
-    "signature-rejected", "upstream-not-proxy", "registry-unavailable", "unknown-instance", "ambiguous-instance",
+    "upstream-degraded", "signature-rejected", "upstream-not-proxy", "registry-unavailable", "unknown-instance",
+    "ambiguous-instance",
 }  # fmt: skip
 
 

@@ -173,7 +173,8 @@ def _lab_targets(state_root: Path) -> tuple[tuple[Target, ...], tuple[str, ...],
     scopes, problems = up_lab_scopes(state_root)
     targets = tuple(
         Target(label, namespaces=tuple((ns, _role(role)) for ns, role in scope["namespaces"]),
-               listener_files=tuple(scope["listener_files"]), upstream=scope["upstream"],
+               listener_files=tuple(scope["listener_files"]),
+               upstreams=(scope["upstream"],) if scope["upstream"] else (),
                secret_file=scope["secret_file"], registry_url=scope["registry"])
         for label, scope in scopes
     )  # fmt: skip
@@ -214,8 +215,9 @@ def _emit(report: Report, as_json: bool, unicode: bool) -> None:
               "proxies, labs and config entries that serve them.")  # fmt: skip
 @click.option("--state-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_ROOT,
               show_default=True, help="--host: where labs keep their state (or one lab's directory).")  # fmt: skip
-@click.option("--upstream", metavar="unix:PATH|HOST:PORT", help="--host: where serve listens for the proxy "
-              "[default: the running proxy's --upstream].")  # fmt: skip
+@click.option("--upstream", "upstreams", multiple=True, metavar="unix:PATH|HOST:PORT",
+              help="--host: where serve listens for the proxy (repeatable: the proxy's upstreams, each probed; "
+              "some down is a warning, all down an error) [default: the running proxies' --upstream].")  # fmt: skip
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
               help="--host: the proxy's shared secret, to check that serve accepts it "
               "[default: the running proxy's].")  # fmt: skip
@@ -239,7 +241,7 @@ def doctor(
     namespaces: tuple[str, ...],
     only: tuple[str, ...],
     state_root: Path,
-    upstream: str | None,
+    upstreams: tuple[str, ...],
     secret_file: Path | None,
     listener_files: tuple[Path, ...],
     network_id: str | None,
@@ -263,7 +265,7 @@ def doctor(
         if host_mode:
             request = HostRequest(
                 namespaces=_netns(namespaces),
-                upstream=upstream or "",
+                upstreams=tuple(dict.fromkeys(upstreams)),
                 secret_file=str(secret_file) if secret_file else "",
                 listener_files=tuple(str(p) for p in listener_files),
                 caller=_caller(network_id, router_id, caller_ip),

@@ -4,11 +4,12 @@ A network node says what it runs in four places. The CLI and
 :mod:`~meta169.doctor.host_collect` read them; the functions here turn what was read
 into :class:`Target` objects, each remembering where it was found:
 
-- meta169's config file (:class:`ConfigValues`): the proxy's upstream, listener file,
-  static listeners and secret file; serve's proxy listener; the registry
-- running processes (/proc/*/cmdline): every ``meta169 proxy`` (``--upstream``,
+- meta169's config file (:class:`ConfigValues`): the proxy's upstreams (a string or
+  a list), listener file, static listeners and secret file; serve's proxy listener; the
+  registry
+- running processes (/proc/*/cmdline): every ``meta169 proxy`` (each ``--upstream``,
   ``--secret-file``, ``--listeners``, ``--listen``) and every ``meta169 serve`` with a
-  proxy listener, whose address is the upstream to check when no proxy names one
+  proxy listener, whose address is an upstream to check too
 - labs that are up (``meta169 lab``): namespaces, listener file, upstream, registry
 - ``ip netns list``: namespaces named the Neutron way, ``qrouter-<router id>`` (router
   mode: REDIRECT to the proxy on 9697), ``qdhcp-<network id>`` (dnsmasq; isolated
@@ -17,7 +18,9 @@ into :class:`Target` objects, each remembering where it was found:
   ``agent/l3/namespaces.py``, ``agent/linux/dhcp.py``, ``agent/ovn/metadata/agent.py``]
 
 :func:`scope` filters the targets (``--only GLOB``) and merges them into one list of
-namespaces and upstreams to check. Nothing here reads a file or runs a command.
+namespaces and upstreams to check, remembering which upstreams one proxy fails over
+between (its pool: one down while another answers is a warning, all down an error).
+Nothing here reads a file or runs a command.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meta169.doctor.host import NEUTRON_PREFIXES, ExpectedListener, ProxyProcess, Role
+from meta169.doctor.host import NEUTRON_PREFIXES, ExpectedListener, ProxyProcess, Role, UpstreamPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +41,7 @@ class ConfigValues:
     source: str
     registry_url: str = ""
     serve_listens: tuple[str, ...] = ()
-    proxy_upstream: str = ""
+    proxy_upstreams: tuple[str, ...] = ()
     proxy_listener_files: tuple[str, ...] = ()
     proxy_listens: tuple[str, ...] = ()
     proxy_secret_file: str = ""
@@ -46,17 +49,22 @@ class ConfigValues:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One thing to check, and where the doctor learnt of it (``source``)."""
+    """One thing to check, and where the doctor learnt of it (``source``).
+
+    ``upstreams`` are a proxy's, which it fails over between; ``pooled`` is off for a
+    serve's proxy listener, which no proxy is known to list beside others.
+    """
 
     source: str
     namespaces: tuple[tuple[str, Role | None], ...] = ()
     listener_files: tuple[str, ...] = ()
     static_listeners: tuple[str, ...] = ()
-    upstream: str = ""
+    upstreams: tuple[str, ...] = ()
     secret_file: str = ""
     registry_url: str = ""
     notes: tuple[str, ...] = ()
     pid: int | None = None  # a running proxy's
+    pooled: bool = True
 
     def describe(self, expected: Mapping[str, Sequence[ExpectedListener]] | None = None) -> str:
         """``source: what it names`` for the report's list of what was discovered."""
@@ -70,8 +78,8 @@ class Target:
             parts.append("listener file " + ", ".join(self.listener_files))
         if self.static_listeners:
             parts.append("listeners " + ", ".join(self.static_listeners))
-        if self.upstream:
-            parts.append(f"upstream {self.upstream}")
+        if self.upstreams:
+            parts.append(f"upstream{'s' if len(self.upstreams) > 1 else ''} {', '.join(self.upstreams)}")
         if self.secret_file:
             parts.append(f"secret file {self.secret_file}")
         if self.registry_url:
@@ -82,11 +90,13 @@ class Target:
 @dataclass(frozen=True, slots=True)
 class Scope:
     """The merged result: namespaces (name, role or None to guess, found by), their
-    expected listeners, upstreams (address, secret file, found by) and a registry URL."""
+    expected listeners, upstreams (address, secret file, found by), the proxies' upstream
+    pools and a registry URL."""
 
     namespaces: tuple[tuple[str, Role | None, str], ...] = ()
     expected: Mapping[str, tuple[ExpectedListener, ...]] | None = None
     upstreams: tuple[tuple[str, str, str], ...] = ()
+    pools: tuple[UpstreamPool, ...] = ()
     registry_url: str = ""
     discovered: tuple[str, ...] = ()
     left_out: tuple[str, ...] = ()
@@ -130,10 +140,14 @@ def find_proxies(processes: Sequence[tuple[int, tuple[str, ...]]]) -> tuple[Prox
     out = []
     for pid, argv in processes:
         if is_meta169_proxy(argv):
-            upstream = (flag_values(argv, "--upstream") or [""])[0]
             secret = (flag_values(argv, "--secret-file") or [""])[0]
-            out.append(ProxyProcess(pid, tuple(argv), upstream, secret))
+            out.append(ProxyProcess(pid, tuple(argv), upstreams_of(argv), secret))
     return tuple(out)
+
+
+def upstreams_of(argv: Sequence[str]) -> tuple[str, ...]:
+    """Every ``--upstream`` of a proxy's command line (the flag is repeatable), once each, in order."""
+    return tuple(dict.fromkeys(u for u in flag_values(argv, "--upstream") if u))
 
 
 def serve_upstream(listen: str) -> str:
@@ -180,7 +194,7 @@ def process_targets(processes: Sequence[tuple[int, tuple[str, ...]]]) -> tuple[T
                 f"meta169 proxy pid {pid} (/proc/{pid}/cmdline)",
                 listener_files=tuple(dict.fromkeys(flag_values(argv, "--listeners"))),
                 static_listeners=tuple(flag_values(argv, "--listen")),
-                upstream=(flag_values(argv, "--upstream") or [""])[0],
+                upstreams=upstreams_of(argv),
                 secret_file=(flag_values(argv, "--secret-file") or [""])[0],
                 registry_url=registry,
                 notes=notes,
@@ -188,8 +202,8 @@ def process_targets(processes: Sequence[tuple[int, tuple[str, ...]]]) -> tuple[T
             ))  # fmt: skip
         elif command == "serve":
             for upstream in proxy_listens_of_serve(argv):
-                out.append(Target(f"meta169 serve pid {pid} (/proc/{pid}/cmdline)", upstream=upstream,
-                                  registry_url=registry))  # fmt: skip
+                out.append(Target(f"meta169 serve pid {pid} (/proc/{pid}/cmdline)", upstreams=(upstream,),
+                                  registry_url=registry, pooled=False))  # fmt: skip
     return tuple(out)
 
 
@@ -235,7 +249,8 @@ def config_values(data: Mapping[str, Any], source: str) -> tuple[ConfigValues, t
 
     Reads ``[registry] url``, ``[serve] listen`` and ``[proxy] upstream``,
     ``listeners``, ``listen`` and ``secret-file`` (each key is the command's long flag,
-    :mod:`meta169.config.schema`); everything else is another role's business.
+    :mod:`meta169.config.schema`; a repeatable flag's key takes a string or a list);
+    everything else is another role's business.
     """
     notes: list[str] = []
 
@@ -254,7 +269,7 @@ def config_values(data: Mapping[str, Any], source: str) -> tuple[ConfigValues, t
         source=source,
         registry_url=(strings(registry, "registry", "url") or ("",))[0],
         serve_listens=strings(serve, "serve", "listen"),
-        proxy_upstream=(strings(proxy, "proxy", "upstream") or ("",))[0],
+        proxy_upstreams=tuple(dict.fromkeys(strings(proxy, "proxy", "upstream"))),
         proxy_listener_files=strings(proxy, "proxy", "listeners"),
         proxy_listens=strings(proxy, "proxy", "listen"),
         proxy_secret_file=(strings(proxy, "proxy", "secret-file") or ("",))[0],
@@ -267,15 +282,16 @@ def config_targets(values: ConfigValues) -> tuple[Target, ...]:
     out = []
     source = f"config {values.source}"
     proxy = Target(f"{source} [proxy]", listener_files=values.proxy_listener_files,
-                   static_listeners=values.proxy_listens, upstream=values.proxy_upstream,
+                   static_listeners=values.proxy_listens, upstreams=values.proxy_upstreams,
                    secret_file=values.proxy_secret_file, registry_url=values.registry_url)  # fmt: skip
-    if proxy.listener_files or proxy.static_listeners or proxy.upstream:
+    if proxy.listener_files or proxy.static_listeners or proxy.upstreams:
         out.append(proxy)
     for listen in values.serve_listens:
         addr, sep, binding = listen.rpartition("=")
         upstream = serve_upstream(addr) if sep and binding == "proxy" else ""
-        if upstream and upstream != values.proxy_upstream:
-            out.append(Target(f"{source} [serve]", upstream=upstream, registry_url=values.registry_url))
+        if upstream and upstream not in values.proxy_upstreams:
+            out.append(Target(f"{source} [serve]", upstreams=(upstream,), registry_url=values.registry_url,
+                              pooled=False))  # fmt: skip
     if not out and values.registry_url:
         out.append(Target(source, registry_url=values.registry_url))
     return tuple(out)
@@ -299,6 +315,7 @@ def scope(
     namespaces: dict[str, tuple[Role | None, list[str]]] = {}
     expected: dict[str, list[ExpectedListener]] = {}
     upstreams: dict[str, tuple[str, list[str]]] = {}
+    pools: dict[tuple[str, ...], list[str]] = {}
     registries: list[str] = []
     pids: dict[str, list[int]] = {}
     discovered: list[str] = []
@@ -321,15 +338,18 @@ def scope(
                     expected[name].append(item)
             if target.pid is not None and name in listeners:
                 pids.setdefault(name, []).append(target.pid)
-        if target.upstream:
-            secret, found_by = upstreams.get(target.upstream, ("", []))
-            upstreams[target.upstream] = (secret or target.secret_file, [*found_by, target.source])
+        for upstream in target.upstreams:
+            secret, found_by = upstreams.get(upstream, ("", []))
+            upstreams[upstream] = (secret or target.secret_file, [*found_by, target.source])
+        if target.upstreams and target.pooled:
+            pools.setdefault(tuple(dict.fromkeys(target.upstreams)), []).append(target.source)
         if target.registry_url and target.registry_url not in registries:
             registries.append(target.registry_url)
     return Scope(
         namespaces=tuple((n, role, ", ".join(dict.fromkeys(by))) for n, (role, by) in namespaces.items()),
         expected={n: tuple(v) for n, v in expected.items()},
         upstreams=tuple((u, secret, ", ".join(dict.fromkeys(by))) for u, (secret, by) in upstreams.items()),
+        pools=tuple(UpstreamPool(p, ", ".join(dict.fromkeys(by))) for p, by in pools.items()),
         # Several registries (a lab beside the node's own): the first found, config first.
         registry_url=registries[0] if registries else "",
         discovered=tuple(discovered),

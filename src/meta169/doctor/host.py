@@ -145,8 +145,24 @@ class RegistryAnswer:
 class ProxyProcess:
     pid: int
     argv: tuple[str, ...]
-    upstream: str = ""
+    upstreams: tuple[str, ...] = ()  # every --upstream, in order
     secret_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPool:
+    """One proxy's ``--upstream`` list: it fails over between them (:mod:`meta169.proxy.upstream`).
+
+    ``found_by`` says which proxies use this list (a running one, the config file, a
+    lab, the command line). An upstream in no pool (a serve's proxy listener) stands alone.
+    """
+
+    upstreams: tuple[str, ...]
+    found_by: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.upstreams or len(set(self.upstreams)) != len(self.upstreams):
+            raise ValidationError(f"an upstream pool needs distinct upstreams, not {self.upstreams!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +171,7 @@ class HostFacts:
     proxies: tuple[ProxyProcess, ...] | None = None  # None: processes not scanned
     servers: tuple[ServerAnswer, ...] = ()  # one per upstream checked
     registry: RegistryAnswer | None = None
+    pools: tuple[UpstreamPool, ...] = ()  # which upstreams a proxy fails over between
     notes: tuple[str, ...] = ()
     discovered: tuple[str, ...] = ()  # what was checked, and where it was found
     searched: tuple[str, ...] = ()  # where discovery looked and found nothing ("no lab up under ...")
@@ -467,13 +484,49 @@ def _listener_fix(h: HostFacts, ns: NamespaceFacts, wanted: ExpectedListener) ->
     return tuple(out)
 
 
+def _pools_of(h: HostFacts, upstream: str) -> tuple[UpstreamPool, ...]:
+    """The proxies' upstream lists holding ``upstream``; alone when no proxy is known to list it."""
+    return tuple(p for p in h.pools if upstream in p.upstreams) or (UpstreamPool((upstream,)),)
+
+
+def _answering(h: HostFacts) -> frozenset[str]:
+    # Any HTTP answer counts: the proxy's health check marks such a node up too.
+    return frozenset(s.upstream for s in h.servers if not s.error)
+
+
 def check_server_unreachable(h: HostFacts) -> Iterator[Hit]:
+    answering = _answering(h)
     for s in h.servers:
         if not s.error:
             continue
-        yield Hit(f"meta169 serve does not answer at {s.upstream}: the proxy answers guests 502", (s.evidence,),
+        dead = [p for p in _pools_of(h, s.upstream) if answering.isdisjoint(p.upstreams)]
+        if not dead:
+            continue  # every proxy listing it fails over to one that answers: upstream-degraded
+        others = list(dict.fromkeys(u for p in dead for u in p.upstreams if u != s.upstream))
+        also = f", nor at the proxy's other upstreams ({', '.join(others)})" if others else ""
+        yield Hit(f"meta169 serve does not answer at {s.upstream}{also}: the proxy answers guests 502",
+                  (s.evidence, *(f"upstreams of the proxy ({p.found_by}): {', '.join(p.upstreams)}" for p in dead
+                                 if len(p.upstreams) > 1 and p.found_by)),
                   (Remedy("host", f"start meta169 serve with a proxy listener there (serve --listen "
                                   f"{s.upstream}=proxy ...), or fix the proxy's --upstream"),))  # fmt: skip
+
+
+def check_upstream_degraded(h: HostFacts) -> Iterator[Hit]:
+    """Some of a proxy's upstreams down, one at least answering: guests are served, redundancy is lost."""
+    answering = _answering(h)
+    down = {s.upstream: s for s in h.servers if s.error}
+    for pool in h.pools:
+        lost = [u for u in pool.upstreams if u in down]
+        up = [u for u in pool.upstreams if u in answering]
+        if not lost or not up:
+            continue
+        whose = f" ({pool.found_by})" if pool.found_by else ""
+        yield Hit(f"meta169 serve does not answer at {', '.join(lost)}: the proxy fails over to {', '.join(up)}, "
+                  f"so guests are served, but {len(lost)} of its {len(pool.upstreams)} upstreams are lost",
+                  (*(down[u].evidence for u in lost), f"upstreams of the proxy{whose}: {', '.join(pool.upstreams)}"),
+                  tuple(Remedy("host", f"start meta169 serve with a proxy listener at {u} (serve --listen {u}=proxy "
+                                       "...), or remove it from the proxy's --upstream") for u in lost),
+                  "warning")  # fmt: skip
 
 
 def check_secret_mismatch(h: HostFacts) -> Iterator[Hit]:
@@ -570,6 +623,8 @@ CHECKS: tuple[Check[HostFacts], ...] = check_table([
           check_redirect_rules_incomplete),
     Check("proxy-not-listening", "proxy", "error", "proxy not listening", check_proxy_not_listening),
     Check("server-unreachable", "server", "error", "serve unreachable", check_server_unreachable),
+    Check("upstream-degraded", "server", "warning", "some of the proxy's upstreams unreachable",
+          check_upstream_degraded),
     Check("secret-mismatch", "server", "error", "proxy secret rejected by serve", check_secret_mismatch),
     Check("signature-rejected", "server", "error", "proxy signature rejected", check_signature_rejected),
     Check("upstream-not-proxy", "server", "error", "upstream is not a proxy listener", check_upstream_not_proxy),

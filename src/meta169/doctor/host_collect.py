@@ -8,7 +8,7 @@ captured outputs; the CLI passes the real ones.
 Discovery, when no ``--netns``, ``--proxy-listeners`` or ``--upstream`` is given
 (:mod:`meta169.doctor.discover` has the rules): the config file and the labs that
 are up (the CLI reads them into the :class:`HostRequest`), every running ``meta169
-proxy`` and ``meta169 serve`` (by command line: upstream, secret file, listener
+proxy`` and ``meta169 serve`` (by command line: upstreams, secret file, listener
 file, listeners) and the namespaces named like Neutron's (``qrouter-*``,
 ``qdhcp-*``, ``ovnmeta-*``). Each listener file says which namespace must hold which
 socket. Explicit flags replace discovery (they also cover a proxy that is down).
@@ -62,14 +62,16 @@ PROBE_CALLER = Caller(ip=ipaddress.IPv4Address("192.0.2.1"), network_id="meta169
 class HostRequest:
     """What to check: namespaces (role or None to guess), serve, the proxy's files, a caller.
 
-    Without namespaces, listener files or upstream, what to check is discovered:
+    ``upstreams`` are one proxy's (``doctor --upstream``, repeatable): each is probed,
+    and they are judged as a pool the proxy fails over between. Without namespaces,
+    listener files or upstreams, what to check is discovered:
     ``config`` and ``labs`` (read by the caller), then running processes and ``ip
     netns list``; ``only`` (globs) narrows it to matching namespaces. ``searched``
     says where the caller looked and found nothing ("no lab up under ..."), for the report.
     """
 
     namespaces: tuple[tuple[str, Role | None], ...] = ()
-    upstream: str = ""
+    upstreams: tuple[str, ...] = ()
     secret_file: str = ""
     listener_files: tuple[str, ...] = ()
     caller: Caller | None = None
@@ -80,7 +82,7 @@ class HostRequest:
 
     @property
     def explicit(self) -> bool:
-        return bool(self.namespaces or self.listener_files or self.upstream)
+        return bool(self.namespaces or self.listener_files or self.upstreams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +263,7 @@ def find_targets(req: HostRequest, col: HostCollector) -> Found:
     if req.explicit:
         # Explicit flags describe the deployment to check; running proxies are then only evidence.
         targets.append(Target("the command line", namespaces=req.namespaces, listener_files=req.listener_files,
-                              upstream=req.upstream, secret_file=req.secret_file))  # fmt: skip
+                              upstreams=req.upstreams, secret_file=req.secret_file))  # fmt: skip
     else:
         if req.config is not None:
             targets += discover.config_targets(req.config)
@@ -304,7 +306,8 @@ def collect_host(req: HostRequest, col: HostCollector, found: Found | None = Non
         notes.append("serve not checked: nothing discovered names its address; pass --upstream")
     registry = col.resolve(req.caller) if req.caller is not None and col.resolve is not None else None
     return HostFacts(namespaces=namespaces, proxies=found.proxies, servers=servers, registry=registry,
-                     notes=tuple(notes), discovered=scope.discovered, searched=found.searched)  # fmt: skip
+                     pools=scope.pools, notes=tuple(notes), discovered=scope.discovered,
+                     searched=found.searched)  # fmt: skip
 
 
 def checked_nothing(facts: HostFacts) -> bool:
