@@ -20,8 +20,10 @@ What is cached, and how it is bounded:
 
 A caller whose site is not ready waits in a queue that the registry thread empties a
 batch at a time: one query per scope for the whole batch (``Registry.resolve_many``),
-then each site is rendered on the event loop, yielding between sites, and each
-caller is answered as soon as its own site is ready rather than after the batch.
+then each caller is answered as soon as its own site is ready rather than after the
+batch. A site made for a request is rendered a section at a time (one version of
+one tree) as its paths are asked, on the event loop: the first request waits for
+the documents of its own version only (``Site.lazily``).
 
 Changes arrive by polling the registry's revision counter, and, with PostgreSQL, at
 once through the registry's change feed (LISTEN/NOTIFY); the poll then runs only as
@@ -34,8 +36,15 @@ counted) and uncached callers get RegistryUnavailable at once, which the handler
 answers 503 with Retry-After, never 404; the poll probes with backoff, and the first
 answer ends the outage. Outages are logged once each, and once at their end.
 
-Registry calls run on one worker thread (SQLite connections and psycopg sessions
-stay on that thread); the change feed's connection lives on the event loop.
+Registry calls run on one worker thread (psycopg sessions stay on that thread); the
+change feed's connection lives on the event loop. With SQLite on a file, a small
+batch of first requests (INLINE_BATCH callers) is resolved on the event loop
+instead: the read is in-process work of about a millisecond, and on a core the
+loop keeps busy, handing it to the thread and back costs more than the read, up to
+several milliseconds each way for the thread to get the CPU and the interpreter
+lock (docs/benchmarks.md, "first-request"). SQLite's readers in WAL mode (the
+registry's) wait for no writer; a read that takes longer than INLINE_STALL_S all
+the same sends them back to the thread for INLINE_PAUSE_S.
 """
 
 from __future__ import annotations
@@ -45,12 +54,13 @@ import contextlib
 import dataclasses
 import logging
 import random
-import sys
 import time
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from sqlalchemy.pool import QueuePool
 
 from meta169.api import vendordata
 from meta169.api.identity import NeutronIdentity
@@ -61,7 +71,8 @@ from meta169.metrics.instruments import ServeMetrics
 from meta169.model import Caller, Instance, Network, Router, parse_ip
 from meta169.registry import Changes, Registry
 from meta169.registry.base import ChangeFeed, Notice, Resolution
-from meta169.render import RenderOptions, Site, build_site
+from meta169.registry.sql import SqlRegistry
+from meta169.render import RenderOptions, Site
 from meta169.render.document import Document
 
 log = logging.getLogger("meta169.cache")
@@ -94,6 +105,12 @@ MAX_MISSES = 65_536
 # Callers resolved by one registry call, and instances read by one prerender call.
 RESOLVE_BATCH = 256
 PRERENDER_BATCH = 128
+# First requests resolved on the event loop at once, at most (see the docstring); a
+# larger batch (a storm) is resolved on the registry thread, where it does not hold
+# up the answers to cached callers.
+INLINE_BATCH = 4
+INLINE_STALL_S = 0.05
+INLINE_PAUSE_S = 60.0
 # Rendering on the event loop yields after this much work, so a storm of first
 # requests delays the compiled fast path's answers by at most this long.
 RENDER_SLICE_S = 0.003
@@ -132,9 +149,35 @@ class Scope:
 
 @dataclass(slots=True)
 class _Pending:
+    """A caller being resolved, and the lookups waiting for it (each with its own
+    deadline: answering one wakes its request's task at once, with no chain of
+    callbacks between the result and the request)."""
+
     key: Hashable
     caller: Caller | NeutronIdentity
-    future: asyncio.Future[Entry]
+    waiters: list[asyncio.Future[Entry]] = field(default_factory=list)
+    settled: bool = False
+
+    def settle(self, entry: Entry) -> None:
+        self.settled = True
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(entry)
+        self.waiters.clear()
+
+    def fail(self, exc: BaseException) -> None:
+        self.settled = True
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
+                waiter.exception()  # mark retrieved; the lookup re-raises it itself
+        self.waiters.clear()
+
+
+def _expire(waiter: asyncio.Future[Entry], deadline: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(RegistryUnavailable(f"no answer from the registry within {deadline:g} s"))
+        waiter.exception()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +247,16 @@ class _Ownership:
         return out
 
 
+def reads_in_process(registry: Registry) -> bool:
+    """Whether the registry's reads are in-process work any thread may do: SQLite on a
+    file (each thread reads through a connection of its own; an in-memory SQLite
+    database is one per connection, so it stays on its thread)."""
+    if not isinstance(registry, SqlRegistry):
+        return False
+    engine = registry.engine
+    return engine.dialect.name == "sqlite" and isinstance(engine.pool, QueuePool)
+
+
 def _resolve_rows(rows: Iterable[tuple[str, str, str]], routers: Mapping[str, Router]) -> dict[ScopeKey, str]:
     """What ``Registry.resolve`` answers for every scope key, from every port IP of the
     scope's networks: the one owner of each key (keys owned by several left out)."""
@@ -235,7 +288,10 @@ class SiteCache:
         vendordata_targets: Sequence[DynamicTarget] = (),
         vendordata_timeout: float = 2.0,
         metrics: ServeMetrics | None = None,
+        inline_lookups: bool | None = None,
     ) -> None:
+        """``inline_lookups``: resolve small batches of first requests on the event
+        loop (None: when the registry's reads are in-process, SQLite on a file)."""
         if max_sites < 1:
             raise ValueError("max_sites must be >= 1")
         # Counts the registry polls and the outages (the lookups are counted by their callers).
@@ -250,6 +306,11 @@ class SiteCache:
         # guest asks, as Nova does.
         self._scope = prerender if not self._targets else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meta169-registry")
+        self._inline = reads_in_process(registry) if inline_lookups is None else inline_lookups
+        # Monotonic time until which lookups go to the registry thread (after a slow read).
+        self._inline_paused_until = 0.0
+        # Set while a caller resolved on the loop at once has this turn of the loop.
+        self._inline_turn = False
         # Dynamic vendor data is fetched here, so a slow target delays only its own
         # instances, not the registry thread.
         self._vd_executor = (
@@ -272,7 +333,7 @@ class SiteCache:
         self._gen = 0
         self._topology_gen = 0
         self._changed_at: dict[str, int] = {}
-        self._inflight: dict[Hashable, asyncio.Future[Entry]] = {}
+        self._inflight: dict[Hashable, _Pending] = {}
         self._queue: list[_Pending | _Single] = []
         self._resolver: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -342,19 +403,69 @@ class SiteCache:
         if ready is not None:
             self._remember(key, ready)
             return ready
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Entry] = loop.create_future()
         pending = self._inflight.get(key)
         if pending is None:
             if not self._up:
                 raise RegistryUnavailable("the registry is unreachable and this caller is not cached")
-            loop = asyncio.get_running_loop()
-            pending = self._inflight[key] = loop.create_future()
-            self._queue.append(_Pending(key, caller, pending))
-            if self._resolver is None:
-                self._resolver = loop.create_task(self._resolve_queue())
+            pending = self._inflight[key] = _Pending(key, caller, [waiter])
+            if self._inline_now(loop):
+                # Nothing else waits: this caller at once, with no task between the
+                # request and the read (its waiter is settled when this returns,
+                # unless dynamic vendor data is being fetched).
+                await self._resolve_now(pending)
+            else:
+                self._queue.append(pending)
+                if self._resolver is None:
+                    self._resolver = loop.create_task(self._resolve_queue())
+        else:
+            pending.waiters.append(waiter)
+        if waiter.done():
+            return waiter.result()
+        # The deadline fails this lookup only: the resolution goes on for the others
+        # and is kept for the next request.
+        timer = loop.call_later(self._deadline, _expire, waiter, self._deadline)
         try:
-            return await asyncio.wait_for(asyncio.shield(pending), self._deadline)
-        except TimeoutError:
-            raise RegistryUnavailable(f"no answer from the registry within {self._deadline:g} s") from None
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _inline_now(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a new caller is resolved on the loop at once: reads are inline,
+        nothing is queued or being resolved, and no caller was resolved so in this
+        turn of the loop (callers arriving together are batched instead)."""
+        if not self._inline or self._queue or self._resolver is not None or self._inline_turn:
+            return False
+        if self._vd_executor is not None:
+            return False  # the vendor data fetch is bounded by the deadline: through the queue
+        if time.monotonic() < self._inline_paused_until:
+            return False
+        self._inline_turn = True
+        loop.call_soon(self._end_inline_turn)
+        return True
+
+    def _end_inline_turn(self) -> None:
+        self._inline_turn = False
+
+    async def _resolve_now(self, pending: _Pending) -> None:
+        """Resolve one caller on the loop and settle it (see :meth:`_resolve_queue`)."""
+        gen, epoch = self._gen, self._epoch
+        try:
+            found, networks = self._call_inline(self._fetch_callers, [pending.caller], frozenset(self._networks))
+        except RegistryError as exc:
+            self._fail(pending, exc)
+            return
+        except BaseException as exc:
+            self._fail(pending, RegistryError(f"lookup abandoned: {exc!r}"))
+            raise
+        if self._topology_gen <= gen:
+            self._networks.update(networks)
+        try:
+            await self._settle([pending], found, networks, gen, epoch)
+        except BaseException as exc:
+            self._fail(pending, RegistryError(f"lookup abandoned: {exc!r}"))
+            raise
 
     def _ready_entry(self, caller: Caller | NeutronIdentity) -> Entry | None:
         """The entry a caller gets without the registry: its site rendered ahead, as
@@ -386,7 +497,11 @@ class SiteCache:
                 gen, epoch = self._gen, self._epoch
                 callers = [p.caller for p in batch]
                 try:
-                    found, networks = await self._call(self._fetch_callers, callers, frozenset(self._networks))
+                    known = frozenset(self._networks)
+                    if self._inline and len(callers) <= INLINE_BATCH and time.monotonic() >= self._inline_paused_until:
+                        found, networks = self._call_inline(self._fetch_callers, callers, known)
+                    else:
+                        found, networks = await self._call(self._fetch_callers, callers, known)
                 except RegistryError as exc:
                     if isinstance(exc, RegistryUnavailable) or len(batch) == 1:
                         for pending in batch:
@@ -416,11 +531,10 @@ class SiteCache:
                 self._queue = []
 
     def _fail(self, pending: _Pending, exc: BaseException) -> None:
-        if self._inflight.get(pending.key) is pending.future:
+        if self._inflight.get(pending.key) is pending:
             del self._inflight[pending.key]
-        if not pending.future.done():
-            pending.future.set_exception(exc)
-            pending.future.exception()  # mark retrieved; waiters re-raise it themselves
+        if not pending.settled:
+            pending.fail(exc)
 
     def _fetch_callers(
         self, callers: Sequence[Caller | NeutronIdentity], known: frozenset[str]
@@ -453,7 +567,7 @@ class SiteCache:
         between sites."""
         started = time.perf_counter()
         for pending, result in zip(batch, found, strict=True):
-            if pending.future.done():
+            if pending.settled:
                 continue
             entry: Entry
             miss = self._miss_of(pending.caller, result)
@@ -462,9 +576,9 @@ class SiteCache:
             else:
                 assert isinstance(result, Instance)
                 entry = await self._site_for(result, networks, gen, epoch)
-            if self._inflight.get(pending.key) is pending.future:
+            if self._inflight.get(pending.key) is pending:
                 del self._inflight[pending.key]
-            pending.future.set_result(entry)
+            pending.settle(entry)
             if epoch == self._epoch and not self._stale(entry, gen):
                 self._remember(pending.key, entry)
             if time.perf_counter() - started > RENDER_SLICE_S:
@@ -493,7 +607,10 @@ class SiteCache:
             self._store_site(site)
         return site
 
-    async def _render(self, instance: Instance, networks: Mapping[str, Network]) -> Site:
+    async def _render(self, instance: Instance, networks: Mapping[str, Network], *, whole: bool = False) -> Site:
+        """The instance's site: rendered ``whole`` (ahead of any request), else a
+        section at a time as its paths are asked, so a first request waits for the
+        version it asks only (about a twentieth of the site)."""
         mine: dict[str, Network] = {}
         for port in instance.ports:
             network = networks.get(port.network_id) or self._networks.get(port.network_id)
@@ -502,31 +619,27 @@ class SiteCache:
             elif port.network_id not in mine:
                 log.warning("instance %s has a port on unknown network %s", instance.uuid, port.network_id)
         options = self._options
-        if self._vd_executor is None:
-            return self._compact(build_site(instance, mine, options))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._vd_executor, self._render_with_vendordata, instance, mine, options)
+        if self._vd_executor is not None:
+            loop = asyncio.get_running_loop()
+            options = await loop.run_in_executor(self._vd_executor, self._with_vendordata, instance, options)
+        site = Site.lazily(instance, mine, options, share=self._share)
+        return site.complete() if whole else site
 
-    def _render_with_vendordata(self, instance: Instance, networks: dict[str, Network], options: RenderOptions) -> Site:
+    def _with_vendordata(self, instance: Instance, options: RenderOptions) -> RenderOptions:
         # A slow target delays only this instance's first request, bounded by the
         # timeout per target.
         dynamic = vendordata.fetch(self._targets, instance, timeout=self._vendordata_timeout)
-        options = dataclasses.replace(options, vendor_data2_dynamic={**options.vendor_data2_dynamic, **dynamic})
-        return build_site(instance, networks, options)
+        return dataclasses.replace(options, vendor_data2_dynamic={**options.vendor_data2_dynamic, **dynamic})
 
-    def _compact(self, site: Site) -> Site:
-        """The same site with its path keys interned and small documents shared with
-        the other sites holding equal ones: a third of the memory."""
+    def _share(self, doc: Document) -> Document:
+        """An equal small document another site holds, else ``doc`` (kept for the next
+        site): with the path keys interned, sites take a third of the memory."""
+        if doc.fresh is not None or len(doc.body) > _SHARED_BODY_MAX:
+            return doc
         shared = self._shared_docs
         if len(shared) > _SHARED_DOCS_MAX:
             shared.clear()
-        documents: dict[str, Document] = {}
-        for path, doc in site.documents.items():
-            kept = doc
-            if doc.fresh is None and len(doc.body) <= _SHARED_BODY_MAX:
-                kept = shared.setdefault((doc.content_type, doc.body), doc)
-            documents[sys.intern(path)] = kept
-        return Site(site.instance, documents)
+        return shared.setdefault((doc.content_type, doc.body), doc)
 
     def _stale(self, entry: Entry, gen: int) -> bool:
         """Whether a change since ``gen`` concerns ``entry`` (read at ``gen``)."""
@@ -653,6 +766,30 @@ class SiteCache:
     async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
         """Run a registry call on the registry thread (password writes and reads)."""
         return await self._call(fn, *args)
+
+    def _call_inline(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the event loop, as :meth:`_call` runs it on the registry
+        thread; a slow one sends the next ones to the thread for a while."""
+        outage = self._outages
+        started = time.monotonic()
+        try:
+            result = fn(*args)
+        except RegistryUnavailable as exc:
+            self._registry_down(exc)
+            raise
+        finally:
+            took = time.monotonic() - started
+            if took > INLINE_STALL_S:
+                self._inline_paused_until = time.monotonic() + INLINE_PAUSE_S
+                log.warning(
+                    "a registry read on the event loop took %.0f ms: first requests are resolved on the "
+                    "registry thread for the next %.0f s",
+                    took * 1000,
+                    INLINE_PAUSE_S,
+                )
+        if not self._up and outage == self._outages:
+            self._registry_back()
+        return result
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on the registry thread; its outcome says whether the
@@ -1047,7 +1184,7 @@ class SiteCache:
             if held is not None and held.instance == instance:
                 kept.append(instance.uuid)
                 continue
-            site = await self._render(instance, networks)
+            site = await self._render(instance, networks, whole=True)
             if epoch == self._epoch and not self._stale_instance(instance.uuid, gen):
                 self._store_site(site)
                 kept.append(instance.uuid)

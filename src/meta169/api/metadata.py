@@ -364,10 +364,10 @@ class MetadataApp:
             return error_response(403, "instance metadata endpoint disabled")
         # Hot path: an exact document hit needs none of the token-path or password
         # rules below (neither is ever a document), only the token check.
-        doc = entry.documents.get(path)
+        doc = entry.get(path)
         if doc is None and len(path) > 1 and path[-1] == "/":
             # Listings are asked for with a trailing slash (cloud-init's crawl).
-            doc = entry.documents.get(path[:-1])
+            doc = entry.get(path[:-1])
         if doc is not None and method in _READ_METHODS:
             if self._unauthorized(req, options, instance.uuid):
                 return error_response(401)

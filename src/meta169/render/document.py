@@ -94,6 +94,16 @@ _random_seed = _seed_pool.take
 os.register_at_fork(after_in_child=_seed_pool.forget)
 
 
+# Given every document a renderer makes, returns the one to keep: an equal document
+# the caller already holds (sites share their small documents), or the same one.
+Share = Callable[[Document], Document]
+
+
+def same(doc: Document) -> Document:
+    """The :data:`Share` that keeps every document as made."""
+    return doc
+
+
 def listing(entries: Iterable[str]) -> Document:
     """A text/plain listing: one entry per line, no trailing newline."""
     # As Nova's ec2_md_print and AWS print them; clients split on lines.

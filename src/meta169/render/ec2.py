@@ -31,7 +31,7 @@ from datetime import UTC
 from typing import Final
 
 from meta169.model import Instance, IPAddress, Network, SSHKey
-from meta169.render.document import JSON, OCTETS, TEXT, Document, listing
+from meta169.render.document import JSON, OCTETS, TEXT, Document, Share, listing, same
 from meta169.render.options import RenderOptions
 from meta169.render.versions import (
     EC2_VERSIONS,
@@ -194,6 +194,7 @@ def _tree(
     leaves: Mapping[str, Document],
     overrides: Mapping[str, tuple[str, ...]],
     listings: dict[tuple[str, ...], Document] | None = None,
+    share: Share = same,
 ) -> dict[str, Document]:
     """Leaves plus a listing for every directory ("" is the top), keyed by relative path.
 
@@ -213,7 +214,7 @@ def _tree(
         entries = overrides.get(directory) or tuple(sorted(names))
         doc = memo.get(entries)
         if doc is None:
-            doc = memo[entries] = listing(entries)
+            doc = memo[entries] = share(listing(entries))
         tree[directory] = doc
     return tree
 
@@ -240,64 +241,105 @@ def identity_document(instance: Instance, options: RenderOptions, private_ip: st
     return json.dumps(document, indent=2, separators=(",", " : ")).encode()
 
 
-def _dynamic(instance: Instance, options: RenderOptions, private_ip: str | None) -> dict[str, Document]:
+def _dynamic(instance: Instance, options: RenderOptions, private_ip: str | None, share: Share) -> dict[str, Document]:
     body = identity_document(instance, options, private_ip)
-    leaves = {"instance-identity/document": Document(JSON, body)}
+    leaves = {"instance-identity/document": share(Document(JSON, body))}
     if options.identity_signer is not None:
         signature, pkcs7, rsa2048 = options.identity_signer(body)
-        leaves["instance-identity/signature"] = Document(TEXT, signature.encode())
-        leaves["instance-identity/pkcs7"] = Document(TEXT, pkcs7.encode())
-        leaves["instance-identity/rsa2048"] = Document(TEXT, rsa2048.encode())
-    return _tree(leaves, {})
+        leaves["instance-identity/signature"] = share(Document(TEXT, signature.encode()))
+        leaves["instance-identity/pkcs7"] = share(Document(TEXT, pkcs7.encode()))
+        leaves["instance-identity/rsa2048"] = share(Document(TEXT, rsa2048.encode()))
+    return _tree(leaves, {}, share=share)
 
 
 def render_ec2(instance: Instance, networks: Mapping[str, Network], options: RenderOptions) -> dict[str, Document]:
     """Every EC2 document (``/`` and ``/<version>/...``), keyed by normalized path."""
-    facts = _Facts(instance, networks, _local_ipv4(instance))
-    ssh_names = tuple(f"{i}={key.name}" for i, key in enumerate(_ssh_keys(instance)))
-    overrides = {"public-keys": ssh_names}
-    has_user_data = instance.user_data is not None
-    user_data = Document(OCTETS, instance.user_data) if instance.user_data is not None else None
-    dynamic = _dynamic(instance, options, facts.local_ipv4)
-
-    docs: dict[str, Document] = {"/": listing((*EC2_VERSIONS, LATEST))}
-    # Each category is produced once; versions with the same categories share one
-    # rendered meta-data tree, and equal listings share one document.
-    produced: dict[str, dict[str, Document]] = {}
-    listings: dict[tuple[str, ...], Document] = {}
-    trees: dict[frozenset[str], dict[str, Document]] = {}
-    tops: dict[bool, Document] = {}
+    tree = Ec2Tree(instance, networks, options)
+    docs = tree.root()
     for version in (*EC2_VERSIONS, LATEST):
+        docs.update(tree.version(version))
+    return docs
+
+
+class Ec2Tree:
+    """One instance's EC2 documents, rendered a version at a time.
+
+    Each category is produced once; versions with the same categories share one
+    rendered meta-data tree, and equal listings share one document. ``share`` sees
+    every document made and returns the one to keep (an equal one held elsewhere).
+    """
+
+    __slots__ = (
+        "_dynamic",
+        "_facts",
+        "_listings",
+        "_options",
+        "_overrides",
+        "_produced",
+        "_share",
+        "_tops",
+        "_trees",
+        "_user_data",
+    )
+
+    def __init__(
+        self, instance: Instance, networks: Mapping[str, Network], options: RenderOptions, share: Share = same
+    ) -> None:
+        self._facts = _Facts(instance, networks, _local_ipv4(instance))
+        self._options = options
+        self._share = share
+        ssh_names = tuple(f"{i}={key.name}" for i, key in enumerate(_ssh_keys(instance)))
+        self._overrides = {"public-keys": ssh_names}
+        self._user_data = share(Document(OCTETS, instance.user_data)) if instance.user_data is not None else None
+        self._dynamic: dict[str, Document] | None = None
+        self._produced: dict[str, dict[str, Document]] = {}
+        self._listings: dict[tuple[str, ...], Document] = {}
+        self._trees: dict[frozenset[str], dict[str, Document]] = {}
+        self._tops: dict[bool, Document] = {}
+
+    def root(self) -> dict[str, Document]:
+        """``/``: the version listing."""
+        return {"/": self._share(listing((*EC2_VERSIONS, LATEST)))}
+
+    def version(self, version: str) -> dict[str, Document]:
+        """Every document under ``/<version>`` (a name of EC2_VERSIONS or ``latest``)."""
         concrete = resolve_ec2(version)
-        assert concrete is not None
+        if concrete is None:
+            raise ValueError(f"no EC2 version {version!r}")
+        share = self._share
         categories = ec2_categories(concrete)
-        tree = trees.get(categories)
+        tree = self._trees.get(categories)
         if tree is None:
             leaves: dict[str, Document] = {}
             for category in sorted(categories):
-                docs_of = produced.get(category)
+                docs_of = self._produced.get(category)
                 if docs_of is None:
-                    docs_of = produced[category] = {
-                        path: Document(TEXT, value.encode()) for path, value in PRODUCERS[category](facts).items()
+                    docs_of = self._produced[category] = {
+                        path: share(Document(TEXT, value.encode()))
+                        for path, value in PRODUCERS[category](self._facts).items()
                     }
                 leaves.update(docs_of)
-            tree = trees[categories] = _tree(leaves, overrides, listings)
+            tree = self._trees[categories] = _tree(leaves, self._overrides, self._listings, share)
         with_dynamic = ec2_has_dynamic(concrete)
-        top = tops.get(with_dynamic)
+        top = self._tops.get(with_dynamic)
         if top is None:
             names = ["dynamic/"] if with_dynamic else []
             names.append("meta-data/")
-            if has_user_data:
+            if self._user_data is not None:
                 names.append("user-data")
-            top = tops[with_dynamic] = listing(names)
+            top = self._tops[with_dynamic] = share(listing(names))
         base = f"/{version}"
-        docs[base] = top
+        docs: dict[str, Document] = {base: top}
         _mount(docs, f"{base}/meta-data", tree)
         if with_dynamic:
+            dynamic = self._dynamic
+            if dynamic is None:
+                facts = self._facts
+                dynamic = self._dynamic = _dynamic(facts.instance, self._options, facts.local_ipv4, share)
             _mount(docs, f"{base}/dynamic", dynamic)
-        if user_data is not None:
-            docs[f"{base}/user-data"] = user_data
-    return docs
+        if self._user_data is not None:
+            docs[f"{base}/user-data"] = self._user_data
+        return docs
 
 
 def _mount(docs: dict[str, Document], prefix: str, tree: Mapping[str, Document]) -> None:

@@ -14,8 +14,10 @@ from meta169.model import Instance, IPAddress, Network, Port, Subnet
 from meta169.render.document import (
     OCTETS,
     Document,
+    Share,
     json_document,
     listing,
+    same,
     seeded_json_document,
 )
 from meta169.render.options import RenderOptions
@@ -178,32 +180,74 @@ def render_openstack(
     instance: Instance, networks: Mapping[str, Network], options: RenderOptions
 ) -> dict[str, Document]:
     """Every document under ``/openstack``, keyed by normalized path."""
-    static = vendor_data(instance, options)
-    files: dict[str, Document] = {
-        "vendor_data.json": json_document(static),
-        "vendor_data2.json": json_document(vendor_data2(static, options)),
-        "network_data.json": json_document(network_data(instance, networks)),
-    }
-    if instance.user_data is not None:
-        files["user_data"] = Document(OCTETS, instance.user_data)
-    has_user_data = instance.user_data is not None
-
-    docs: dict[str, Document] = {"/openstack": listing((*OPENSTACK_VERSIONS, LATEST))}
-    # Versions sharing a field set share one meta_data.json document.
-    meta_by_fields: dict[frozenset[str], Document] = {}
+    tree = OpenStackTree(instance, networks, options)
+    docs = tree.root()
     for version in (*OPENSTACK_VERSIONS, LATEST):
+        docs.update(tree.version(version))
+    return docs
+
+
+class OpenStackTree:
+    """One instance's OpenStack documents, rendered a version at a time.
+
+    Each file is rendered once for every version listing it, and versions sharing
+    a field set share one meta_data.json document. ``share`` sees every document
+    made and returns the one to keep (an equal one held elsewhere).
+    """
+
+    __slots__ = ("_files", "_instance", "_meta", "_networks", "_options", "_share")
+
+    def __init__(
+        self, instance: Instance, networks: Mapping[str, Network], options: RenderOptions, share: Share = same
+    ) -> None:
+        self._instance = instance
+        self._networks = networks
+        self._options = options
+        self._share = share
+        self._files: dict[str, Document] = {}
+        self._meta: dict[frozenset[str], Document] = {}
+
+    def root(self) -> dict[str, Document]:
+        """``/openstack``: the version listing."""
+        return {"/openstack": self._share(listing((*OPENSTACK_VERSIONS, LATEST)))}
+
+    def version(self, version: str) -> dict[str, Document]:
+        """Every document under ``/openstack/<version>`` (a name of OPENSTACK_VERSIONS
+        or ``latest``)."""
         concrete = resolve_openstack(version)
-        assert concrete is not None
-        names = openstack_files(concrete, has_user_data=has_user_data)
+        if concrete is None:
+            raise ValueError(f"no OpenStack version {version!r}")
+        names = openstack_files(concrete, has_user_data=self._instance.user_data is not None)
         base = f"/openstack/{version}"
-        docs[base] = listing(names)
-        fields = meta_data_fields(concrete)
-        meta = meta_by_fields.get(fields)
-        if meta is None:
-            meta = meta_by_fields[fields] = meta_data(instance, fields)
+        docs: dict[str, Document] = {base: self._share(listing(names))}
         for name in names:
             if name == "password":
                 # Served by the API layer from the registry (paths.is_password_path).
                 continue
-            docs[f"{base}/{name}"] = meta if name == "meta_data.json" else files[name]
-    return docs
+            docs[f"{base}/{name}"] = self._meta_data(concrete) if name == "meta_data.json" else self._file(name)
+        return docs
+
+    def _meta_data(self, concrete: str) -> Document:
+        fields = meta_data_fields(concrete)
+        meta = self._meta.get(fields)
+        if meta is None:
+            meta = self._meta[fields] = self._share(meta_data(self._instance, fields))
+        return meta
+
+    def _file(self, name: str) -> Document:
+        doc = self._files.get(name)
+        if doc is not None:
+            return doc
+        instance, options = self._instance, self._options
+        if name == "vendor_data.json":
+            doc = json_document(vendor_data(instance, options))
+        elif name == "vendor_data2.json":
+            doc = json_document(vendor_data2(vendor_data(instance, options), options))
+        elif name == "network_data.json":
+            doc = json_document(network_data(instance, self._networks))
+        elif name == "user_data" and instance.user_data is not None:
+            doc = Document(OCTETS, instance.user_data)
+        else:
+            raise ValueError(f"no OpenStack file {name!r}")
+        doc = self._files[name] = self._share(doc)
+        return doc
