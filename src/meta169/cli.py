@@ -162,8 +162,23 @@ def main(
     setup_logging(level, "json" if log_format == "json" else "text")
     warning = exposed_password_warning(ctx, "registry_url")
     if warning is not None:
-        click.echo(f"meta169: warning: {warning}", err=True)
+        if log_format == "json":
+            logging.getLogger("meta169.cli").warning("%s", warning)
+        else:
+            click.echo(f"meta169: warning: {warning}", err=True)
     ctx.obj = Ctx(registry_url, registry_password_file)
+
+
+def _announcer() -> Callable[[str], None]:
+    """How a command says what an operator (and the lab) waits for, such as serve's
+    "listening on": a line on stderr, or with ``--log-format json`` a line of the
+    lifecycle log (logged at every level), so that a JSON log holds only JSON."""
+    if click.get_current_context().find_root().params.get("log_format") != "json":
+        return lambda text: click.echo(text, err=True)
+    from meta169.logs import LIFECYCLE_LOGGER
+
+    lifecycle = logging.getLogger(LIFECYCLE_LOGGER)
+    return lambda text: lifecycle.info("%s", text)
 
 
 # -- options the daemons share ----------------------------------------------------------------
@@ -327,9 +342,11 @@ def serve(obj: Ctx, /, workers: int, **params: Any) -> None:
         specs = config.listeners
         health = Health()
 
+        say = _announcer()
+
         def ready(addresses: list[Any]) -> None:
             for spec, address in zip(specs, addresses, strict=True):
-                click.echo(f"meta169 serve: listening on {address} ({spec.binding.scope})", err=True)
+                say(f"meta169 serve: listening on {address} ({spec.binding.scope})")
 
         run(
             config,
@@ -591,9 +608,10 @@ def proxy(obj: Ctx, /, **params: Any) -> None:
 
     with cli_errors():
         config = _proxy_config(obj, _log_level(click.get_current_context().find_root().params), **params)
+        say = _announcer()
         run_proxy(
             config,
-            on_ready=lambda n: click.echo(f"meta169 proxy: {n} listeners up", err=True),
+            on_ready=lambda n: say(f"meta169 proxy: {n} listeners up"),
             notifier=Notifier.from_environ(),
             health=Health(),
             reload=_rebuilder(lambda ctx_obj, level, p: _proxy_config(ctx_obj, level, **p)),
@@ -684,9 +702,10 @@ def admin(obj: Ctx, /, **params: Any) -> None:
 
     with cli_errors():
         config = _admin_config(obj, _log_level(click.get_current_context().find_root().params), **params)
+        say = _announcer()
         run_admin(
             config,
-            on_ready=lambda host, port: click.echo(f"meta169 admin: listening on {host}:{port}", err=True),
+            on_ready=lambda host, port: say(f"meta169 admin: listening on {host}:{port}"),
             notifier=Notifier.from_environ(),
             health=Health(),
             reload=_rebuilder(lambda ctx_obj, level, p: _admin_config(ctx_obj, level, **p)),

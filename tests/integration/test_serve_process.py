@@ -131,3 +131,17 @@ def test_serve_cli_port_in_use_names_address(server: ServeProcess, registry_url:
     result = run_cli(registry_url, "serve", "--listen", f"{host}:{port}", "--network", "net-a", check=False)
     assert result.returncode == 2
     assert f"cannot listen on {host}:{port}" in result.stderr
+
+
+def test_serve_json_log_holds_only_json_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --log-format json (here from the environment, as a unit's Environment= sets
+    it) even the "listening on" line a supervisor waits for is a JSON object."""
+    monkeypatch.setenv("META169_LOG_FORMAT", "json")
+    srv = start_serve(imported_registry(tmp_path, TWO_TENANTS), ["127.0.0.1:0=network:net-a"])
+    try:
+        assert _uuid(srv.addresses[0], "127.0.0.5") == "11111111-1111-4111-8111-111111111111"
+    finally:
+        log = srv.stop()
+    records = [json.loads(line) for line in log.splitlines() if line.strip()]
+    ready = [r for r in records if r["message"].startswith("meta169 serve: listening on 127.0.0.1:")]
+    assert [(r["logger"], r["level"]) for r in ready] == [("meta169.lifecycle", "info")]

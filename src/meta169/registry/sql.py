@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
+import select
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -76,8 +79,13 @@ def create_engine(url: str | sa.URL) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
-    # pre_ping: a PostgreSQL restart must not turn the next request into an error.
-    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=pg_connect_defaults(parsed))
+    engine = sa.create_engine(parsed, connect_args=pg_connect_defaults(parsed))
+    # A PostgreSQL restart must not turn the next request into an error: a pooled
+    # connection is checked on checkout as pool_pre_ping would, but pinged only when
+    # it may be dead (see _pg_checkout), not with a round trip on every read.
+    event.listen(engine, "checkin", _pg_on_checkin)
+    event.listen(engine, "checkout", _pg_checkout(engine.dialect))
+    return engine
 
 
 # libpq parameters (www.postgresql.org/docs/current/libpq-connect.html) a registry URL
@@ -122,6 +130,57 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+# A pooled PostgreSQL connection idle longer than this is pinged on checkout even
+# when its socket is quiet.
+PG_PING_IDLE_S = 5.0
+_PG_IDLE_SINCE = "meta169_idle_since"
+
+
+def _pg_on_checkin(dbapi_conn: Any, record: Any) -> None:
+    if record is not None:
+        record.info[_PG_IDLE_SINCE] = time.monotonic()
+
+
+def _pg_checkout(dialect: sa.Dialect) -> Callable[[Any, Any, Any], None]:
+    """The pool's checkout listener: ping a pooled connection that may be dead, and on
+    a lost one raise InvalidatePoolError, so the pool reconnects this and every older
+    connection (what pool_pre_ping does on a failed ping).
+
+    A server that ends a session (a restart or shutdown, pg_terminate_backend,
+    idle_session_timeout) sends a FATAL error and closes the socket, which makes an
+    idle socket readable: polling it costs no round trip, where pool_pre_ping's
+    ``SELECT 1`` cost one on every read (about a third of resolving a caller, see
+    docs/benchmarks.md). What a quiet socket cannot tell, a peer gone without a word
+    (a middlebox dropped the flow), a ping after PG_PING_IDLE_S of idleness still
+    finds, as before.
+    """
+    error: Any = dialect.loaded_dbapi.Error
+
+    def on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle = time.monotonic() - record.info.get(_PG_IDLE_SINCE, time.monotonic())
+        if idle < PG_PING_IDLE_S and not _readable(dbapi_conn, error):
+            return
+        try:
+            dialect.do_ping(dbapi_conn)
+        except error as exc:
+            if dialect.is_disconnect(exc, dbapi_conn, None):
+                raise sa.exc.InvalidatePoolError(f"pooled connection lost: {exc}") from exc
+            raise
+
+    return on_checkout
+
+
+def _readable(dbapi_conn: Any, error: Any) -> bool:
+    """Whether an idle connection's socket has something to read (an error, or the
+    end of the stream), or cannot be polled at all (closed: the ping decides)."""
+    try:
+        poller = select.poll()
+        poller.register(dbapi_conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, TypeError, error):
+        return True
+
+
 @contextmanager
 def _translated(action: str) -> Iterator[None]:
     try:
@@ -160,6 +219,7 @@ class SqlRegistry:
         else:
             self._read_engine = engine
         self._log_size = change_log_size
+        self._resolve_sql = _ResolveStatements(engine.dialect)
         # PostgreSQL: every write notifies listeners on this channel (see _notify).
         self._notifies = engine.dialect.name == "postgresql"
         self._channel: str | None = None
@@ -364,11 +424,17 @@ class SqlRegistry:
             scopes.setdefault((caller.network_id, caller.router_id), set()).add(str(caller.ip))
         found: dict[tuple[str | None, str | None, str], dict[str, Instance]] = {}
         batches = [(scope, chunk) for scope, ips in scopes.items() for chunk in _chunks(sorted(ips)) if chunk]
-        # One statement needs no snapshot: PostgreSQL runs it without BEGIN and COMMIT.
-        engine = self._single_engine if len(batches) == 1 else self._read_engine
-        with _translated(f"cannot resolve {len(callers)} callers"), engine.begin() as conn:
+        # One statement needs no snapshot: it runs without BEGIN and COMMIT (PostgreSQL
+        # in autocommit, SQLite's own read transaction of one statement).
+        single = len(batches) <= 1
+        engine = self._single_engine if single else self._read_engine
+        with (
+            _translated(f"cannot resolve {len(callers)} callers"),
+            engine.connect() as conn,
+            contextlib.nullcontext() if single else conn.begin(),
+        ):
             for (network_id, router_id), chunk in batches:
-                for ip, owners in _resolve_rows(conn, network_id, router_id, chunk).items():
+                for ip, owners in _resolve_rows(conn, self._resolve_sql, network_id, router_id, chunk).items():
                     found[(network_id, router_id, ip)] = owners
         results: list[Resolution] = []
         for caller in callers:
@@ -932,35 +998,83 @@ def _load_instances(
     return [_instance_from(row, ports.get(row.uuid, ())) for row in rows]
 
 
-def _instance_from(row: Row[Any], ports: tuple[Port, ...]) -> Instance:
-    options: Mapping[str, Any] | None = (
-        None if row.metadata_options_json is None else json.loads(row.metadata_options_json)
-    )
+# The columns of ``instances`` in table order: a row of ``select(t.instances)`` and the
+# first columns of the resolve statement below, read by position.
+_INSTANCE_COLUMNS = (
+    "uuid",
+    "name",
+    "hostname",
+    "project_id",
+    "availability_zone",
+    "region",
+    "instance_type",
+    "image_id",
+    "launch_index",
+    "created_at",
+    "metadata_json",
+    "keys_json",
+    "user_data",
+    "vendor_data_json",
+    "tags_json",
+    "security_groups_json",
+    "metadata_options_json",
+    "architecture",
+    "source",
+)
+if tuple(c.name for c in t.instances.c) != _INSTANCE_COLUMNS:  # pragma: no cover - caught by any test run
+    raise ImportError("registry/sql.py reads the instances table by position: update _INSTANCE_COLUMNS")
+
+
+def _instance_from(row: Sequence[Any], ports: tuple[Port, ...]) -> Instance:
+    """The instance of a row whose first columns are :data:`_INSTANCE_COLUMNS`: a
+    SQLAlchemy ``Row`` or a driver's tuple."""
+    (
+        uuid,
+        name,
+        hostname,
+        project_id,
+        availability_zone,
+        region,
+        instance_type,
+        image_id,
+        launch_index,
+        created_at,
+        metadata_json,
+        keys_json,
+        user_data,
+        vendor_data_json,
+        tags_json,
+        security_groups_json,
+        metadata_options_json,
+        architecture,
+        source,
+    ) = row[: len(_INSTANCE_COLUMNS)]
     try:
+        options: Mapping[str, Any] | None = None if metadata_options_json is None else json.loads(metadata_options_json)
         return Instance(
-            uuid=row.uuid,
-            name=row.name,
-            hostname=row.hostname,
-            project_id=row.project_id,
-            availability_zone=row.availability_zone,
-            region=row.region,
-            instance_type=row.instance_type,
-            image_id=row.image_id,
-            launch_index=row.launch_index,
-            created_at=datetime.fromisoformat(row.created_at),
-            metadata=json.loads(row.metadata_json),
-            keys=tuple(SSHKey(name=k["name"], data=k["data"], type=k["type"]) for k in json.loads(row.keys_json)),
-            user_data=None if row.user_data is None else bytes(row.user_data),
-            vendor_data=None if row.vendor_data_json is None else json.loads(row.vendor_data_json),
-            tags=json.loads(row.tags_json),
-            security_groups=tuple(json.loads(row.security_groups_json)),
+            uuid=uuid,
+            name=name,
+            hostname=hostname,
+            project_id=project_id,
+            availability_zone=availability_zone,
+            region=region,
+            instance_type=instance_type,
+            image_id=image_id,
+            launch_index=launch_index,
+            created_at=datetime.fromisoformat(created_at),
+            metadata=json.loads(metadata_json),
+            keys=tuple(SSHKey(name=k["name"], data=k["data"], type=k["type"]) for k in json.loads(keys_json)),
+            user_data=None if user_data is None else bytes(user_data),
+            vendor_data=None if vendor_data_json is None else json.loads(vendor_data_json),
+            tags=json.loads(tags_json),
+            security_groups=tuple(json.loads(security_groups_json)),
             ports=ports,
             metadata_options=None if options is None else MetadataOptions(**options),
-            architecture=row.architecture,
-            source=row.source,
+            architecture=architecture,
+            source=source,
         )
     except (ValidationError, ValueError, KeyError, TypeError) as exc:
-        raise RegistryError(f"instance {row.uuid} in the database is unreadable: {exc}") from exc
+        raise RegistryError(f"instance {uuid} in the database is unreadable: {exc}") from exc
 
 
 # -- caller resolution in bulk ---------------------------------------------------------------
@@ -969,15 +1083,15 @@ _HIT = t.port_ips.alias("hit")
 _HIT_IP = t.port_ips.alias("port_ip")
 _RESOLVE = (
     sa.select(
-        _HIT.c.ip.label("hit_ip"),
         t.instances,
-        t.ports.c.seq.label("port_seq"),
-        t.ports.c.id.label("port_id"),
-        t.ports.c.network_id.label("port_network_id"),
-        t.ports.c.mac.label("port_mac"),
-        t.ports.c.device_number.label("port_device_number"),
-        _HIT_IP.c.seq.label("port_ip_seq"),
-        _HIT_IP.c.ip.label("port_ip"),
+        _HIT.c.ip,
+        t.ports.c.seq,
+        t.ports.c.id,
+        t.ports.c.network_id,
+        t.ports.c.mac,
+        t.ports.c.device_number,
+        _HIT_IP.c.seq,
+        _HIT_IP.c.ip,
     )
     .select_from(
         _HIT.join(t.instances, t.instances.c.uuid == _HIT.c.instance_uuid)
@@ -989,40 +1103,120 @@ _RESOLVE = (
     )
     .order_by(_HIT.c.ip, t.instances.c.uuid, t.ports.c.seq, _HIT_IP.c.seq)
 )
+# The columns after the instance's, by position.
+_R_HIT_IP = len(_INSTANCE_COLUMNS)
+_R_PORT_SEQ, _R_PORT_ID, _R_PORT_NETWORK, _R_PORT_MAC, _R_PORT_DEVICE, _R_IP_SEQ, _R_IP = range(
+    _R_HIT_IP + 1, _R_HIT_IP + 8
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverStatement:
+    """A statement compiled once for one dialect, run on the driver's cursor with
+    plain parameters: serve resolves a never-seen caller with it, where SQLAlchemy's
+    statement building, cache key, execution context and result rows cost about ten
+    times what the database spends (docs/benchmarks.md, "scale")."""
+
+    sql: str
+    # The bound parameters' names in their order for a positional paramstyle (SQLite's
+    # qmark), else None: the driver takes them by name (psycopg's pyformat).
+    positions: tuple[str, ...] | None
+
+    @classmethod
+    def compile(cls, statement: sa.Select[Any], dialect: sa.Dialect) -> _DriverStatement:
+        compiled = statement.compile(dialect=dialect)
+        positions = compiled.positiontup
+        return cls(compiled.string, None if positions is None else tuple(positions))
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        """The rows, as the driver returns them; a driver error is raised as
+        SQLAlchemy's DBAPIError (for :func:`_translated`), a lost connection
+        invalidated first so the pool does not hand it out again."""
+        args: Any = params if self.positions is None else tuple(params[name] for name in self.positions)
+        dbapi_conn = conn.connection.dbapi_connection
+        error = conn.dialect.loaded_dbapi.Error
+        try:
+            cursor = dbapi_conn.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(self.sql, args)
+                return list(cursor.fetchall())
+            finally:
+                cursor.close()
+        except error as exc:
+            lost = conn.dialect.is_disconnect(exc, dbapi_conn, None)
+            if lost:
+                conn.invalidate(exc)
+            raise sa.exc.DBAPIError.instance(
+                self.sql, None, exc, error, hide_parameters=True, connection_invalidated=lost, dialect=conn.dialect
+            ) from exc
+
+
+class _ResolveStatements:
+    """The resolve statement by scope kind and number of IPs, compiled as first asked.
+
+    The IPs go in an ``IN`` list, its length rounded up to a power of two (the list
+    padded with its last IP): at most ten statements per scope kind, each staying in
+    SQLite's statement cache, and PostgreSQL (psycopg prepares a statement run five
+    times) settles on a generic plan. With an array parameter (``= ANY``) it planned
+    each execution again, since a generic plan cannot know the array's length: 0.4
+    to 0.8 ms of the server's time per read.
+    """
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self._dialect = dialect
+        self._compiled: dict[tuple[bool, int], _DriverStatement] = {}
+
+    def rows(self, conn: Connection, network_id: str | None, router_id: str | None, ips: Sequence[str]) -> list[Any]:
+        by_router = network_id is None
+        size = 1 << (len(ips) - 1).bit_length()
+        params: dict[str, Any] = {f"ip{k}": ips[min(k, len(ips) - 1)] for k in range(size)}
+        params["scope"] = router_id if by_router else network_id
+        statement = self._compiled.get((by_router, size))
+        if statement is None:
+            statement = self._compiled[(by_router, size)] = _DriverStatement.compile(
+                self._statement(by_router, size), self._dialect
+            )
+        return statement.rows(conn, params)
+
+    def _statement(self, by_router: bool, size: int) -> sa.Select[Any]:
+        hit = _HIT.c.ip.in_([sa.bindparam(f"ip{k}") for k in range(size)])
+        scope: sa.BindParameter[str] = sa.bindparam("scope")
+        if by_router:
+            networks = sa.select(t.router_networks.c.network_id).where(t.router_networks.c.router_id == scope)
+            return _RESOLVE.where(hit, _HIT.c.network_id.in_(networks))
+        return _RESOLVE.where(hit, _HIT.c.network_id == scope)
 
 
 def _resolve_rows(
-    conn: Connection, network_id: str | None, router_id: str | None, ips: Sequence[str]
+    conn: Connection,
+    statements: _ResolveStatements,
+    network_id: str | None,
+    router_id: str | None,
+    ips: Sequence[str],
 ) -> dict[str, dict[str, Instance]]:
     """For each of ``ips`` owned in the scope: its owners by uuid, each read whole.
 
     One statement through the (network_id, ip) index: the owning port IPs joined to
     their instances, each instance's ports and their IPs (a row per port IP).
     """
-    query = _RESOLVE.where(_HIT.c.ip.in_(ips))
-    if network_id is not None:
-        query = query.where(_HIT.c.network_id == network_id)
-    else:
-        networks = sa.select(t.router_networks.c.network_id).where(t.router_networks.c.router_id == router_id)
-        query = query.where(_HIT.c.network_id.in_(networks))
     # ip -> uuid -> (instance row, port seq -> (port row, {ip seq: ip}))
-    grouped: dict[str, dict[str, tuple[Row[Any], dict[int, tuple[Row[Any], dict[int, IPAddress]]]]]] = {}
-    for row in conn.execute(query):
-        owners = grouped.setdefault(row.hit_ip, {})
-        _, ports = owners.setdefault(row.uuid, (row, {}))
+    grouped: dict[str, dict[str, tuple[Any, dict[int, tuple[Any, dict[int, IPAddress]]]]]] = {}
+    for row in statements.rows(conn, network_id, router_id, ips):
+        owners = grouped.setdefault(row[_R_HIT_IP], {})
+        _, ports = owners.setdefault(row[0], (row, {}))
         # An instance owning the IP twice in the scope repeats its rows: keyed, not appended.
-        ports.setdefault(row.port_seq, (row, {}))[1][row.port_ip_seq] = parse_ip(row.port_ip)
+        ports.setdefault(row[_R_PORT_SEQ], (row, {}))[1][row[_R_IP_SEQ]] = parse_ip(row[_R_IP])
     return {
         ip: {
             uuid: _instance_from(
                 row,
                 tuple(
                     Port(
-                        network_id=port.port_network_id,
-                        mac=port.port_mac,
+                        network_id=port[_R_PORT_NETWORK],
+                        mac=port[_R_PORT_MAC],
                         ips=tuple(addresses[k] for k in sorted(addresses)),
-                        id=port.port_id,
-                        device_number=port.port_device_number,
+                        id=port[_R_PORT_ID],
+                        device_number=port[_R_PORT_DEVICE],
                     )
                     for _, (port, addresses) in sorted(ports.items())
                 ),
