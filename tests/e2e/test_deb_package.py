@@ -31,6 +31,7 @@ import pytest
 
 from tests.capabilities import require
 from tests.counters import SUMMARY
+from tests.integration.serving import one_instance_inventory
 from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,17 +48,6 @@ UNITS = ("meta169-serve.service", "meta169-proxy.service", "meta169-admin.servic
 # Paths only this package owns: none may survive a purge.
 OWN_DIRS = ("/usr/lib/meta169", "/usr/share/doc/meta169", "/etc/meta169", "/var/lib/meta169")
 
-INVENTORY = """
-networks:
-  - id: net-a
-    project_id: proj-a
-    subnets: [{cidr: 127.0.0.0/24, gateway: 127.0.0.254, dhcp: true}]
-instances:
-  - uuid: 11111111-1111-4111-8111-111111111111
-    name: alpha
-    project_id: proj-a
-    ports: [{network: net-a, mac: "fa:16:3e:00:00:0a", ips: [127.0.0.1]}]
-"""
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -286,7 +276,7 @@ def _unit_exec_start(chroot: Chroot, name: str) -> list[str]:
 def test_deb_package_serve_answers_from_the_chroot(chroot: Chroot, installed: list[str]) -> None:
     ids = chroot.ids("meta169")
     assert ids is not None
-    chroot.path("/tmp/inventory.yaml").write_text(INVENTORY)
+    chroot.path("/tmp/inventory.yaml").write_text(one_instance_inventory())
     chroot.path("/tmp/inventory.yaml").chmod(0o644)
     # As the unit's user, with the shipped config (read by default) naming the registry.
     assert chroot.run("/usr/bin/meta169", "config", "check", user=ids).stdout.strip().endswith(": ok")

@@ -113,6 +113,21 @@ def imported_registry(directory: Path, inventory: str, *, name: str = "inv.yaml"
     return url
 
 
+def one_instance_inventory(ip: str = "127.0.0.1") -> str:
+    """The smallest useful inventory: network net-a (127.0.0.0/24) and instance alpha at ``ip``."""
+    return f"""
+networks:
+  - id: net-a
+    project_id: proj-a
+    subnets: [{{cidr: 127.0.0.0/24, gateway: 127.0.0.254, dhcp: true}}]
+instances:
+  - uuid: 11111111-1111-4111-8111-111111111111
+    name: alpha
+    project_id: proj-a
+    ports: [{{network: net-a, mac: "fa:16:3e:00:00:0a", ips: [{ip}]}}]
+"""
+
+
 def guests_inventory(guests: range, mac_prefix: str) -> str:
     """net-a on 127.0.0.0/24 and guest N at 127.0.0.N for each N of ``guests``."""
     return """

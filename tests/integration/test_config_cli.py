@@ -11,22 +11,10 @@ import time
 import tomllib
 from pathlib import Path
 
-from tests.integration.serving import get, meta169_argv, run_cli
+from tests.integration.serving import get, meta169_argv, one_instance_inventory, run_cli
 from tests.processes import stop
 
 LISTENING = re.compile(r"listening on (\S+):(\d+) ")
-
-INVENTORY = """
-networks:
-  - id: net-a
-    project_id: proj-a
-    subnets: [{cidr: 127.0.0.0/24, gateway: 127.0.0.254, dhcp: true}]
-instances:
-  - uuid: 11111111-1111-4111-8111-111111111111
-    name: alpha
-    project_id: proj-a
-    ports: [{network: net-a, mac: "fa:16:3e:00:00:0a", ips: [127.0.0.5]}]
-"""
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -122,7 +110,7 @@ def test_config_check_syntax_error_and_missing_file(tmp_path: Path) -> None:
 
 def test_config_serve_from_the_file_alone_answers(tmp_path: Path) -> None:
     inventory = tmp_path / "inventory.yaml"
-    inventory.write_text(INVENTORY)
+    inventory.write_text(one_instance_inventory("127.0.0.5"))
     registry = f"sqlite://{tmp_path / 'registry.db'}"
     run_cli(registry, "import", str(inventory))
     config = _write(

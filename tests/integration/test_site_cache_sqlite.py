@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from meta169.api.cache import SiteCache, reads_in_process
+from meta169.api.cache import SiteCache
 from meta169.model import Caller, Instance, Network, Port, Subnet, parse_ip
 from meta169.registry import open_registry, sqlalchemy_url
 from meta169.registry.base import Resolution
@@ -57,7 +57,7 @@ def test_site_cache_reads_inline_from_sqlite_files_only(tmp_path: Path) -> None:
         (MemoryRegistry(), False),
     ):
         try:
-            assert reads_in_process(registry) is inline
+            assert registry.reads_in_process is inline
         finally:
             registry.close()
 

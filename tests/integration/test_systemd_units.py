@@ -34,7 +34,7 @@ import pytest
 
 from tests.capabilities import require
 from tests.counters import SUMMARY
-from tests.integration.serving import ServeProcess, imported_registry, start_serve
+from tests.integration.serving import ServeProcess, imported_registry, one_instance_inventory, start_serve
 from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,18 +45,6 @@ INSTALLED_CONFIG = "/etc/meta169/meta169.toml"
 MAX_SERVE_EXPOSURE = 2.5
 # The manager's watchdog timeout in these tests: short, so pings come quickly.
 WATCHDOG_USEC = 1_000_000
-
-INVENTORY = """
-networks:
-  - id: net-a
-    project_id: proj-a
-    subnets: [{cidr: 127.0.0.0/24, gateway: 127.0.0.254, dhcp: true}]
-instances:
-  - uuid: 11111111-1111-4111-8111-111111111111
-    name: alpha
-    project_id: proj-a
-    ports: [{network: net-a, mac: "fa:16:3e:00:00:0a", ips: [127.0.0.1]}]
-"""
 
 
 # -- the unit files as data -------------------------------------------------------------------
@@ -282,7 +270,7 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> int
 
 @pytest.fixture
 def registry_url(tmp_path: Path) -> str:
-    url = imported_registry(tmp_path, INVENTORY, name="inventory.yaml")
+    url = imported_registry(tmp_path, one_instance_inventory(), name="inventory.yaml")
     return url
 
 

@@ -60,8 +60,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from sqlalchemy.pool import QueuePool
-
 from meta169.api import vendordata
 from meta169.api.identity import NeutronIdentity
 from meta169.api.vendordata import DynamicTarget
@@ -71,7 +69,6 @@ from meta169.metrics.instruments import ServeMetrics
 from meta169.model import Caller, Instance, Network, Router, parse_ip
 from meta169.registry import Changes, Registry
 from meta169.registry.base import ChangeFeed, Notice, Resolution
-from meta169.registry.sql import SqlRegistry
 from meta169.render import RenderOptions, Site
 from meta169.render.document import Document
 
@@ -247,16 +244,6 @@ class _Ownership:
         return out
 
 
-def reads_in_process(registry: Registry) -> bool:
-    """Whether the registry's reads are in-process work any thread may do: SQLite on a
-    file (each thread reads through a connection of its own; an in-memory SQLite
-    database is one per connection, so it stays on its thread)."""
-    if not isinstance(registry, SqlRegistry):
-        return False
-    engine = registry.engine
-    return engine.dialect.name == "sqlite" and isinstance(engine.pool, QueuePool)
-
-
 def _resolve_rows(rows: Iterable[tuple[str, str, str]], routers: Mapping[str, Router]) -> dict[ScopeKey, str]:
     """What ``Registry.resolve`` answers for every scope key, from every port IP of the
     scope's networks: the one owner of each key (keys owned by several left out)."""
@@ -306,7 +293,7 @@ class SiteCache:
         # guest asks, as Nova does.
         self._scope = prerender if not self._targets else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meta169-registry")
-        self._inline = reads_in_process(registry) if inline_lookups is None else inline_lookups
+        self._inline = registry.reads_in_process if inline_lookups is None else inline_lookups
         # Monotonic time until which lookups go to the registry thread (after a slow read).
         self._inline_paused_until = 0.0
         # Set while a caller resolved on the loop at once has this turn of the loop.

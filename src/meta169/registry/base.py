@@ -183,6 +183,12 @@ class Registry(Protocol):
 
     def clear_password(self, uuid: str) -> None: ...
 
+    @property
+    def reads_in_process(self) -> bool:
+        """Whether a read is in-process work that any thread may do at once (so a
+        caller may run it on its event loop): no network, no connection bound to a
+        thread."""
+
     # -- change tracking -------------------------------------------------------------
     def revision(self) -> int:
         """A counter bumped by every write, shared by every process using the store."""

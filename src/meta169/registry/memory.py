@@ -297,6 +297,12 @@ class MemoryRegistry:
             self._passwords.pop(uuid, None)
             self._bump(uuid)
 
+    @property
+    def reads_in_process(self) -> bool:
+        # In process, but the tests' and the lab's memory registry keeps serve's
+        # lookups on the registry thread, as every other store's.
+        return False
+
     # -- change tracking --------------------------------------------------------------
 
     def revision(self) -> int:

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.pool import QueuePool
 
 from meta169.errors import (
     AmbiguousCaller,
@@ -255,6 +256,12 @@ class SqlRegistry:
     @property
     def engine(self) -> Engine:
         return self._engine
+
+    @property
+    def reads_in_process(self) -> bool:
+        """SQLite on a file: each thread reads through a connection of its own (an
+        in-memory SQLite database is one per connection, so it stays on its thread)."""
+        return self._engine.dialect.name == "sqlite" and isinstance(self._engine.pool, QueuePool)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -851,11 +858,17 @@ def _subnet_from(row: Row[Any]) -> Subnet:
 
 
 def _load_networks(conn: Connection, network_id: str | None) -> list[Network]:
+    """Every network, or the one named (an empty list when it is not there)."""
+    return _load_networks_in(conn, None if network_id is None else (network_id,))
+
+
+def _load_networks_in(conn: Connection, network_ids: Sequence[str] | None) -> list[Network]:
+    """The networks named (all of them for None), in id order, with their subnets."""
     nq = sa.select(t.networks).order_by(t.networks.c.id)
     sq = sa.select(t.subnets).order_by(t.subnets.c.network_id, t.subnets.c.seq)
-    if network_id is not None:
-        nq = nq.where(t.networks.c.id == network_id)
-        sq = sq.where(t.subnets.c.network_id == network_id)
+    if network_ids is not None:
+        nq = nq.where(t.networks.c.id.in_(network_ids))
+        sq = sq.where(t.subnets.c.network_id.in_(network_ids))
     subnets: dict[str, list[Subnet]] = defaultdict(list)
     for row in conn.execute(sq):
         subnets[row.network_id].append(_subnet_from(row))
@@ -1225,25 +1238,6 @@ def _resolve_rows(
         }
         for ip, owners in grouped.items()
     }
-
-
-def _load_networks_in(conn: Connection, network_ids: Sequence[str]) -> list[Network]:
-    subnets: dict[str, list[Subnet]] = defaultdict(list)
-    sq = sa.select(t.subnets).where(t.subnets.c.network_id.in_(network_ids))
-    for row in conn.execute(sq.order_by(t.subnets.c.network_id, t.subnets.c.seq)):
-        subnets[row.network_id].append(_subnet_from(row))
-    nq = sa.select(t.networks).where(t.networks.c.id.in_(network_ids)).order_by(t.networks.c.id)
-    return [
-        Network(
-            id=row.id,
-            project_id=row.project_id,
-            name=row.name,
-            mtu=row.mtu,
-            subnets=tuple(subnets.get(row.id, ())),
-            source=row.source,
-        )
-        for row in conn.execute(nq)
-    ]
 
 
 # -- change notification (PostgreSQL LISTEN/NOTIFY) ------------------------------------------
