@@ -17,8 +17,8 @@ from typing import Any, TypeVar, cast
 import click
 
 from meta169.config import DEFAULT_CONFIG_PATH, apply_to_command, assign_envvars, exposed_password_warning, load_config
-from meta169.errors import ConfigError
-from meta169.exits import cli_errors
+from meta169.errors import ConfigError, Conflict
+from meta169.exits import EXIT_REGISTRY, cli_errors, fail
 
 
 class Ctx:
@@ -867,9 +867,8 @@ def export(obj: Ctx, fmt: str | None, output: Path | None) -> None:
     _with_registry(obj, body)
 
 
-@instance.command("show")
-@click.argument("uuid")
-@click.option(
+# `show` prints one entry: JSON (the admin API's body) or an inventory document.
+_show_format = click.option(
     "--format",
     "fmt",
     type=click.Choice(["json", "inventory"]),
@@ -877,19 +876,52 @@ def export(obj: Ctx, fmt: str | None, output: Path | None) -> None:
     show_default=True,
     help="inventory: a YAML document that import accepts.",
 )
+
+
+def _show(obj: Ctx, key: str, read: Callable[[Any], Any], fmt: str) -> None:
+    """Print the entry ``read`` gets from the registry, as the inventory lists it under
+    ``key`` (instances, networks, routers), in the ``--format`` of ``show``."""
+    from meta169.inventory import Inventory, dump_inventory, instance_to_dict, network_to_dict, router_to_dict
+
+    to_dict: dict[str, Callable[[Any], dict[str, Any]]] = {
+        "instances": instance_to_dict,
+        "networks": network_to_dict,
+        "routers": router_to_dict,
+    }
+
+    def body(registry: Any) -> None:
+        found = read(registry)
+        if fmt == "inventory":
+            entries: dict[str, Any] = {key: (found,)}
+            click.echo(dump_inventory(Inventory(**entries)), nl=False)
+        else:
+            click.echo(json.dumps(to_dict[key](found), indent=2))
+
+    _with_registry(obj, body)
+
+
+def _remove(obj: Ctx, kind: str, idents: tuple[str, ...], delete: Callable[[Any, str], None]) -> None:
+    """Remove each of ``idents`` in turn: ``removed ID`` for each, exit 3 at the first
+    one that is absent (NotFound) or still used (Conflict, naming what uses it)."""
+
+    def body(registry: Any) -> None:
+        for ident in idents:
+            try:
+                delete(registry, ident)
+            except Conflict as exc:
+                fail(f"cannot remove {kind} {ident}: {exc}", EXIT_REGISTRY)
+            click.echo(f"removed {ident}")
+
+    _with_registry(obj, body)
+
+
+@instance.command("show")
+@click.argument("uuid")
+@_show_format
 @pass_ctx
 def instance_show(obj: Ctx, uuid: str, fmt: str) -> None:
     """Everything the registry holds for one instance, in inventory form."""
-    from meta169.inventory import Inventory, dump_inventory, instance_to_dict
-
-    def body(registry: Any) -> None:
-        found = registry.get_instance(uuid)
-        if fmt == "inventory":
-            click.echo(dump_inventory(Inventory(instances=(found,))), nl=False)
-        else:
-            click.echo(json.dumps(instance_to_dict(found), indent=2))
-
-    _with_registry(obj, body)
+    _show(obj, "instances", lambda registry: registry.get_instance(uuid), fmt)
 
 
 @instance.command("rm")
@@ -897,18 +929,12 @@ def instance_show(obj: Ctx, uuid: str, fmt: str) -> None:
 @pass_ctx
 def instance_rm(obj: Ctx, uuids: tuple[str, ...]) -> None:
     """Remove instances (and their ports)."""
-
-    def body(registry: Any) -> None:
-        for uuid in uuids:
-            registry.delete_instance(uuid)
-            click.echo(f"removed {uuid}")
-
-    _with_registry(obj, body)
+    _remove(obj, "instance", uuids, lambda registry, uuid: registry.delete_instance(uuid))
 
 
 @main.group()
 def network() -> None:
-    """List networks."""
+    """List, show and remove networks."""
 
 
 @network.command("list")
@@ -929,9 +955,30 @@ def network_list(obj: Ctx, as_json: bool) -> None:
     _with_registry(obj, body)
 
 
+@network.command("show")
+@click.argument("network_id", metavar="ID")
+@_show_format
+@pass_ctx
+def network_show(obj: Ctx, network_id: str, fmt: str) -> None:
+    """Everything the registry holds for one network, in inventory form."""
+    _show(obj, "networks", lambda registry: registry.get_network(network_id), fmt)
+
+
+@network.command("rm")
+@click.argument("network_ids", metavar="ID...", nargs=-1, required=True)
+@pass_ctx
+def network_rm(obj: Ctx, network_ids: tuple[str, ...]) -> None:
+    """Remove networks (and their subnets).
+
+    A network an instance's port or a router still uses is not removed: the error
+    names them. Remove those instances, or the router, first.
+    """
+    _remove(obj, "network", network_ids, lambda registry, ident: registry.delete_network(ident))
+
+
 @main.group()
 def router() -> None:
-    """List routers."""
+    """List, show and remove routers."""
 
 
 @router.command("list")
@@ -944,6 +991,23 @@ def router_list(obj: Ctx) -> None:
             click.echo(f"{r.id:<20} {' '.join(r.network_ids)}")
 
     _with_registry(obj, body)
+
+
+@router.command("show")
+@click.argument("router_id", metavar="ID")
+@_show_format
+@pass_ctx
+def router_show(obj: Ctx, router_id: str, fmt: str) -> None:
+    """Everything the registry holds for one router, in inventory form."""
+    _show(obj, "routers", lambda registry: registry.get_router(router_id), fmt)
+
+
+@router.command("rm")
+@click.argument("router_ids", metavar="ID...", nargs=-1, required=True)
+@pass_ctx
+def router_rm(obj: Ctx, router_ids: tuple[str, ...]) -> None:
+    """Remove routers (their networks stay)."""
+    _remove(obj, "router", router_ids, lambda registry, ident: registry.delete_router(ident))
 
 
 def _instance_summary(inst: Any) -> dict[str, Any]:

@@ -44,7 +44,13 @@ CHROOT_ENV = [
     "LANG=C.UTF-8",
     "DEBIAN_FRONTEND=noninteractive",
 ]
-UNITS = ("meta169-serve.service", "meta169-proxy.service", "meta169-admin.service")
+UNITS = (
+    "meta169-serve.service",
+    "meta169-proxy.service",
+    "meta169-admin.service",
+    "meta169-sync-libvirt.service",
+    "meta169-sync-openstack.service",
+)
 # Paths only this package owns: none may survive a purge.
 OWN_DIRS = ("/usr/lib/meta169", "/usr/share/doc/meta169", "/etc/meta169", "/var/lib/meta169")
 

@@ -69,7 +69,7 @@ def test_config_show_without_a_file_shows_defaults(tmp_path: Path) -> None:
     result = _run("--config", str(empty), "config", "show")
     assert result.returncode == 0, result.stderr
     shown = tomllib.loads(result.stdout)
-    assert set(shown) == {"registry", "logging", "serve", "proxy", "admin", "identity"}
+    assert set(shown) == {"registry", "logging", "serve", "proxy", "admin", "identity", "sync"}
     assert shown["admin"]["listen"] == "127.0.0.1:8776"
     assert "# upstream is not set  # default" in result.stdout.splitlines()
 
@@ -88,7 +88,7 @@ def test_config_check_lists_every_problem_with_its_line(tmp_path: Path) -> None:
         f"  {config}:3: [serve] hop-limit: 99 is not in the range 1<=x<=64.",
         f"  {config}:5: [proxy] upstream-timeout: 'soon' is not a valid float.",
         f"  {config}:6: unknown section [doctr]; sections are [registry], [logging], [metrics], [serve], [proxy], "
-        "[admin], [identity]",
+        "[admin], [identity], [sync]",
     ]
 
 
@@ -161,3 +161,34 @@ def test_config_normal_start_imports_no_other_subcommand(tmp_path: Path) -> None
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_config_sync_section_shows_and_checks_like_the_others(tmp_path: Path) -> None:
+    config = _write(
+        tmp_path / "meta169.toml",
+        '[metrics]\nmetrics-listen = "127.0.0.1:9172"\n\n'
+        '[sync]\nuri = "qemu:///session"\ncloud = "prod"\nwatch = true\ninterval = 60\nadopt = ["inventory"]\n',
+    )
+    result = _run("--config", str(config), "config", "show", "--command", "sync", env={"META169_SYNC_INTERVAL": "90"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f'uri = "qemu:///session"  # {config}:5' in lines
+    assert f'cloud = "prod"  # {config}:6' in lines
+    assert f"watch = true  # {config}:7" in lines
+    assert "interval = 90.0  # env META169_SYNC_INTERVAL" in lines
+    assert f'adopt = ["inventory"]  # {config}:9' in lines
+    assert f'metrics-listen = "127.0.0.1:9172"  # {config}:2 [metrics]' in lines
+    assert "poll-interval = 1.0  # default" in lines
+    assert not [line for line in lines if "dry-run" in line]
+    assert tomllib.loads(result.stdout)["sync"]["interval"] == 90.0
+    assert _run("config", "check", str(config)).stdout == f"{config}: ok\n"
+
+    bad = _write(tmp_path / "bad.toml", "[sync]\ndry-run = true\ninterval = 1\n")
+    result = _run("config", "check", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "meta169: error: 2 problems in the configuration:",
+        f"  {bad}:2: [sync] dry-run: not a setting: only the flag --dry-run sets it, on the command line; "
+        "a dry run writes nothing, and a service left in it would look healthy while the registry goes stale",
+        f"  {bad}:3: [sync] interval: 1.0 is not in the range 5<=x<=3600.",
+    ]

@@ -84,6 +84,39 @@ def test_metrics_proxy_counts_upstream_errors_of_a_dead_upstream(loop: Loop, tmp
     assert value(samples, "meta169_info", role="proxy", version=_version(samples)) == 1
 
 
+def test_metrics_admin_counts_network_and_router_writes(loop: Loop) -> None:
+    """PUT and DELETE of /v1/networks/ID and /v1/routers/ID count as the instance ones do;
+    a network still in use is a 409, counted too."""
+    registry = MemoryRegistry()
+    metrics = AdminMetrics()
+    server, app, ticker = loop.run(start_admin(registry, TOKEN, ("127.0.0.1", 0), metrics=metrics))
+    ops: OpsServer = loop.run(start_ops(ListenAddress("127.0.0.1", 0), Exporter("admin", metrics)))
+    addr = ("127.0.0.1", server.sockets[0].getsockname()[1])
+    auth = {"Authorization": f"Bearer {TOKEN.decode()}"}
+    network = json.dumps({"subnets": [{"cidr": "10.0.0.0/24"}]}).encode()
+    router = json.dumps({"networks": ["net-a"]}).encode()
+    try:
+        assert get(addr, "/v1/networks/net-a", method="PUT", headers=auth, body=network)[0] == 201
+        assert get(addr, "/v1/networks/net-a", method="PUT", headers=auth, body=network)[0] == 200
+        assert get(addr, "/v1/routers/r1", method="PUT", headers=auth, body=router)[0] == 201
+        assert get(addr, "/v1/networks/net-a", headers=auth)[0] == 200  # a read: not counted
+        assert get(addr, "/v1/networks/net-a", method="DELETE", headers=auth)[0] == 409
+        assert get(addr, "/v1/routers/r1", method="DELETE", headers=auth)[0] == 204
+        assert get(addr, "/v1/networks/net-a", method="DELETE", headers=auth)[0] == 204
+        samples = scrape(ops.address.port)
+    finally:
+        loop.run(ops.close())
+        server.close()
+        ticker.close()
+        app.close()
+    writes = {
+        (dict(labels)["kind"], dict(labels)["code"]): v
+        for (name, labels), v in samples.items()
+        if name == "meta169_admin_writes_total"
+    }
+    assert writes == {("put", "201"): 2, ("put", "200"): 1, ("delete", "409"): 1, ("delete", "204"): 2}
+
+
 def _version(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> str:
     return next(dict(labels)["version"] for name, labels in samples if name == "meta169_info")
 

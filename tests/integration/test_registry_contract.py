@@ -28,7 +28,7 @@ from meta169.model import (
     SSHKey,
     Subnet,
 )
-from meta169.registry import Changes, Registry, open_registry
+from meta169.registry import Batch, Changes, Registry, open_registry
 from meta169.registry.memory import MemoryRegistry
 
 UUID_A = "8d1a3c52-3f0e-4c4e-9a53-2f6a3c1b7e10"
@@ -523,3 +523,96 @@ def test_registry_second_handle_sees_writes(backend: Backend) -> None:
     reader.set_password(UUID_A, "pw")
     with pytest.raises(Conflict):
         writer.set_password(UUID_A, "pw2")
+
+
+# -- a network's subnets and the ports on it ------------------------------------------------
+
+
+def _crowd(registry: Registry, count: int) -> list[Instance]:
+    """``count`` instances vm-0.. on net-a (10.0.0.0/24) at 10.0.0.10.., in uuid order."""
+    registry.put_network(network("net-a"))
+    crowd = [
+        instance(
+            f"00000000-0000-4000-8000-{n:012d}", f"vm-{n}", ("net-a", f"fa:16:3e:00:00:{n:02x}", f"10.0.0.{10 + n}")
+        )
+        for n in range(count)
+    ]
+    registry.apply_batch(Batch(instances=crowd))
+    return crowd
+
+
+def test_registry_batch_narrowing_a_network_under_its_ports_is_a_conflict(registry: Registry) -> None:
+    """A network stored with subnets that no longer hold the IPs of ports already on
+    it used to be written, and its guests got addresses outside every subnet."""
+    crowd = _crowd(registry, 8)
+    revision = registry.revision()
+    newcomer = instance(UUID_C, "newcomer", ("net-a", "fa:16:3e:00:01:05", "10.0.0.200"))
+    # 10.0.0.128/25 holds none of 10.0.0.10..17; the newcomer's write is refused with it.
+    with pytest.raises(Conflict) as info:
+        registry.apply_batch(Batch(networks=[network("net-a", "10.0.0.128/25")], instances=[newcomer]))
+    named = ", ".join(f"{i.uuid} ({i.name}) at 10.0.0.{10 + n}" for n, i in enumerate(crowd[:5]))
+    assert str(info.value) == (
+        f"network net-a: subnets 10.0.0.128/25 would leave ports of 8 instances outside every subnet: "
+        f"{named} and 3 more instances; give those instances addresses in the new subnets (or remove them) "
+        "in the same write, or keep a subnet that holds their addresses"
+    )
+    assert registry.revision() == revision
+    assert registry.get_network("net-a") == network("net-a")
+    with pytest.raises(NotFound):
+        registry.get_instance(UUID_C)
+
+
+def test_registry_batch_narrowing_a_network_with_its_ports_moved_or_removed_is_written(registry: Registry) -> None:
+    """What the same batch rewrites or removes counts as it will be: a sync that
+    renumbers a network and its instances together is one write."""
+    crowd = _crowd(registry, 3)
+    moved = [replace(i, ports=(replace(i.ports[0], ips=(ip(f"10.1.0.{10 + n}"),)),)) for n, i in enumerate(crowd[:2])]
+    renumbered = network("net-a", "10.1.0.0/24")
+    # One instance left where it was: refused, naming it alone.
+    with pytest.raises(
+        Conflict,
+        match=rf"would leave ports of 1 instance outside every subnet: {crowd[2].uuid} \(vm-2\) at 10.0.0.12;",
+    ):
+        registry.apply_batch(Batch(networks=[renumbered], instances=moved))
+    registry.apply_batch(Batch(networks=[renumbered], instances=moved, delete_instances=[crowd[2].uuid]))
+    assert registry.get_network("net-a") == renumbered
+    assert registry.resolve(Caller(ip("10.1.0.11"), network_id="net-a")).uuid == crowd[1].uuid
+    assert [i.uuid for i in registry.list_instances()] == [i.uuid for i in crowd[:2]]
+
+
+def test_registry_batch_network_without_subnets_gaining_some_checks_its_ports(registry: Registry) -> None:
+    """A network without subnets takes any IP; given subnets, it must hold its ports'."""
+    registry.put_network(Network("net-a"))
+    registry.put_instance(instance(UUID_A, "web-a", ("net-a", "fa:16:3e:00:00:05", "192.168.7.5")))
+    with pytest.raises(Conflict, match=rf"network net-a: subnets 10.0.0.0/24 .*: {UUID_A} \(web-a\) at 192.168.7.5;"):
+        registry.apply_batch(Batch(networks=[network("net-a")]))
+    assert registry.get_network("net-a") == Network("net-a")
+    # Subnets that hold the address are written; so are a wider one and one beside it.
+    registry.apply_batch(Batch(networks=[network("net-a", "192.168.0.0/16")]))
+    wider = Network("net-a", subnets=(*network("a", "192.0.0.0/8").subnets, *network("b", "2001:db8::/64").subnets))
+    registry.apply_batch(Batch(networks=[wider]))
+    assert registry.get_network("net-a") == wider
+
+
+def test_registry_delete_network_in_use_names_instances_and_routers(registry: Registry) -> None:
+    crowd = _crowd(registry, 7)
+    registry.put_router(Router("router-b", ("net-a",)))
+    registry.put_router(Router("router-a", ("net-a",)))
+    revision = registry.revision()
+    named = ", ".join(f"{i.uuid} ({i.name})" for i in crowd[:5])
+    expected = f"network net-a is used by instances {named} and 2 more instances, and by routers router-a, router-b"
+    with pytest.raises(Conflict) as info:
+        registry.delete_network("net-a")
+    assert str(info.value) == expected
+    with pytest.raises(Conflict) as info:
+        registry.apply_batch(Batch(delete_instances=[i.uuid for i in crowd[:6]], delete_networks=["net-a"]))
+    assert (
+        str(info.value)
+        == f"network net-a is used by instance {crowd[6].uuid} (vm-6), and by routers router-a, router-b"
+    )
+    assert registry.revision() == revision
+    registry.apply_batch(Batch(delete_instances=[i.uuid for i in crowd]))
+    registry.delete_router("router-b")
+    with pytest.raises(Conflict) as info:
+        registry.delete_network("net-a")
+    assert str(info.value) == "network net-a is used by router router-a"

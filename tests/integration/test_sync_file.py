@@ -117,3 +117,36 @@ def test_sync_file_import_and_import_prune_leave_other_sources_alone(tmp_path: P
     pruned = _cli(url, "import", "--prune", str(inventory))
     assert pruned.exit_code == 0, pruned.output
     assert _sources(url) == {"domain": "libvirt:qemu:///system"}
+
+
+def test_sync_file_takes_its_options_from_the_sync_section(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'registry.db'}"
+    imported = tmp_path / "imported.yaml"
+    imported.write_text(NET + "instances:\n" + _vm(1))
+    assert _cli(url, "import", str(imported)).exit_code == 0
+    synced = tmp_path / "synced.yaml"
+    synced.write_text(NET + "instances:\n" + _vm(1) + _vm(2))
+    config = tmp_path / "meta169.toml"
+    # `sync FILE` is `sync file FILE`: the section's adopt reaches it.
+    config.write_text('[sync]\nadopt = ["inventory"]\n')
+    adopted = CliRunner().invoke(main, ["--config", str(config), "--registry", url, "sync", str(synced)])
+    assert adopted.exit_code == 0, adopted.output
+    assert _sources(url) == {"vm-1": f"file:{synced}", "vm-2": f"file:{synced}"}
+
+
+def test_sync_file_dry_run_is_never_taken_from_the_file(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'registry.db'}"
+    synced = tmp_path / "synced.yaml"
+    synced.write_text(NET + "instances:\n" + _vm(1))
+    config = tmp_path / "meta169.toml"
+    config.write_text("[sync]\ndry-run = true\n")
+    refused = CliRunner().invoke(main, ["--config", str(config), "--registry", url, "sync", str(synced)])
+    assert refused.exit_code == 2
+    assert f"{config}:2: [sync] dry-run: not a setting: only the flag --dry-run sets it" in refused.output
+    # Nor from the environment: a variable is no flag, and the sync writes.
+    config.write_text("")
+    done = CliRunner().invoke(
+        main, ["--config", str(config), "--registry", url, "sync", str(synced)], env={"META169_SYNC_DRY_RUN": "1"}
+    )
+    assert done.exit_code == 0, done.output
+    assert _sources(url) == {"vm-1": f"file:{synced}"}

@@ -12,7 +12,6 @@ import base64
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -32,7 +31,9 @@ from meta169.registry.memory import MemoryRegistry
 from meta169.sources import libvirt as lv
 from meta169.sources.reconcile import SyncResult
 from tests.integration import libvirt_daemon as daemons
+from tests.integration.notify import manager_at
 from tests.integration.serving import meta169_argv, run_cli
+from tests.processes import stop
 
 NS = lv.NAMESPACE
 _names = itertools.count(1)
@@ -410,29 +411,58 @@ def test_sync_libvirt_watch_cli_is_ready_after_its_first_sync_and_stops_on_sigte
     n = network.removeprefix("m169net")
     url = f"sqlite://{tmp_path / 'registry.db'}"
     run_cli(url, "import", str(_empty_inventory(tmp_path)))
-    notify = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(notify))
-        sock.settimeout(20)
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify))
+    log = tmp_path / "sync.log"
+    with manager_at(tmp_path / "notify") as manager, log.open("wb") as out:
+        env = dict(os.environ, NOTIFY_SOCKET=str(manager.path))
         argv = meta169_argv("--registry", url, "sync", "libvirt", "--uri", daemon.uri, "--watch")
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            assert sock.recv(4096).decode().startswith("READY=1")  # the first sync is done
+            ready = manager.wait_for("READY", proc, log)  # the first sync is done
+            assert ready["STATUS"].startswith(f"libvirt:{daemon.uri} in sync at registry revision "), ready
             guest = str(uuidlib.uuid4())
             daemon.write_leases(bridge, [_lease("52:54:00:00:08:01", f"10.55.{n}.180")])
             conn.defineXML(_domain_xml("unit", guest, ["52:54:00:00:08:01"], network))
-
-            def listed() -> bool:
-                registry = open_registry(url)
-                try:
-                    return guest in {i.uuid for i in registry.list_instances()}
-                finally:
-                    registry.close()
-
-            _wait(listed, 10)
-        finally:
+            _wait(lambda: guest in _listed(url), 10)
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=15)
-    assert proc.returncode == 0, err
-    assert f"add instance {guest} (unit)" in out
+            assert proc.wait(15) == 0, log.read_text()
+        finally:
+            stop(proc)
+        assert any(m.get("STOPPING") == "1" for m in [*manager.messages, *manager.drain()]), manager.messages
+    assert f"add instance {guest} (unit)" in log.read_text()
+
+
+def _listed(url: str) -> set[str]:
+    registry = open_registry(url)
+    try:
+        return {i.uuid for i in registry.list_instances()}
+    finally:
+        registry.close()
+
+
+def test_sync_libvirt_watch_cli_is_not_ready_until_libvirtd_answers(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'registry.db'}"
+    log = tmp_path / "sync.log"
+    with (
+        daemons.libvirt_daemon() as daemon,
+        manager_at(tmp_path / "notify") as manager,
+        log.open("wb") as out,
+    ):
+        daemons.stop(daemon)  # libvirtd is not up yet
+        env = dict(os.environ, NOTIFY_SOCKET=str(manager.path))
+        argv = meta169_argv("--registry", url, "sync", "libvirt", "--uri", daemon.uri, "--watch")
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while not any("waiting for a first successful sync (2 failed)" in m.get("STATUS", "")
+                          for m in manager.messages):  # fmt: skip
+                assert time.monotonic() < deadline, manager.messages
+                manager.wait_for("STATUS", proc, log)
+            assert f"libvirt:{daemon.uri}: cannot connect" in manager.messages[-1]["STATUS"]
+            assert not [m for m in manager.messages if "READY" in m]
+            daemons.start(daemon)
+            ready = manager.wait_for("READY", proc, log)
+            assert ready["STATUS"].startswith(f"libvirt:{daemon.uri} in sync"), ready
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0, log.read_text()
+        finally:
+            stop(proc)

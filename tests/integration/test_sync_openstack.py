@@ -1,231 +1,58 @@
 """``meta169 sync openstack``: the real openstacksdk and keystoneauth, end to end,
 against a loopback server answering with the API references' own samples
-(tests/fixtures/openstack/README.md says where each comes from).
-
-The server answers keystone's token request with the token sample (its catalog
-pointed at itself), version discovery with Nova's and Neutron's version samples, and
-each list with its sample. It picks the servers sample by the microversion the SDK
-asks for, as Nova would: the SDK negotiates the newest microversion both know, from
-the maximum this server advertises. This has not run against a live cloud.
+(tests/integration/openstack_cloud.py); once, and as a watch that re-reads the
+cloud on a timer and runs as a service.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
-import json
+import itertools
+import logging
+import os
 import re
+import signal
+import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from click.testing import CliRunner
 
 from meta169.cli import main
-from meta169.errors import Conflict, SourceError
+from meta169.errors import ConfigError, Conflict, Meta169Error, SourceError
 from meta169.model import Caller, Instance, parse_ip
+from meta169.registry import open_registry
 from meta169.registry.memory import MemoryRegistry
-from meta169.sources.openstack import sync_openstack
-
-SAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "openstack"
-PROJECT = "a6944d763bf64ee6a275f1263fae0352"  # the token sample's project
-# Ids from the samples.
-NET1, NET2 = "d32019d3-bc6e-4319-9c1d-6722fc136a22", "db193ab3-96e3-4cb3-8fc5-05f4296d0324"
-SUBNET2 = "08eae331-0402-425a-923c-34f7cfe39c1b"
-ROUTER1, ROUTER2 = "f8a44de0-fc8e-45df-93c7-f79bf3b01c95", "915a14a6-867b-4af7-83d1-70efceb146f9"
-COMPUTE_PORT = "43c831e0-19ce-4a76-9a49-57b57e69428b"
-# Nova's servers samples by the microversion they were made with.
-SERVER_SAMPLES = {(2, 16): "servers_v2.16", (2, 52): "servers_v2.52", (2, 100): "servers_v2.100"}
-
-
-def _sample(name: str) -> Any:
-    return json.loads((SAMPLES / name).read_text())
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, _, minor = text.partition(".")
-    return int(major), int(minor)
-
-
-class FakeCloud:
-    """The samples, linked to each other and to this server's address."""
-
-    def __init__(self, max_microversion: str | None) -> None:
-        self.max_microversion = max_microversion
-        self.requests: list[tuple[str, str, str]] = []  # method, path?query, microversion
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def rewrite(self, document: Any) -> Any:
-        # Every host the samples name is this server, under one prefix per service.
-        text = json.dumps(document)
-        for old, new in (
-            ("http://example.com/identity", "/identity"),
-            ("http://23.253.248.171:8774", "/compute"),
-            ("http://openstack.example.com", "/compute"),
-            ("http://23.253.228.211:9696", "/network"),
-            ("http://23.253.248.171:9696", "/network"),
-        ):
-            text = text.replace(old, self.base + new)
-        return json.loads(text)
-
-    def servers(self, microversion: tuple[int, int]) -> dict[str, Any]:
-        chosen = max(v for v in SERVER_SAMPLES if v <= microversion)
-        document = copy.deepcopy(_sample(f"nova/{SERVER_SAMPLES[chosen]}_servers-details-resp.json"))
-        server = document["servers"][0]
-        # Link: the server was booted with the key pair of the key pair sample.
-        server["key_name"] = _sample("nova/os-keypairs_v2.10_keypairs-get-resp.json")["keypair"]["name"]
-        return dict(document)
-
-    def ports(self, server_id: str) -> dict[str, Any]:
-        ports = copy.deepcopy(_sample("neutron/ports_ports-list-response.json")["ports"])
-        # Link: the list's router interface is router1's, on net2's subnet (its IP,
-        # 10.0.0.1, is already net2's gateway).
-        interface = next(p for p in ports if p["device_owner"] == "network:router_interface")
-        interface.update(device_id=ROUTER1, network_id=NET2)
-        interface["fixed_ips"][0]["subnet_id"] = SUBNET2
-        # Link: the one compute:nova port of the samples is the server's, on net2.
-        port = copy.deepcopy(_sample("neutron/ports_port-update-response.json")["port"])
-        port.update(device_id=server_id, network_id=NET2, fixed_ips=[{"ip_address": "10.0.0.5", "subnet_id": SUBNET2}])
-        return {"ports": [*ports, port]}
-
-    def subnets(self) -> dict[str, Any]:
-        document = copy.deepcopy(_sample("neutron/subnets_subnets-list-response.json"))
-        # Not from the API reference (no sample has host routes or IPv6): made here,
-        # in the same fields, for net1.
-        document["subnets"].append(
-            {
-                "id": "6e2b1f0c-1c2d-4c1e-9a7d-3d2a1b0c9f8e",
-                "name": "made-for-this-test-v6",
-                "network_id": NET1,
-                "ip_version": 6,
-                "cidr": "2001:db8:1::/64",
-                "gateway_ip": "2001:db8:1::1",
-                "enable_dhcp": True,
-                "dns_nameservers": ["2001:db8::53"],
-                "host_routes": [{"destination": "2001:db8:2::/64", "nexthop": "2001:db8:1::fe"}],
-                "ipv6_address_mode": "dhcpv6-stateless",
-                "ipv6_ra_mode": "dhcpv6-stateless",
-                "allocation_pools": [],
-            }
-        )
-        return dict(document)
-
-    def answer(self, method: str, url: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
-        parts = urlsplit(url)
-        path, query = parts.path.rstrip("/"), parse_qs(parts.query)
-        asked = headers.get("OpenStack-API-Version", "").removeprefix("compute ").strip()
-        asked = asked or headers.get("X-OpenStack-Nova-API-Version", "")
-        self.requests.append((method, url, asked))
-        if path in ("/identity", "/identity/v3"):
-            return (
-                300 if path == "/identity" else 200,
-                {},
-                self.rewrite(_sample("keystone/identity-versions-response.json")),
-            )
-        if path == "/identity/v3/auth/tokens" and method == "POST":
-            token = self.rewrite(_sample("keystone/auth-password-project-scoped-response.json"))
-            # The sample's token expired in 2015; keystoneauth would ask again each call.
-            token["token"]["expires_at"] = datetime(2099, 1, 1, tzinfo=UTC).isoformat().replace("+00:00", "Z")
-            return 201, {"X-Subject-Token": "sample-token"}, token
-        if headers.get("X-Auth-Token") != "sample-token":
-            return 401, {}, {"error": {"code": 401, "message": "no token"}}
-        if path == "/compute":
-            return 300, {}, self.rewrite(_sample("nova/versions_versions-get-resp.json"))
-        if path in ("/compute/v2.1", f"/compute/v2.1/{PROJECT}"):
-            version = self.rewrite(_sample("nova/versions_v21-version-get-resp.json"))
-            if self.max_microversion is not None:  # the test's knob: what this "Nova" supports
-                version["version"]["version"] = self.max_microversion
-            return 200, {}, version
-        # Nova's URLs may carry a project id (the samples' links name another project).
-        api = re.sub(r"^/compute/v2\.1(/[0-9a-f]{32})?", "", path)
-        if api == "/servers/detail":
-            if "marker" in query:  # the sample's "next" link: the second page is empty
-                return 200, {}, {"servers": []}
-            return 200, {}, self.rewrite(self.servers(_version(asked or "2.1")))
-        if api == "/flavors/detail":
-            return 200, {}, self.rewrite(_sample("nova/flavors_flavors-detail-resp.json"))
-        if api.startswith("/os-keypairs/"):
-            sample = _sample("nova/os-keypairs_v2.10_keypairs-get-resp.json")
-            if api.rpartition("/")[2] == sample["keypair"]["name"]:
-                return 200, {}, sample
-            return 404, {}, {"itemNotFound": {"code": 404, "message": "Keypair not found"}}
-        if path == "/network":
-            return 200, {}, self.rewrite(_sample("neutron/networks_versions-list-response.json"))
-        lists = {
-            "/network/v2.0/networks": lambda: _sample("neutron/networks_networks-list-response.json"),
-            "/network/v2.0/subnets": self.subnets,
-            "/network/v2.0/ports": lambda: self.ports(self.server_id),
-            "/network/v2.0/routers": lambda: _sample("neutron/routers_routers-list-response.json"),
-        }
-        if path in lists:
-            return 200, {}, lists[path]()
-        return 404, {}, {"error": f"no sample for {method} {url}"}
-
-    @property
-    def server_id(self) -> str:
-        chosen = max(v for v in SERVER_SAMPLES if v <= _version(self.max_microversion or "2.104"))
-        return str(_sample(f"nova/{SERVER_SAMPLES[chosen]}_servers-details-resp.json")["servers"][0]["id"])
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        cloud = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                status, headers, document = cloud.answer(self.command, self.path, self.headers, self.rfile.read(length))
-                body = json.dumps(document).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _reply
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        return Handler
-
-    def clouds_yaml(self, folder: Path) -> Path:
-        path = folder / "clouds.yaml"
-        path.write_text(
-            "clouds:\n"
-            "  samples:\n"
-            "    auth:\n"
-            f"      auth_url: {self.base}/identity/v3\n"
-            "      username: admin\n"
-            "      password: secret\n"
-            "      project_name: admin\n"
-            "      user_domain_name: Default\n"
-            "      project_domain_name: Default\n"
-            "    region_name: RegionOne\n"
-            "    identity_api_version: 3\n"
-        )
-        return path
+from meta169.sources.openstack import WatchTiming, sync_openstack, watch_openstack
+from meta169.sources.reconcile import SyncResult
+from tests.integration.notify import Manager, manager_at
+from tests.integration.openstack_cloud import (
+    COMPUTE_PORT,
+    NET1,
+    NET2,
+    PROJECT,
+    ROUTER1,
+    ROUTER2,
+    FakeCloud,
+    running_cloud,
+    sample,
+)
+from tests.integration.serving import meta169_argv
+from tests.processes import free_port, stop
+from tests.scrape import Samples, fetch, parse, value
 
 
 @pytest.fixture
 def cloud(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
-    fake = FakeCloud(getattr(request, "param", "2.52"))
-    fake.thread.start()
-    for name in [n for n in __import__("os").environ if n.startswith("OS_")]:
+    for name in [n for n in os.environ if n.startswith("OS_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.clouds_yaml(tmp_path)))
-    try:
+    with running_cloud(tmp_path, getattr(request, "param", "2.52")) as fake:
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(tmp_path / "clouds.yaml"))
         yield fake
-    finally:
-        fake.server.shutdown()
-        fake.server.server_close()
 
 
 SERVER_252 = "764e369e-a874-4401-b7ce-43e4760888da"
@@ -260,7 +87,7 @@ def test_sync_openstack_builds_networks_routers_and_servers_from_the_samples(clo
     assert registry.get_router(ROUTER2).network_ids == ()
 
     server = registry.resolve(Caller(parse_ip("10.0.0.5"), router_id=ROUTER1))
-    keypair = _sample("nova/os-keypairs_v2.10_keypairs-get-resp.json")["keypair"]
+    keypair = sample("nova/os-keypairs_v2.10_keypairs-get-resp.json")["keypair"]
     assert server.uuid == SERVER_252
     assert (server.name, server.hostname, server.project_id, server.availability_zone, server.region) == (
         "new-server-test",
@@ -343,3 +170,210 @@ def test_sync_openstack_unreachable_cloud_is_a_source_error(tmp_path: Path, monk
         sync_openstack(MemoryRegistry(), "samples")
     result = CliRunner().invoke(main, ["--registry", "memory://", "sync", "openstack", "--cloud", "samples"])
     assert result.exit_code == 5, result.output
+
+
+# -- a cell that does not answer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cloud", [None], indirect=True)
+def test_sync_openstack_a_cell_that_does_not_answer_keeps_its_servers_instances(
+    cloud: FakeCloud, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = MemoryRegistry()
+    sync_openstack(registry, "samples")
+    before = registry.get_instance(cloud.server_id)
+    revision = registry.revision()
+    # Nova lists the server without its name, addresses or anything else: not a
+    # server gone, a partial read.
+    cloud.cell_down = True
+    with caplog.at_level(logging.WARNING, "meta169.sources.openstack"):
+        result = sync_openstack(registry, "samples")
+    assert result.plan.changes == ()
+    assert registry.revision() == revision
+    assert registry.get_instance(cloud.server_id) == before
+    assert "1 servers are in a Nova cell that does not answer" in caplog.text
+    # Once the cell answers and the server is really gone, it goes.
+    cloud.cell_down, cloud.servers_gone = False, True
+    gone = sync_openstack(registry, "samples")
+    assert [str(c) for c in gone.plan.changes] == [f"remove instance {before.uuid} ({before.name})"]
+
+
+# -- the watch ----------------------------------------------------------------------------------
+
+
+def _wait(condition: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        time.sleep(0.02)
+
+
+class Watcher:
+    """watch_openstack in a thread; its results and its errors, with when they came."""
+
+    def __init__(self, registry: MemoryRegistry, timing: WatchTiming) -> None:
+        self.stop = threading.Event()
+        self.results: list[SyncResult] = []
+        self.errors: list[tuple[float, Meta169Error]] = []
+        self.thread = threading.Thread(
+            target=watch_openstack,
+            args=(registry, "samples"),
+            kwargs={
+                "stop": self.stop,
+                "on_result": self.results.append,
+                "on_error": lambda exc: self.errors.append((time.monotonic(), exc)),
+                "timing": timing,
+            },
+            daemon=True,
+        )
+
+    def __enter__(self) -> Watcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+def _instances(registry: MemoryRegistry) -> set[str]:
+    return {i.uuid for i in registry.list_instances()}
+
+
+def test_sync_openstack_watch_resyncs_on_its_interval_on_one_connection(cloud: FakeCloud) -> None:
+    registry = MemoryRegistry()
+    with Watcher(registry, WatchTiming(interval=0.2)) as watcher:
+        _wait(lambda: watcher.results, 20)
+        assert _instances(registry) == {SERVER_252}
+        cloud.servers_gone = True
+        _wait(lambda: not _instances(registry), 10)
+        synced = len(watcher.results)
+        _wait(lambda: len(watcher.results) >= synced + 2, 10)  # and again, writing nothing
+    assert watcher.errors == []
+    assert [str(c) for r in watcher.results for c in r.plan.changes if c.kind == "instance"] == [
+        f"add instance {SERVER_252} (new-server-test)",
+        f"remove instance {SERVER_252} (new-server-test)",
+    ]
+    # One connection, one token, however many syncs.
+    assert sum(1 for method, url, _ in cloud.requests if method == "POST" and "auth/tokens" in url) == 1
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        pytest.param({"failing": {"/servers/detail": 503}}, id="servers-unavailable"),
+        pytest.param({"failing": {"/v2.0/ports": 500}}, id="ports-fail"),
+        pytest.param({"fail_second_page": True}, id="servers-fail-on-page-2"),
+    ],
+)
+def test_sync_openstack_watch_a_failed_read_removes_nothing_and_backs_off(
+    cloud: FakeCloud, breakage: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = MemoryRegistry()
+    with (
+        caplog.at_level(logging.WARNING, "meta169.sources.openstack"),
+        Watcher(registry, WatchTiming(interval=0.2, backoff_limit=1.6)) as watcher,
+    ):
+        _wait(lambda: watcher.results, 20)
+        before, revision = registry.get_instance(SERVER_252), registry.revision()
+        for knob, value in breakage.items():
+            setattr(cloud, knob, value)
+        _wait(lambda: len(watcher.errors) >= 4, 20)
+        # Nothing written, nothing removed: the instance keeps its ports and keys.
+        assert registry.revision() == revision
+        assert registry.get_instance(SERVER_252) == before
+        cloud.failing, cloud.fail_second_page = {}, False
+        synced = len(watcher.results)
+        _wait(lambda: len(watcher.results) > synced, 20)
+    assert all(isinstance(exc, SourceError) and "openstack:samples: cannot list" in str(exc)
+               for _, exc in watcher.errors), watcher.errors  # fmt: skip
+    # Waits of 0.2, 0.4, 0.8 s between attempts (each plus the attempt itself).
+    times = [at for at, _ in watcher.errors]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[2] > gaps[0] + 0.4, gaps
+    assert (
+        "openstack:samples: cannot sync; 1 failed in a row, nothing written or removed; next attempt in 0.2 s"
+        in caplog.text
+    )
+    assert (
+        "openstack:samples: cannot sync; 3 failed in a row, nothing written or removed; next attempt in 0.8 s"
+        in caplog.text
+    )
+    assert registry.get_instance(SERVER_252) == before
+
+
+def test_sync_openstack_watch_unknown_cloud_is_a_configuration_error(cloud: FakeCloud) -> None:
+    with pytest.raises(ConfigError, match="no-such-cloud"):
+        watch_openstack(
+            MemoryRegistry(),
+            "no-such-cloud",
+            stop=threading.Event(),
+            on_result=lambda _r: None,
+            on_error=lambda _e: None,
+        )
+
+
+def test_sync_openstack_watch_service_ready_after_its_first_success_with_metrics(
+    cloud: FakeCloud, tmp_path: Path
+) -> None:
+    cloud.failing = {"/v2.0/networks": 503}  # Neutron is not up yet
+    url = f"sqlite://{tmp_path / 'registry.db'}"
+    port = free_port()
+    log = tmp_path / "sync.log"
+    argv = meta169_argv(
+        "--registry", url, "sync", "openstack", "--cloud", "samples", "--watch", "--interval", "3600",
+        "--metrics-listen", f"127.0.0.1:{port}",
+    )  # fmt: skip
+    with manager_at(tmp_path / "notify") as manager, log.open("wb") as out:
+        env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            waiting = _status_containing(manager, proc, log, "waiting for a first successful sync")
+            assert "openstack:samples: cannot list networks" in waiting["STATUS"], waiting
+            assert not [m for m in manager.messages if "READY" in m]
+            status, _, body = fetch(port, "/readyz")
+            assert status == 503 and b"cannot list networks" in body
+            assert value(scrape(port), "meta169_sync_runs_total", outcome="failed") == 1
+            # Neutron answers; SIGHUP syncs at once instead of in an hour.
+            cloud.failing = {}
+            proc.send_signal(signal.SIGHUP)
+            ready = manager.wait_for("READY", proc, log)
+            assert re.fullmatch(r"openstack:samples in sync at registry revision \d+", ready["STATUS"]), ready
+            # At READY=1 the registry is filled.
+            registry = open_registry(url)
+            try:
+                assert {i.uuid for i in registry.list_instances()} == {SERVER_252}
+            finally:
+                registry.close()
+            assert fetch(port, "/readyz")[0] == 200
+            metrics = scrape(port)
+            assert value(metrics, "meta169_sync_runs_total", outcome="changed") == 1
+            assert value(metrics, "meta169_sync_objects_total", action="add", kind="instance") == 1
+            assert value(metrics, "meta169_sync_objects_total", action="add", kind="network") == 2
+            assert value(metrics, "meta169_sync_up") == 1
+            assert abs(value(metrics, "meta169_sync_last_success_timestamp_seconds") - time.time()) < 60
+            assert next(labels for name, labels in metrics if name == "meta169_info") >= {("role", "sync")}
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0, log.read_text()
+        finally:
+            stop(proc)
+        stopping = manager.drain()
+    assert any(m.get("STOPPING") == "1" for m in stopping), stopping
+    assert f"openstack:samples: add instance {SERVER_252} (new-server-test)" in log.read_text()
+
+
+def scrape(port: int) -> Samples:
+    status, _, body = fetch(port, "/metrics")
+    assert status == 200
+    return parse(body.decode())
+
+
+def _status_containing(manager: Manager, proc: subprocess.Popen[bytes], log: Path, text: str) -> dict[str, str]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        fields = manager.wait_for("STATUS", proc, log, timeout=max(0.1, deadline - time.monotonic()))
+        if text in fields["STATUS"]:
+            return fields
+    pytest.fail(f"no STATUS with {text!r}: {manager.messages}")

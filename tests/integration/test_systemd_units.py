@@ -9,9 +9,12 @@ by this venv's meta169 (everything else byte for byte).
 
 Each service is then started the way its unit starts it: the command line and
 Environment= lines are read from the unit file, with this venv's meta169 for
-/usr/bin/meta169 and a config file of the test's own for
-/etc/meta169/meta169.toml; the test plays the manager's part of the protocol
-(a NOTIFY_SOCKET to receive on, WATCHDOG_USEC, the unit's UMask=).
+/usr/bin/meta169, a config file of the test's own for /etc/meta169/meta169.toml
+(and its clouds.yaml for /etc/meta169/clouds.yaml); the test plays the manager's
+part of the protocol (a NOTIFY_SOCKET to receive on, WATCHDOG_USEC, the unit's
+UMask=). The sync units follow a loopback OpenStack of the API references'
+samples (tests/integration/openstack_cloud.py) and a private libvirtd
+(tests/integration/libvirt_daemon.py), never the host's.
 """
 
 from __future__ import annotations
@@ -22,26 +25,37 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.capabilities import require
 from tests.counters import SUMMARY
+from tests.integration import libvirt_daemon as daemons
+from tests.integration.notify import Manager, manager_at
+from tests.integration.openstack_cloud import running_cloud
 from tests.integration.serving import ServeProcess, imported_registry, one_instance_inventory, start_serve
 from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT_DIR = ROOT / "packaging" / "systemd"
-UNITS = ("meta169-serve.service", "meta169-proxy.service", "meta169-admin.service")
+# Each unit and what its ExecStart runs after `meta169 --config FILE`.
+COMMANDS = {
+    "meta169-serve.service": "serve",
+    "meta169-proxy.service": "proxy",
+    "meta169-admin.service": "admin",
+    "meta169-sync-libvirt.service": "sync libvirt --watch",
+    "meta169-sync-openstack.service": "sync openstack --watch",
+}
+UNITS = tuple(COMMANDS)
 INSTALLED_BINARY = "/usr/bin/meta169"
 INSTALLED_CONFIG = "/etc/meta169/meta169.toml"
+INSTALLED_CLOUDS = "/etc/meta169/clouds.yaml"
 MAX_SERVE_EXPOSURE = 2.5
 # The manager's watchdog timeout in these tests: short, so pings come quickly.
 WATCHDOG_USEC = 1_000_000
@@ -94,8 +108,7 @@ def test_systemd_unit_is_notify_with_watchdog_reload_and_restart(name: str) -> N
     assert service_value(name, "Restart") == "on-failure"
     assert int(service_value(name, "WatchdogSec")) > 0
     assert service_value(name, "UMask") == "0077"
-    role = name.removeprefix("meta169-").removesuffix(".service")
-    assert service["ExecStart"] == [f"{INSTALLED_BINARY} --config {INSTALLED_CONFIG} {role}"]
+    assert service["ExecStart"] == [f"{INSTALLED_BINARY} --config {INSTALLED_CONFIG} {COMMANDS[name]}"]
     assert unit(name)["Install"]["WantedBy"] == ["multi-user.target"]
 
 
@@ -178,8 +191,10 @@ def test_systemd_units_security_exposure(tmp_path: Path) -> None:
     units = _copy_units(tmp_path)
     scores = {name: exposure(analyze, path) for name, path in units.items()}
     SUMMARY["systemd-analyze security exposure"] = ", ".join(f"{n}={s}" for n, s in scores.items())
-    assert scores["meta169-serve.service"] <= MAX_SERVE_EXPOSURE, scores
-    assert scores["meta169-admin.service"] <= MAX_SERVE_EXPOSURE, scores
+    for name in ("meta169-serve.service", "meta169-admin.service", "meta169-sync-openstack.service"):
+        assert scores[name] <= MAX_SERVE_EXPOSURE, scores
+    # No private user namespace: libvirtd authorizes by the client's group.
+    assert scores["meta169-sync-libvirt.service"] <= MAX_SERVE_EXPOSURE + 0.5, scores
     # The proxy keeps CAP_SYS_ADMIN to join namespaces; still far from systemd's "UNSAFE" (9+).
     assert scores["meta169-proxy.service"] <= 5.0, scores
 
@@ -187,63 +202,42 @@ def test_systemd_units_security_exposure(tmp_path: Path) -> None:
 # -- the services, started as their units start them --------------------------------------------
 
 
-@dataclass
-class Manager:
-    """The manager's end of sd_notify: a datagram socket, and every message received."""
-
-    sock: socket.socket
-    path: Path
-    messages: list[dict[str, str]] = field(default_factory=list)
-
-    def receive(self, timeout: float) -> dict[str, str] | None:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
-            return None
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-        self.messages.append(fields)
-        return fields
-
-    def wait_for(self, key: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"service exited {proc.returncode} before {key}:\n{log.read_text()}")
-            fields = self.receive(0.2)
-            if fields is not None and key in fields:
-                return fields
-        pytest.fail(f"no {key} within {timeout}s; got {self.messages}\n{log.read_text()}")
-
-
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[Manager]:
-    path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(path))
-        yield Manager(sock, path)
+    with manager_at(tmp_path / "notify") as made:
+        yield made
 
 
-def unit_command(name: str, config: Path) -> tuple[list[str], dict[str, str], int]:
-    """argv, environment and umask of the unit's ExecStart, for this venv and ``config``."""
+def unit_command(
+    name: str, config: Path, files: dict[str, Path] | None = None
+) -> tuple[list[str], dict[str, str], int]:
+    """argv, environment and umask of the unit's ExecStart, for this venv and ``config``;
+    ``files`` stand in for other installed paths the unit names (in argv or Environment=)."""
     service = unit(name)["Service"]
+    instead = {INSTALLED_CONFIG: str(config), **{k: str(v) for k, v in (files or {}).items()}}
     argv = service["ExecStart"][0].split()
     assert argv[0] == INSTALLED_BINARY
     argv[0] = str(_venv_meta169())
-    argv = [str(config) if arg == INSTALLED_CONFIG else arg for arg in argv]
+    argv = [instead.get(arg, arg) for arg in argv]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
     for line in service.get("Environment", []):
         for item in line.split():
             key, _, value = item.strip('"').partition("=")
-            env[key] = value
+            env[key] = instead.get(value, value)
     return argv, env, int(service_value(name, "UMask"), 8)
 
 
 @contextlib.contextmanager
 def started(
-    name: str, config: Path, manager: Manager, log: Path, *, watchdog: bool = True
+    name: str,
+    config: Path,
+    manager: Manager,
+    log: Path,
+    *,
+    watchdog: bool = True,
+    files: dict[str, Path] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    argv, env, umask = unit_command(name, config)
+    argv, env, umask = unit_command(name, config, files)
     env["NOTIFY_SOCKET"] = str(manager.path)
     if watchdog:
         env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
@@ -278,6 +272,8 @@ def write_config(path: Path, registry_url: str, section: str, settings: dict[str
     def value(item: object) -> str:
         if isinstance(item, list):
             return "[" + ", ".join(value(x) for x in item) + "]"
+        if isinstance(item, bool):
+            return "true" if item else "false"
         if isinstance(item, int):
             return str(item)
         return '"' + str(item) + '"'
@@ -298,9 +294,16 @@ def assert_ready_then_watchdog(
     expect: int,
     headers: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    ready = manager.wait_for("READY", proc, log)
     # At the moment READY=1 arrives the service must already answer.
-    assert http_get(port, path, headers) == expect
+    return assert_ready_when(manager, proc, log, lambda: http_get(port, path, headers) == expect)
+
+
+def assert_ready_when(
+    manager: Manager, proc: subprocess.Popen[bytes], log: Path, done: Callable[[], bool]
+) -> dict[str, str]:
+    """READY=1 with a STATUS=, ``done()`` already true when it arrives, then watchdog pings."""
+    ready = manager.wait_for("READY", proc, log)
+    assert done(), ready
     assert ready["READY"] == "1" and ready.get("STATUS"), ready
     # Two pings a watchdog period: at least two within 2.5 periods, with room for a busy machine.
     pings = 0
@@ -419,3 +422,64 @@ def test_systemd_unit_without_watchdog_usec_sends_no_pings(tmp_path: Path, manag
         while manager.receive(0.01) is not None:
             pass
         assert not [m for m in manager.messages if "WATCHDOG" in m], manager.messages
+
+
+# -- the sync units -------------------------------------------------------------------------------
+
+
+def registry_instances(registry_url: str) -> set[str]:
+    from meta169.registry import open_registry
+
+    registry = open_registry(registry_url)
+    try:
+        return {i.uuid for i in registry.list_instances()}
+    finally:
+        registry.close()
+
+
+def assert_stops_cleanly(manager: Manager, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """SIGTERM, as systemctl stop sends it: STOPPING=1, then exit 0."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, log.read_text()
+    assert any(m.get("STOPPING") == "1" for m in [*manager.messages, *manager.drain()]), manager.messages
+
+
+def test_systemd_unit_sync_openstack_notifies_ready_status_watchdog_and_stops(tmp_path: Path, manager: Manager) -> None:
+    registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    config = write_config(tmp_path / "meta169.toml", registry_url, "sync", {"cloud": "samples", "interval": 5})
+    log = tmp_path / "sync.log"
+    with (
+        running_cloud(tmp_path),
+        started(
+            "meta169-sync-openstack.service",
+            config,
+            manager,
+            log,
+            files={INSTALLED_CLOUDS: tmp_path / "clouds.yaml"},
+        ) as proc,
+    ):
+        ready = assert_ready_when(manager, proc, log, lambda: len(registry_instances(registry_url)) == 1)
+        assert re.fullmatch(r"openstack:samples in sync at registry revision \d+", ready["STATUS"]), ready
+        assert_stops_cleanly(manager, proc, log)
+
+
+def test_systemd_unit_sync_libvirt_notifies_ready_status_watchdog_and_stops(tmp_path: Path, manager: Manager) -> None:
+    import libvirt
+
+    registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    guest = str(uuidlib.uuid4())
+    log = tmp_path / "sync.log"
+    with daemons.libvirt_daemon() as daemon:
+        conn = libvirt.open(daemon.uri)
+        try:
+            conn.defineXML(
+                f"<domain type='qemu'><name>unit-guest</name><uuid>{guest}</uuid><memory>65536</memory>"
+                "<os><type arch='x86_64'>hvm</type></os></domain>"
+            )
+        finally:
+            conn.close()
+        config = write_config(tmp_path / "meta169.toml", registry_url, "sync", {"uri": daemon.uri})
+        with started("meta169-sync-libvirt.service", config, manager, log) as proc:
+            ready = assert_ready_when(manager, proc, log, lambda: registry_instances(registry_url) == {guest})
+            assert ready["STATUS"] == f"libvirt:{daemon.uri} in sync at registry revision 1", ready
+            assert_stops_cleanly(manager, proc, log)

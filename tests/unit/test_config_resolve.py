@@ -106,7 +106,7 @@ def test_config_resolve_unknown_and_misshapen_sections() -> None:
         f"{FILE}:1: [serve]: must be a table: write [serve] on a line",
         f"{FILE}:2: unknown section [serv]; did you mean [serve]?",
         f"{FILE}:3: unknown section [doctor]; sections are [registry], [logging], [metrics], [serve], [proxy], "
-        "[admin], [identity]",
+        "[admin], [identity], [sync]",
     ]
 
 
@@ -144,3 +144,20 @@ def test_config_resolve_metrics_keys_must_belong_to_a_command() -> None:
 def test_config_resolve_problems_formatted_one_per_line() -> None:
     assert format_problems(["a:1: x"]) == "a:1: x"
     assert format_problems(["a:1: x", "a:2: y"]) == "2 problems in the configuration:\n  a:1: x\n  a:2: y"
+
+
+def test_config_resolve_a_flag_only_key_is_a_problem_that_says_why() -> None:
+    from meta169.config.schema import FlagOnly
+
+    @click.command("sync")
+    @click.option("--cloud")
+    @click.option("--dry-run", cls=FlagOnly, is_flag=True, why="a service left in it writes nothing")
+    def sync(**_: object) -> None: ...
+
+    cfg = parse_config_text('[sync]\ncloud = "prod"\ndry-run = true\n', FILE)
+    resolved = resolve_section(cfg, "sync", sync)
+    assert resolved.default_map == {"cloud": "prod"}
+    assert [str(i) for i in resolved.issues] == [
+        f"{FILE}:3: [sync] dry-run: not a setting: only the flag --dry-run sets it, on the command line; "
+        "a service left in it writes nothing"
+    ]

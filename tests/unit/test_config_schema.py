@@ -8,9 +8,11 @@ import pytest
 from meta169.cli import main
 from meta169.config.schema import (
     COMMAND_SECTIONS,
+    FlagOnly,
     assign_envvars,
     command_keys,
     env_name,
+    flag_only_keys,
     metrics_keys,
     option_key,
     top_level_keys,
@@ -123,3 +125,42 @@ def test_config_schema_assign_envvars_keeps_an_explicit_one() -> None:
     by_key = {option_key(p): p for p in command.params if isinstance(p, click.Option)}
     assert by_key["poll-interval"].envvar == "META169_SERVE_POLL_INTERVAL"
     assert by_key["network"].envvar == "NET_FROM_ELSEWHERE"
+
+
+def test_config_schema_flag_only_option_has_no_key_and_no_variable() -> None:
+    @click.group("sync")
+    def group() -> None: ...
+
+    @group.command("libvirt")
+    @click.option("--uri", default="qemu:///system")
+    @click.option("--dry-run", cls=FlagOnly, is_flag=True, why="a service left in it writes nothing")
+    def libvirt(uri: str, dry_run: bool) -> None: ...
+
+    @group.command("file")
+    @click.option("--dry-run", cls=FlagOnly, is_flag=True, why="a service left in it writes nothing")
+    def file(dry_run: bool) -> None: ...
+
+    assert sorted(command_keys(group)) == ["uri"]
+    assert sorted(flag_only_keys(group)) == ["dry-run"]
+    assign_envvars("sync", group)
+    dry_runs = [p for cmd in (libvirt, file) for p in cmd.params if p.name == "dry_run"]
+    assert [p.envvar for p in dry_runs] == [None, None]
+
+
+def test_config_schema_real_sync_section_holds_every_subcommand_option_but_dry_run() -> None:
+    command = main.get_command(click.Context(main), "sync")
+    assert command is not None
+    keys = command_keys(command)
+    assert sorted(keys) == [
+        "adopt",
+        "all-projects",
+        "cloud",
+        "interval",
+        "metrics-listen",
+        "poll-interval",
+        "uri",
+        "watch",
+    ]
+    assert [slot.path for slot in keys["adopt"]] == [("file",), ("libvirt",), ("openstack",)]
+    assert [slot.path for slot in keys["watch"]] == [("libvirt",), ("openstack",)]
+    assert list(flag_only_keys(command)) == ["dry-run"]

@@ -15,6 +15,7 @@ from meta169.metrics.instruments import (
     AdminMetrics,
     ProxyMetrics,
     ServeMetrics,
+    SyncMetrics,
     class_labels,
     info_family,
     request_class,
@@ -138,6 +139,7 @@ def test_metrics_readme_lists_every_metric_with_its_labels() -> None:
     ProxyServer(Upstream(UpstreamSpec(port=1), metrics=proxy), metrics=proxy)
     families += proxy.snapshot()
     families += AdminMetrics().snapshot()
+    families += SyncMetrics().snapshot()
     families += info_family("serve", "0", 1)
     text = README.read_text()
     section = text[text.index("## Metrics and logs") :]
@@ -146,3 +148,23 @@ def test_metrics_readme_lists_every_metric_with_its_labels() -> None:
         assert row is not None, f"README's metrics table lacks {family.name}"
         listed = sorted(re.findall(r"`(\w+)`", row.group(1)))
         assert listed == sorted(family.labelnames), f"{family.name}: README lists labels {listed}"
+
+
+def test_metrics_sync_counts_outcomes_and_writes_but_not_a_dry_runs() -> None:
+    metrics = SyncMetrics(clock=lambda: 1_700_000_000.0)
+    metrics.failed()
+    metrics.synced([("add", "instance"), ("add", "network"), ("remove", "instance")], wrote=True)
+    metrics.synced([("change", "instance")], wrote=False)  # a dry run
+    metrics.synced([], wrote=True)
+    scraped = parse(exposition(metrics.snapshot()).decode())
+    assert value(scraped, "meta169_sync_runs_total", outcome="failed") == 1
+    assert value(scraped, "meta169_sync_runs_total", outcome="changed") == 2
+    assert value(scraped, "meta169_sync_runs_total", outcome="unchanged") == 1
+    assert value(scraped, "meta169_sync_objects_total", action="add", kind="instance") == 1
+    assert value(scraped, "meta169_sync_objects_total", action="remove", kind="instance") == 1
+    assert value(scraped, "meta169_sync_objects_total", action="change", kind="instance") == 0
+    assert value(scraped, "meta169_sync_objects_total", action="add", kind="router") == 0
+    assert value(scraped, "meta169_sync_last_success_timestamp_seconds") == 1_700_000_000.0
+    assert value(scraped, "meta169_sync_up") == 1
+    metrics.failed()
+    assert value(parse(exposition(metrics.snapshot()).decode()), "meta169_sync_up") == 0

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from meta169.errors import InventoryError
-from meta169.sources.openstack import CloudData, describe, instance_from, network_from, router_from
+from meta169.sources.openstack import (
+    CloudData,
+    WatchTiming,
+    describe,
+    instance_from,
+    network_from,
+    router_from,
+    unanswered_servers,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "openstack"
 SRC = "openstack:test"
@@ -112,3 +120,37 @@ def test_sources_openstack_invalid_server_field_names_the_server_and_nova_field(
     )
     with pytest.raises(InventoryError, match=r"field OS-EXT-SRV-ATTR:hostname: .*not a valid host name"):
         instance_from({**server, "OS-EXT-SRV-ATTR:hostname": "under_score"}, [], {}, {}, "", SRC)
+
+
+def test_sources_openstack_server_of_a_cell_that_does_not_answer_is_no_instance() -> None:
+    down = sample("nova/servers_v2.69_servers-details-resp.json")["servers"][0]
+    # openstacksdk's to_dict gives every field of its Server, None where Nova said nothing.
+    as_sdk_gives = {"name": None, "addresses": None, "key_name": None, "flavor": None, **down}
+    up = sample("nova/servers_v2.52_servers-details-resp.json")["servers"][0]
+    data = CloudData(servers=[as_sdk_gives, up])
+    assert unanswered_servers(data) == (down["id"],)
+    assert [i.uuid for i in describe(data, SRC).instances] == [up["id"]]
+    # A server whose cell answers is described even in status UNKNOWN.
+    unknown = {**up, "status": "UNKNOWN"}
+    assert unanswered_servers(CloudData(servers=[unknown])) == ()
+    assert [i.uuid for i in describe(CloudData(servers=[unknown]), SRC).instances] == [up["id"]]
+
+
+@pytest.mark.parametrize(
+    ("timing", "failures", "seconds"),
+    [
+        (WatchTiming(interval=30), 0, 30),
+        (WatchTiming(interval=30), 1, 30),
+        (WatchTiming(interval=30), 2, 60),
+        (WatchTiming(interval=30), 4, 240),
+        (WatchTiming(interval=30), 5, 300),
+        (WatchTiming(interval=30), 10_000, 300),
+        (WatchTiming(interval=600), 3, 600),
+        (WatchTiming(interval=5), 7, 300),
+    ],
+)
+def test_sources_openstack_watch_timing_doubles_the_wait_after_each_failure(
+    timing: WatchTiming, failures: int, seconds: float
+) -> None:
+    assert timing.delay(failures) == seconds
+    assert timing.delay(failures) <= timing.longest

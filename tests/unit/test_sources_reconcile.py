@@ -129,3 +129,22 @@ def test_sources_reconcile_sync_applies_and_dry_run_writes_nothing() -> None:
     emptied = sync_registry(registry, dataclasses.replace(desired, networks=(), instances=()), SRC)
     assert [str(c) for c in emptied.plan.changes] == [f"remove instance {U1} (a)", "remove network net-a"]
     assert registry.list_instances() == [] and registry.list_networks() == []
+
+
+def test_sources_reconcile_keep_neither_changes_nor_removes_what_could_not_be_read() -> None:
+    # U1 is in a Nova cell that does not answer: not described, yet not gone.
+    state = RegistryState((net(),), (), (vm(U1, "a", "10.0.0.5"), vm(U2, "b", "10.0.0.6")))
+    desired = Inventory(source=SRC, networks=(net(),))
+    assert [str(c) for c in plan_sync(state, desired, SRC, keep=(U1,)).changes] == [f"remove instance {U2} (b)"]
+    # Its address stays its own, and its network stays while it is on it.
+    taker = Inventory(source=SRC, networks=(net(),), instances=(vm(U3, "c", "10.0.0.5"),))
+    with pytest.raises(Conflict, match=rf"IP 10\.0\.0\.5 on network net-a already belongs to instance {U1} \(a\)"):
+        plan_sync(state, taker, SRC, keep=(U1,))
+    with pytest.raises(Conflict, match=rf"network net-a is gone from its source, but instance {U1} \(a\)"):
+        plan_sync(state, Inventory(source=SRC), SRC, keep=(U1,))
+    # Described after all: an ordinary instance of the source.
+    again = Inventory(source=SRC, networks=(net(),), instances=(vm(U1, "a", "10.0.0.7"),))
+    assert [str(c) for c in plan_sync(state, again, SRC, keep=(U1,)).changes] == [
+        f"remove instance {U2} (b)",
+        f"change instance {U1} (a): ports",
+    ]

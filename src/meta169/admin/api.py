@@ -11,10 +11,24 @@ GET      /v1/instances                a page of instances (inventory form)
 GET      /v1/instances/UUID           one instance
 PUT      /v1/instances/UUID           create or replace one instance (JSON)
 DELETE   /v1/instances/UUID           remove it and its ports
-GET      /v1/networks, /v1/routers    all networks, routers
+GET      /v1/networks                 all networks
+GET      /v1/networks/ID              one network
+PUT      /v1/networks/ID              create or replace one network (JSON)
+DELETE   /v1/networks/ID              remove it; 409 while a port or router uses it
+GET      /v1/routers                  all routers
+GET      /v1/routers/ID               one router
+PUT      /v1/routers/ID               create or replace one router (JSON)
+DELETE   /v1/routers/ID               remove it
 POST     /v1/import                   an inventory document (JSON or YAML)
 GET      /v1/health                   no auth; 200 with the registry revision
 =======  ===========================  =========================================
+
+A PUT body is one inventory entry; the id (``uuid`` for an instance) may be left out
+and is then the path's. It is checked as ``meta169 import`` checks that entry (a
+router's networks must exist, a port's IPs must be in its network's subnets and
+free), and written only when it differs. Without a ``source`` a new entry is the
+API's (``admin``) and a replaced one keeps the owner it has; an entry naming another
+source than the stored one's is a 409, as an import's is.
 
 The instance list pages as Nova's list APIs do: ``?limit=N`` (default and at most
 1000, Nova's ``[api] max_limit``) and ``?marker=UUID``, the last uuid of the previous
@@ -25,14 +39,17 @@ An import is one transaction: all of it is written, or (400, 409, 503) none.
 Its body may be as large as the server's ``--max-body-mib``.
 
 Errors: 401 without a valid token, 400 for an invalid body (the inventory error,
-naming the entry and field) or query, 404 unknown, 409 conflicts, 503 registry
-failure.
+naming the entry and field) or query, 404 unknown, 409 conflicts (the reason in
+``error``: a network still used names the instances or routers using it; a network
+whose new subnets would leave out a port's address names the instances and
+addresses), 503 registry failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -182,34 +199,77 @@ def _list_instances(reg: Registry, _: list[str], req: Request) -> Response:
     return resp
 
 
-def _get_instance(reg: Registry, args: list[str], _: Request) -> Response:
-    return _json(200, instance_to_dict(reg.get_instance(args[0])))
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Kind:
+    """One kind of entry the API reads and writes one at a time, in inventory form."""
+
+    noun: str  # "instance"
+    key: str  # "instances": the inventory's key, the path's collection, the report's field
+    ident: str  # "uuid": the field that names an entry, and the path's argument
+    get: Callable[[Registry, str], Any]
+    delete: Callable[[Registry, str], None]
+    to_dict: Callable[[Any], dict[str, Any]]
 
 
-def _put_instance(reg: Registry, args: list[str], req: Request) -> Response:
+# Lambdas call the registry object's methods: Registry.get_network itself is the Protocol's stub.
+_INSTANCE = _Kind(
+    "instance",
+    "instances",
+    "uuid",
+    lambda reg, uuid: reg.get_instance(uuid),
+    lambda reg, uuid: reg.delete_instance(uuid),
+    instance_to_dict,
+)
+_NETWORK = _Kind(
+    "network",
+    "networks",
+    "id",
+    lambda reg, ident: reg.get_network(ident),
+    lambda reg, ident: reg.delete_network(ident),
+    network_to_dict,
+)
+_ROUTER = _Kind(
+    "router",
+    "routers",
+    "id",
+    lambda reg, ident: reg.get_router(ident),
+    lambda reg, ident: reg.delete_router(ident),
+    router_to_dict,
+)
+_KINDS = (_INSTANCE, _NETWORK, _ROUTER)
+
+
+def _get_one(kind: _Kind, reg: Registry, args: list[str], _: Request) -> Response:
+    return _json(200, kind.to_dict(kind.get(reg, args[0])))
+
+
+def _put_one(kind: _Kind, reg: Registry, args: list[str], req: Request) -> Response:
+    text = _decode(req.body)
     try:
-        entry = json.loads(_decode(req.body))
+        entry = json.loads(text)
     except ValueError as exc:
         raise ValidationError(f"body is not JSON: {exc}") from exc
     if not isinstance(entry, dict):
-        raise ValidationError("body must be one instance as a JSON object")
-    entry.setdefault("uuid", args[0])
-    if str(entry["uuid"]) != args[0]:
-        raise ValidationError(f"body uuid {entry['uuid']} does not match the path {args[0]}")
-    if "source" not in entry:
-        # An instance the API creates is the API's; an update keeps the owner it has.
+        raise ValidationError(f"body must be one {kind.noun} as a JSON object")
+    entry.setdefault(kind.ident, args[0])
+    if str(entry[kind.ident]) != args[0]:
+        raise ValidationError(f"body {kind.ident} {entry[kind.ident]} does not match the path {args[0]}")
+    if entry.get("source") is None:  # `source: null` is no source, as in an inventory
+        # An entry the API creates is the API's; an update keeps the owner it has.
         try:
-            entry["source"] = reg.get_instance(args[0]).source
+            entry["source"] = kind.get(reg, args[0]).source
         except NotFound:
             entry["source"] = "admin"
-    inventory = parse_document({"instances": [entry]}, source="request body")
+    inventory = parse_document({kind.key: [entry]}, source="request body")
     report = apply_inventory(reg, inventory)
-    status = 201 if report.instances.created else 200
-    return _json(status, instance_to_dict(reg.get_instance(inventory.instances[0].uuid)))
+    (stored,) = getattr(inventory, kind.key)
+    status = 201 if getattr(report, kind.key).created else 200
+    return _json(status, kind.to_dict(kind.get(reg, getattr(stored, kind.ident))))
 
 
-def _delete_instance(reg: Registry, args: list[str], _: Request) -> Response:
-    reg.delete_instance(args[0])
+def _delete_one(kind: _Kind, reg: Registry, args: list[str], _: Request) -> Response:
+    # A network a port or router still uses is the registry's Conflict (409), naming them.
+    kind.delete(reg, args[0])
     return Response(204, b"")
 
 
@@ -227,20 +287,26 @@ def _import(reg: Registry, _: list[str], req: Request) -> Response:
 
 
 Route = Callable[[Registry, list[str], Request], Response]
+_PUTS: dict[str, Route] = {k.key: functools.partial(_put_one, k) for k in _KINDS}
+_DELETES: dict[str, Route] = {k.key: functools.partial(_delete_one, k) for k in _KINDS}
 # (method, collection, number of path arguments) -> handler
 _ROUTES: dict[tuple[str, str, int], Route] = {
     ("GET", "instances", 0): _list_instances,
-    ("GET", "instances", 1): _get_instance,
-    ("PUT", "instances", 1): _put_instance,
-    ("DELETE", "instances", 1): _delete_instance,
     ("GET", "networks", 0): _list_networks,
     ("GET", "routers", 0): _list_routers,
+    **{("GET", k.key, 1): functools.partial(_get_one, k) for k in _KINDS},
+    **{("PUT", key, 1): route for key, route in _PUTS.items()},
+    **{("DELETE", key, 1): route for key, route in _DELETES.items()},
     ("POST", "import", 0): _import,
 }
 
 
 # The routes that write, by the kind meta169_admin_writes_total counts them as.
-_WRITES: dict[Route, str] = {_put_instance: "put", _delete_instance: "delete", _import: "import"}
+_WRITES: dict[Route, str] = {
+    **{route: "put" for route in _PUTS.values()},
+    **{route: "delete" for route in _DELETES.values()},
+    _import: "import",
+}
 
 
 async def start_admin(

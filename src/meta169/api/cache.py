@@ -37,7 +37,10 @@ answers 503 with Retry-After, never 404; the poll probes with backoff, and the f
 answer ends the outage. Outages are logged once each, and once at their end.
 
 Registry calls run on one worker thread (psycopg sessions stay on that thread); the
-change feed's connection lives on the event loop. With SQLite on a file, a small
+change feed's connection lives on the event loop, and so, with PostgreSQL, does the
+connection that resolves first requests (the registry's AsyncReader): a first
+request then waits for the server's round trip, not for the thread to get the CPU
+and the interpreter lock from a busy loop and back. With SQLite on a file, a small
 batch of first requests (INLINE_BATCH callers) is resolved on the event loop
 instead: the read is in-process work of about a millisecond, and on a core the
 loop keeps busy, handing it to the thread and back costs more than the read, up to
@@ -55,7 +58,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -68,7 +71,7 @@ from meta169.http.wire import SiteSlots, WireEntry
 from meta169.metrics.instruments import ServeMetrics
 from meta169.model import Caller, Instance, Network, Router, parse_ip
 from meta169.registry import Changes, Registry
-from meta169.registry.base import ChangeFeed, Notice, Resolution
+from meta169.registry.base import AsyncReader, ChangeFeed, Notice, Resolution
 from meta169.render import RenderOptions, Site
 from meta169.render.document import Document
 
@@ -264,6 +267,28 @@ def _resolve_rows(rows: Iterable[tuple[str, str, str]], routers: Mapping[str, Ro
     return {key: uuid for key, uuid in owners.items() if uuid is not None}
 
 
+def _in_order(
+    callers: Sequence[Caller | NeutronIdentity], resolved: Sequence[Resolution], by_id: Iterable[Instance]
+) -> list[Resolution | NotFound]:
+    """Each caller's answer: the next of ``resolved`` for a caller by address (in
+    order), the instance of ``by_id`` for Neutron's caller by instance id."""
+    answers = iter(resolved)
+    instances = {i.uuid: i for i in by_id}
+    found: list[Resolution | NotFound] = []
+    for caller in callers:
+        if isinstance(caller, Caller):
+            found.append(next(answers))
+        else:
+            instance = instances.get(caller.instance_id)
+            found.append(instance if instance is not None else NotFound(f"no instance {caller.instance_id}"))
+    return found
+
+
+def _networks_needed(found: Iterable[Resolution | NotFound], known: frozenset[str]) -> set[str]:
+    """The networks the instances ``found`` have ports on that are not ``known``."""
+    return {p.network_id for i in found if isinstance(i, Instance) for p in i.ports} - known
+
+
 class SiteCache:
     def __init__(
         self,
@@ -276,9 +301,12 @@ class SiteCache:
         vendordata_timeout: float = 2.0,
         metrics: ServeMetrics | None = None,
         inline_lookups: bool | None = None,
+        async_lookups: bool = True,
     ) -> None:
         """``inline_lookups``: resolve small batches of first requests on the event
-        loop (None: when the registry's reads are in-process, SQLite on a file)."""
+        loop (None: when the registry's reads are in-process, SQLite on a file);
+        ``async_lookups``: resolve first requests through the registry's
+        asynchronous reader when it has one (PostgreSQL), not on the registry thread."""
         if max_sites < 1:
             raise ValueError("max_sites must be >= 1")
         # Counts the registry polls and the outages (the lookups are counted by their callers).
@@ -294,6 +322,7 @@ class SiteCache:
         self._scope = prerender if not self._targets else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meta169-registry")
         self._inline = registry.reads_in_process if inline_lookups is None else inline_lookups
+        self._reader = registry.async_reader(timeout=LOOKUP_DEADLINE_S) if async_lookups else None
         # Monotonic time until which lookups go to the registry thread (after a slow read).
         self._inline_paused_until = 0.0
         # Set while a caller resolved on the loop at once has this turn of the loop.
@@ -487,6 +516,8 @@ class SiteCache:
                     known = frozenset(self._networks)
                     if self._inline and len(callers) <= INLINE_BATCH and time.monotonic() >= self._inline_paused_until:
                         found, networks = self._call_inline(self._fetch_callers, callers, known)
+                    elif self._reader is not None:
+                        found, networks = await self._fetch_callers_async(self._reader, callers, known)
                     else:
                         found, networks = await self._call(self._fetch_callers, callers, known)
                 except RegistryError as exc:
@@ -529,18 +560,25 @@ class SiteCache:
         """On the registry thread: who the callers are, and the networks their sites
         need that the cache does not hold."""
         plain = [c for c in callers if isinstance(c, Caller)]
-        resolved = iter(self._registry.resolve_many(plain) if plain else ())
+        resolved = self._registry.resolve_many(plain) if plain else []
         ids = [c.instance_id for c in callers if isinstance(c, NeutronIdentity)]
-        by_id = {i.uuid: i for i in self._registry.get_instances(ids)} if ids else {}
-        found: list[Resolution | NotFound] = []
-        for caller in callers:
-            if isinstance(caller, Caller):
-                found.append(next(resolved))
-            else:
-                instance = by_id.get(caller.instance_id)
-                found.append(instance if instance is not None else NotFound(f"no instance {caller.instance_id}"))
-        need = {p.network_id for i in found if isinstance(i, Instance) for p in i.ports} - known
+        found = _in_order(callers, resolved, self._registry.get_instances(ids) if ids else ())
+        need = _networks_needed(found, known)
         return found, (self._registry.get_networks(need) if need else {})
+
+    async def _fetch_callers_async(
+        self, reader: AsyncReader, callers: Sequence[Caller | NeutronIdentity], known: frozenset[str]
+    ) -> tuple[list[Resolution | NotFound], dict[str, Network]]:
+        """:meth:`_fetch_callers` with the callers resolved by ``reader`` on the loop.
+        Neutron's callers (by instance id) and networks the cache has not read yet
+        (the first caller of a network after a start or a topology change) are read
+        on the registry thread."""
+        plain = [c for c in callers if isinstance(c, Caller)]
+        resolved = await self._watched(reader.resolve_many(plain)) if plain else []
+        ids = [c.instance_id for c in callers if isinstance(c, NeutronIdentity)]
+        found = _in_order(callers, resolved, await self._call(self._registry.get_instances, ids) if ids else ())
+        need = _networks_needed(found, known)
+        return found, (await self._call(self._registry.get_networks, need) if need else {})
 
     async def _settle(
         self,
@@ -781,9 +819,14 @@ class SiteCache:
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on the registry thread; its outcome says whether the
         registry is reachable."""
+        return await self._watched(asyncio.get_running_loop().run_in_executor(self._executor, fn, *args))
+
+    async def _watched(self, read: Awaitable[T]) -> T:
+        """Await a registry read begun just now; its outcome says whether the
+        registry is reachable."""
         outage = self._outages
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            result = await read
         except RegistryUnavailable as exc:
             self._registry_down(exc)
             raise
@@ -1189,5 +1232,7 @@ class SiteCache:
         if self._resolver is not None:
             self._resolver.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._reader is not None:
+            self._reader.close()
         if self._vd_executor is not None:
             self._vd_executor.shutdown(wait=False, cancel_futures=True)

@@ -20,8 +20,10 @@ from meta169.config.schema import (
     METRICS_SECTION,
     SECTIONS,
     TOP_LEVEL_SECTIONS,
+    FlagOnly,
     Slot,
     command_keys,
+    flag_only_keys,
     is_metrics_key,
     metrics_keys,
     top_level_keys,
@@ -129,7 +131,7 @@ def resolve_section(
         issues += _resolve_table(cfg, METRICS_SECTION, section, lent, keys, ctx, out, {})
     table = cfg.data.get(section)
     if isinstance(table, dict):
-        issues += _resolve_table(cfg, section, section, table, keys, ctx, out, elsewhere or {})
+        issues += _resolve_table(cfg, section, section, table, keys, ctx, out, elsewhere or {}, flag_only_keys(command))
     return Resolved(out.default_map, out.settings, tuple(sorted(issues)))
 
 
@@ -174,11 +176,17 @@ def _resolve_table(
     ctx: click.Context,
     out: _Collected,
     elsewhere: Mapping[str, Sequence[str]],
+    flag_only: Mapping[str, FlagOnly] | None = None,
 ) -> list[Issue]:
     issues = []
     for key, raw in table.items():
         line = cfg.line_of(written_in, key)
         slots = keys.get(key)
+        only = (flag_only or {}).get(key)
+        if only is not None:
+            message = f"not a setting: only the flag --{key} sets it, on the command line; {only.why}"
+            issues.append(Issue(str(cfg.path), line, written_in, key, message))
+            continue
         if slots is None:
             message = _unknown_key(key, list(keys), elsewhere, written_in)
             issues.append(Issue(str(cfg.path), line, written_in, key, message))

@@ -9,20 +9,22 @@ others, to ``[logging]``. ``[metrics]`` holds every ``metrics*`` key of the comm
 sections, as a default for each command that has it.
 
 What is kept here as data is only which commands have a section, and the three
-sections that are not commands.
+sections that are not commands. An option declared with :class:`FlagOnly` has no
+key and no variable: only its flag sets it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import click
 
 # Commands of the top-level group that have a section of their own: the daemons and
 # the operator's tools that read the same files on every run. One-off tools (doctor,
 # query, lab, plumb) take flags only.
-COMMAND_SECTIONS: tuple[str, ...] = ("serve", "proxy", "admin", "identity")
+COMMAND_SECTIONS: tuple[str, ...] = ("serve", "proxy", "admin", "identity", "sync")
 REGISTRY_SECTION = "registry"
 LOGGING_SECTION = "logging"
 METRICS_SECTION = "metrics"
@@ -62,9 +64,24 @@ def option_key(option: click.Option) -> str:
     return option.name.replace("_", "-")
 
 
+class FlagOnly(click.Option):
+    """An option only its flag sets: no key in the file, no META169_* variable.
+
+    For a switch that, written once in a file or a unit's environment and forgotten,
+    would be a misconfiguration nobody notices; ``why`` says so to whoever writes
+    the key anyway (``config check`` and a start report it as a problem).
+    """
+
+    def __init__(self, *args: Any, why: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.why = why
+
+
 def _settable(param: click.Parameter) -> bool:
     # --help and --version are eager and expose no value; hidden options are test seams.
-    return isinstance(param, click.Option) and param.expose_value and not param.hidden
+    return (
+        isinstance(param, click.Option) and param.expose_value and not param.hidden and not isinstance(param, FlagOnly)
+    )
 
 
 def command_keys(command: click.Command) -> dict[str, tuple[Slot, ...]]:
@@ -76,6 +93,16 @@ def command_keys(command: click.Command) -> dict[str, tuple[Slot, ...]]:
                 assert isinstance(param, click.Option)
                 out.setdefault(option_key(param), []).append(Slot(path, param))
     return {key: tuple(slots) for key, slots in out.items()}
+
+
+def flag_only_keys(command: click.Command) -> dict[str, FlagOnly]:
+    """The keys ``command``'s section must not hold: its :class:`FlagOnly` options (and their subcommands')."""
+    return {
+        option_key(param): param
+        for _path, cmd in _walk(command, ())
+        for param in cmd.params
+        if isinstance(param, FlagOnly)
+    }
 
 
 def _walk(command: click.Command, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], click.Command]]:

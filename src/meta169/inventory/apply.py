@@ -25,6 +25,7 @@ from meta169.errors import AmbiguousCaller, Conflict, NotFound
 from meta169.inventory.schema import INSTANCE, NETWORK, ROUTER, Inventory, Where
 from meta169.model import DEFAULT_SOURCE, Caller, Instance, IPAddress, Network, Router
 from meta169.registry.base import Batch, Registry
+from meta169.registry.integrity import narrows, require_ports_within
 
 M = TypeVar("M", Network, Router, Instance)
 
@@ -181,7 +182,9 @@ def plan_inventory(
     reference is checked before the first write: a port or router naming a network
     that is neither in the inventory nor in the registry, a port IP outside its
     network's subnets, or an IP another registered instance already owns on that
-    network raise InventoryError and nothing is written. Objects in the registry but
+    network raise InventoryError and nothing is written; a network whose new subnets
+    leave out the address of a port already on it (of an instance the inventory
+    neither lists nor removes) is a Conflict naming them. Objects in the registry but
     not in the inventory are left alone, unless ``prune``: then they are removed,
     and a network the inventory does not define but one of its routers or ports
     names is an InventoryError naming that entry. Several inventories must not
@@ -266,7 +269,29 @@ def plan_inventory(
         dropped = sorted(n for n in networks if n not in wanted_networks and networks[n].source in scope)
         _check_kept_users(dropped, instances.values(), [r for r in routers.values() if r.id not in gone], scope)
         changes += [Change("remove", "network", nid) for nid in dropped]
+    _check_narrowed(registry, changes, networks, rewritten)
     return ImportPlan(tuple(changes), unchanged, prune)
+
+
+def _check_narrowed(
+    registry: Registry, changes: Sequence[Change], stored: Mapping[str, Network], rewritten: frozenset[str]
+) -> None:
+    """A network the import changes keeps the addresses of the ports on it of every
+    instance the import neither rewrites nor removes (Conflict, naming them). The
+    registry checks it again as it writes; checking here tells a dry run too."""
+    narrowed = {
+        c.ident: c.value
+        for c in changes
+        if c.kind == "network" and isinstance(c.value, Network) and narrows(stored.get(c.ident), c.value)
+    }
+    if not narrowed:
+        return
+    removed = {c.ident for c in changes if c.kind == "instance" and c.action == "remove"}
+    require_ports_within(
+        narrowed,
+        (row for row in registry.port_owners(sorted(narrowed)) if row[2] not in rewritten and row[2] not in removed),
+        lambda uuids: {i.uuid: i.name for i in registry.get_instances(uuids)},
+    )
 
 
 def _check_kept_users(

@@ -251,9 +251,63 @@ class AdminMetrics(Metrics):
         self.writes = self.counter(
             "meta169_admin_writes_total",
             "Writes to the registry through the admin API, by kind (put: create or replace an instance, "
-            "delete, import) and HTTP status code (a put that created answers 201).",
+            "network or router, delete, import) and HTTP status code (a put that created answers 201).",
             ("kind", "code"),
         )
+
+
+# What a sync counts: each attempt's outcome, and the writes it made by action and kind.
+SYNC_OUTCOMES = ("changed", "unchanged", "failed")
+SYNC_ACTIONS = ("add", "change", "remove")
+SYNC_KINDS = ("instance", "network", "router")
+
+
+class SyncMetrics(Metrics):
+    """``meta169 sync libvirt|openstack --watch``."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self._clock = clock
+        self.syncs = self.counter(
+            "meta169_sync_runs_total",
+            "Syncs of the source into the registry, by outcome: changed (writes made; planned, for a dry run), "
+            "unchanged (the registry already matched), failed (nothing written: the source unreachable or read "
+            "partway, invalid data, a conflict, the registry).",
+            ("outcome",),
+            [(o,) for o in SYNC_OUTCOMES],
+        )
+        self.objects = self.counter(
+            "meta169_sync_objects_total",
+            "Registry writes made by syncs: instances, networks and routers added, changed and removed "
+            "(a dry run writes nothing and counts nothing).",
+            ("action", "kind"),
+            [(a, k) for a in SYNC_ACTIONS for k in SYNC_KINDS],
+        )
+        self.last_success = self.gauge(
+            "meta169_sync_last_success_timestamp_seconds",
+            "Unix time of the last successful sync (0 before the first).",
+            merge="max",
+        )
+        self.last_success.set(0.0)
+        self.up = self.gauge(
+            "meta169_sync_up",
+            "1 while the last sync succeeded, 0 after a failed one (and before the first).",
+            merge="min",
+        )
+        self.up.set(0.0)
+
+    def synced(self, changes: Iterable[tuple[str, str]], *, wrote: bool) -> None:
+        """A sync succeeded; ``changes`` are its planned (action, kind) pairs, written unless a dry run."""
+        planned = list(changes)
+        for action, kind in planned if wrote else ():
+            self.objects.inc((action, kind))
+        self.syncs.inc(("changed" if planned else "unchanged",))
+        self.last_success.set(self._clock())
+        self.up.set(1.0)
+
+    def failed(self) -> None:
+        self.syncs.inc(("failed",))
+        self.up.set(0.0)
 
 
 def info_family(role: str, version: str, processes: int) -> list[Family]:

@@ -40,8 +40,10 @@ class Batch:
     They are made in this order: instances removed (their IPs freed), networks,
     routers and instances stored (each as its ``put_*`` would), routers removed,
     then networks removed. Removing what is already absent is no error (someone
-    else removed it); removing a network something still uses is a Conflict, and
-    then nothing of the batch is written.
+    else removed it); removing a network something still uses, or storing a network
+    whose subnets leave out the address of a port on it after the batch
+    (``registry/integrity.py``), is a Conflict, and then nothing of the batch is
+    written.
     """
 
     networks: Sequence[Network] = ()
@@ -112,6 +114,21 @@ class ChangeFeed(Protocol):
 
 # What resolve_many answers per caller: the instance, or why there is none.
 Resolution = Instance | UnknownCaller | AmbiguousCaller
+
+
+class AsyncReader(Protocol):
+    """Callers resolved on the event loop over a connection of the reader's own
+    (PostgreSQL: psycopg's asynchronous connection), for a store whose reads go over
+    the network (see :meth:`Registry.async_reader`).
+
+    ``resolve_many`` is :meth:`Registry.resolve_many`, awaited; it raises
+    RegistryUnavailable when the store cannot be reached or does not answer within
+    the reader's timeout, RegistryError for any other failure. ``close`` may be
+    called at any time, also twice; the next read connects again.
+    """
+
+    async def resolve_many(self, callers: Sequence[Caller]) -> list[Resolution]: ...
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -188,6 +205,11 @@ class Registry(Protocol):
         """Whether a read is in-process work that any thread may do at once (so a
         caller may run it on its event loop): no network, no connection bound to a
         thread."""
+
+    def async_reader(self, *, timeout: float) -> AsyncReader | None:
+        """A reader resolving callers on the running event loop, each read answered
+        within ``timeout`` seconds, or None when reads are better made in-process or
+        on a thread (SQLite, memory). It does no IO until its first read."""
 
     # -- change tracking -------------------------------------------------------------
     def revision(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from meta169.errors import AmbiguousCaller, Conflict, NotFound, UnknownCaller, ValidationError
 from meta169.model import Caller, Instance, Network, Router
@@ -19,7 +19,8 @@ from meta169.registry._common import (
     full_changes,
     stored_instance,
 )
-from meta169.registry.base import Batch, ChangeFeed, Changes, Resolution
+from meta169.registry.base import AsyncReader, Batch, ChangeFeed, Changes, Resolution
+from meta169.registry.integrity import SHOWN, narrows, network_in_use, require_ports_within
 
 
 class MemoryRegistry:
@@ -124,6 +125,7 @@ class MemoryRegistry:
                     if old is not None:
                         changed.append(uuid)
                         topology = topology or bool(old.ports)
+                narrowed = {n.id: n for n in batch.networks if narrows(self._networks.get(n.id), n)}
                 for network in batch.networks:
                     self._networks[network.id] = network
                 for router in batch.routers:
@@ -135,6 +137,7 @@ class MemoryRegistry:
                     topology = self._routers.pop(router_id, None) is not None or topology
                 for network_id in batch.delete_networks:
                     topology = self._remove_network(network_id) or topology
+                self._require_ports_within(narrowed)
             except BaseException:
                 self._networks, self._routers, self._instances, self._passwords = saved
                 self._owners.clear()
@@ -171,13 +174,23 @@ class MemoryRegistry:
         if network_id not in self._networks:
             return False
         users = sorted(i.uuid for i in self._instances.values() if any(p.network_id == network_id for p in i.ports))
-        if users:
-            raise Conflict(f"network {network_id} has ports of instances {', '.join(users)}")
         routers = sorted(r.id for r in self._routers.values() if network_id in r.network_ids)
-        if routers:
-            raise Conflict(f"network {network_id} is attached to routers {', '.join(routers)}")
+        if users or routers:
+            named = [(uuid, self._instances[uuid].name) for uuid in users[:SHOWN]]
+            raise network_in_use(network_id, named, len(users), routers)
         del self._networks[network_id]
         return True
+
+    def _require_ports_within(self, networks: Mapping[str, Network]) -> None:
+        """The batch's Conflict when a port stored on ``networks`` (those it wrote
+        narrower) is outside all of their subnets now."""
+        if not networks:
+            return
+        require_ports_within(
+            networks,
+            ((net, ip, uuid) for (net, ip), uuids in self._owners.items() if net in networks for uuid in uuids),
+            lambda uuids: {uuid: self._instances[uuid].name for uuid in uuids},
+        )
 
     # -- reads ------------------------------------------------------------------------
 
@@ -271,6 +284,9 @@ class MemoryRegistry:
             return {n: self._networks[n] for n in sorted(set(network_ids)) if n in self._networks}
 
     def change_feed(self) -> ChangeFeed | None:
+        return None
+
+    def async_reader(self, *, timeout: float) -> AsyncReader | None:
         return None
 
     # -- passwords --------------------------------------------------------------------

@@ -8,6 +8,7 @@ Driver and SQLAlchemy exceptions are translated to RegistryError here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import operator
@@ -58,6 +59,7 @@ from meta169.registry._common import (
     stored_instance,
 )
 from meta169.registry.base import Batch, Changes, Notice, Resolution
+from meta169.registry.integrity import SHOWN, narrows, network_in_use, require_ports_within
 from meta169.registry.schema import Migration, migrate
 
 T = TypeVar("T")
@@ -336,12 +338,18 @@ class SqlRegistry:
         """Every write of ``batch`` in one transaction and one revision: the rows go
         in with one multi-row statement per table (executemany), not one
         transaction per object, so 100,000 instances take seconds, and a failure
-        anywhere (a Conflict, the database) rolls all of it back."""
+        anywhere (a Conflict, the database) rolls all of it back.
+
+        A network stored with subnets that may hold fewer addresses than before is
+        a Conflict when, after the batch's other writes, a port address on it lies
+        outside all of them (:mod:`meta169.registry.integrity`): one read of that
+        network's addresses, in this transaction, so no writer gets in between."""
         if not len(batch):
             return self.revision()
         instances = [stored_instance(i) for i in batch.instances]
         with self._writing(f"cannot write a batch of {len(batch)} changes") as (conn, revision):
             changed, topology = _remove_instances(conn, batch.delete_instances)
+            narrowed = _narrowed(conn, batch.networks)
             for network in batch.networks:
                 _store_network(conn, network)
             for router in batch.routers:
@@ -352,6 +360,7 @@ class SqlRegistry:
                 topology = _remove_router(conn, router_id) or topology
             for network_id in batch.delete_networks:
                 topology = _remove_network(conn, network_id) or topology
+            _require_ports_within(conn, narrowed)
             rows: list[dict[str, Any]] = [{"revision": revision, "instance_uuid": uuid} for uuid in changed]
             if topology:
                 rows.append({"revision": revision, "instance_uuid": None})
@@ -426,11 +435,8 @@ class SqlRegistry:
     def resolve_many(self, callers: Sequence[Caller]) -> list[Resolution]:
         """One query per scope (and per ``_CHUNK`` callers): each caller's port IP
         joined to its instance, the instance's ports and their IPs."""
-        scopes: dict[tuple[str | None, str | None], set[str]] = {}
-        for caller in callers:
-            scopes.setdefault((caller.network_id, caller.router_id), set()).add(str(caller.ip))
-        found: dict[tuple[str | None, str | None, str], dict[str, Instance]] = {}
-        batches = [(scope, chunk) for scope, ips in scopes.items() for chunk in _chunks(sorted(ips)) if chunk]
+        found: dict[_HitKey, dict[str, Instance]] = {}
+        batches = _resolve_batches(callers)
         # One statement needs no snapshot: it runs without BEGIN and COMMIT (PostgreSQL
         # in autocommit, SQLite's own read transaction of one statement).
         single = len(batches) <= 1
@@ -443,17 +449,7 @@ class SqlRegistry:
             for (network_id, router_id), chunk in batches:
                 for ip, owners in _resolve_rows(conn, self._resolve_sql, network_id, router_id, chunk).items():
                     found[(network_id, router_id, ip)] = owners
-        results: list[Resolution] = []
-        for caller in callers:
-            ip = str(caller.ip)
-            owners = found.get((caller.network_id, caller.router_id, ip), {})
-            if len(owners) == 1:
-                results.append(next(iter(owners.values())))
-            elif not owners:
-                results.append(UnknownCaller(caller.scope, ip))
-            else:
-                results.append(AmbiguousCaller(caller.scope, ip, sorted(owners)))
-        return results
+        return _resolutions(callers, found)
 
     def get_instances(self, uuids: Iterable[str]) -> Sequence[Instance]:
         wanted = sorted(set(uuids))
@@ -483,6 +479,11 @@ class SqlRegistry:
         if not self._notifies:
             return None
         return PgChangeFeed(self._engine)
+
+    def async_reader(self, *, timeout: float) -> PgAsyncReader | None:
+        if self._engine.dialect.name != "postgresql":
+            return None
+        return PgAsyncReader(self._engine, self._resolve_sql, timeout=timeout)
 
     # -- passwords ------------------------------------------------------------------
 
@@ -795,20 +796,9 @@ def _remove_network(conn: Connection, network_id: str) -> bool:
     _mark_networks_written(conn)
     if not _exists(conn, t.networks.c.id, network_id):
         return False
-    users = (
-        conn.execute(
-            sa.select(t.ports.c.instance_uuid)
-            .where(t.ports.c.network_id == network_id)
-            .distinct()
-            .order_by(t.ports.c.instance_uuid)
-            .limit(_USERS_SHOWN + 1)
-        )
-        .scalars()
-        .all()
-    )
-    if users:
-        shown = ", ".join(users[:_USERS_SHOWN]) + (" and more" if len(users) > _USERS_SHOWN else "")
-        raise Conflict(f"network {network_id} has ports of instances {shown}")
+    p = t.ports.c
+    first = sa.select(p.instance_uuid).where(p.network_id == network_id).distinct().order_by(p.instance_uuid)
+    users = conn.execute(first.limit(SHOWN)).scalars().all()
     routers = (
         conn.execute(
             sa.select(t.router_networks.c.router_id)
@@ -818,15 +808,52 @@ def _remove_network(conn: Connection, network_id: str) -> bool:
         .scalars()
         .all()
     )
-    if routers:
-        raise Conflict(f"network {network_id} is attached to routers {', '.join(routers)}")
+    if users or routers:
+        count = len(users)
+        if count == SHOWN:  # perhaps more: count them (the ports_network index)
+            count = conn.execute(
+                sa.select(sa.func.count(sa.distinct(p.instance_uuid))).where(p.network_id == network_id)
+            ).scalar_one()
+        names = _instance_names(conn, users)
+        raise network_in_use(network_id, [(uuid, names.get(uuid, "")) for uuid in users], count, routers)
     conn.execute(t.subnets.delete().where(t.subnets.c.network_id == network_id))
     conn.execute(t.networks.delete().where(t.networks.c.id == network_id))
     return True
 
 
-# A network still in use names this many of the instances using it.
-_USERS_SHOWN = 20
+def _narrowed(conn: Connection, networks: Sequence[Network]) -> dict[str, Network]:
+    """Those of ``networks``, about to be stored, whose subnets may hold fewer
+    addresses than the stored ones' (:func:`~meta169.registry.integrity.narrows`)."""
+    wanted = sorted({n.id for n in networks if n.subnets})  # without subnets: any IP
+    if not wanted:
+        return {}
+    stored = {n.id: n for chunk in _chunks(wanted) for n in _load_networks_in(conn, chunk)}
+    return {n.id: n for n in networks if narrows(stored.get(n.id), n)}
+
+
+def _require_ports_within(conn: Connection, networks: Mapping[str, Network]) -> None:
+    """Conflict when a port address on ``networks`` lies outside all of their
+    subnets. Run after a batch's writes: the instances it replaced or removed count
+    as they are now. One read of those networks' addresses (the port_ips_lookup
+    index), never one per instance; the names only of the few the refusal names."""
+    if not networks:
+        return
+    i = t.port_ips.c
+    owners = (
+        (row.network_id, row.ip, row.instance_uuid)
+        for condition in _matching(conn, i.network_id, sorted(networks))
+        for row in conn.execute(sa.select(i.network_id, i.ip, i.instance_uuid).where(condition))
+    )
+    require_ports_within(networks, owners, lambda uuids: _instance_names(conn, uuids))
+
+
+def _instance_names(conn: Connection, uuids: Sequence[str]) -> dict[str, str]:
+    c = t.instances.c
+    return {
+        row.uuid: row.name
+        for condition in _matching(conn, c.uuid, uuids)
+        for row in conn.execute(sa.select(c.uuid, c.name).where(condition))
+    }
 
 
 def _subnet_row(network_id: str, seq: int, subnet: Subnet) -> dict[str, Any]:
@@ -1180,6 +1207,13 @@ class _ResolveStatements:
         self._compiled: dict[tuple[bool, int], _DriverStatement] = {}
 
     def rows(self, conn: Connection, network_id: str | None, router_id: str | None, ips: Sequence[str]) -> list[Any]:
+        statement, params = self.bound(network_id, router_id, ips)
+        return statement.rows(conn, params)
+
+    def bound(
+        self, network_id: str | None, router_id: str | None, ips: Sequence[str]
+    ) -> tuple[_DriverStatement, dict[str, Any]]:
+        """The statement resolving ``ips`` in the scope, and its parameters by name."""
         by_router = network_id is None
         size = 1 << (len(ips) - 1).bit_length()
         params: dict[str, Any] = {f"ip{k}": ips[min(k, len(ips) - 1)] for k in range(size)}
@@ -1189,7 +1223,7 @@ class _ResolveStatements:
             statement = self._compiled[(by_router, size)] = _DriverStatement.compile(
                 self._statement(by_router, size), self._dialect
             )
-        return statement.rows(conn, params)
+        return statement, params
 
     def _statement(self, by_router: bool, size: int) -> sa.Select[Any]:
         hit = _HIT.c.ip.in_([sa.bindparam(f"ip{k}") for k in range(size)])
@@ -1198,6 +1232,35 @@ class _ResolveStatements:
             networks = sa.select(t.router_networks.c.network_id).where(t.router_networks.c.router_id == scope)
             return _RESOLVE.where(hit, _HIT.c.network_id.in_(networks))
         return _RESOLVE.where(hit, _HIT.c.network_id == scope)
+
+
+# (network id, router id, IP text): a caller's address in its scope.
+_HitKey = tuple[str | None, str | None, str]
+# (network id, router id) and the IPs of one resolve statement.
+_ResolveBatch = tuple[tuple[str | None, str | None], Sequence[str]]
+
+
+def _resolve_batches(callers: Sequence[Caller]) -> list[_ResolveBatch]:
+    """The statements resolving ``callers``: one per scope and per ``_CHUNK`` IPs."""
+    scopes: dict[tuple[str | None, str | None], set[str]] = {}
+    for caller in callers:
+        scopes.setdefault((caller.network_id, caller.router_id), set()).add(str(caller.ip))
+    return [(scope, chunk) for scope, ips in scopes.items() for chunk in _chunks(sorted(ips)) if chunk]
+
+
+def _resolutions(callers: Sequence[Caller], found: Mapping[_HitKey, Mapping[str, Instance]]) -> list[Resolution]:
+    """Each caller's answer from the owners ``found`` for its address."""
+    results: list[Resolution] = []
+    for caller in callers:
+        ip = str(caller.ip)
+        owners = found.get((caller.network_id, caller.router_id, ip), {})
+        if len(owners) == 1:
+            results.append(next(iter(owners.values())))
+        elif not owners:
+            results.append(UnknownCaller(caller.scope, ip))
+        else:
+            results.append(AmbiguousCaller(caller.scope, ip, sorted(owners)))
+    return results
 
 
 def _resolve_rows(
@@ -1212,9 +1275,15 @@ def _resolve_rows(
     One statement through the (network_id, ip) index: the owning port IPs joined to
     their instances, each instance's ports and their IPs (a row per port IP).
     """
+    return _owners_by_ip(statements.rows(conn, network_id, router_id, ips))
+
+
+def _owners_by_ip(rows: Iterable[Sequence[Any]]) -> dict[str, dict[str, Instance]]:
+    """The resolve statement's rows (a row per port IP of each owner) as each IP's
+    owners by uuid, each read whole."""
     # ip -> uuid -> (instance row, port seq -> (port row, {ip seq: ip}))
     grouped: dict[str, dict[str, tuple[Any, dict[int, tuple[Any, dict[int, IPAddress]]]]]] = {}
-    for row in statements.rows(conn, network_id, router_id, ips):
+    for row in rows:
         owners = grouped.setdefault(row[_R_HIT_IP], {})
         _, ports = owners.setdefault(row[0], (row, {}))
         # An instance owning the IP twice in the scope repeats its rows: keyed, not appended.
@@ -1318,13 +1387,114 @@ def _notify(conn: Connection, channel: str, revision: int, *, networks: bool) ->
     conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
 
+def _pg_params(engine: Engine) -> dict[str, Any]:
+    """psycopg's connection parameters for ``engine``'s URL, with the defaults of
+    :data:`PG_CONNECT_DEFAULTS` it leaves unset: what the engine's own connections use."""
+    _, params = engine.dialect.create_connect_args(engine.url)
+    return {**pg_connect_defaults(engine.url), **params}
+
+
+class PgAsyncReader:
+    """A :class:`~meta169.registry.base.AsyncReader`: callers resolved over a psycopg
+    asynchronous connection of its own, on the running loop.
+
+    serve's first requests then wait for PostgreSQL's round trip only. Through the
+    registry thread each also waited for that thread to be scheduled and to take the
+    interpreter lock from a loop the load keeps busy, and again for the loop: on a
+    busy core that was most of a first request's p99 (docs/benchmarks.md, "scale").
+    The statements are the thread's (:class:`_ResolveStatements`), which psycopg
+    prepares on this connection after a few runs.
+
+    One read at a time (serve has one resolver); a read made while another runs
+    waits for it (psycopg's connection lock).
+    """
+
+    def __init__(self, engine: Engine, statements: _ResolveStatements, *, timeout: float) -> None:
+        self._params = _pg_params(engine)
+        self._where = _safe_url(engine.url)
+        self._statements = statements
+        self._timeout = timeout
+        self._conn: Any = None
+
+    async def resolve_many(self, callers: Sequence[Caller]) -> list[Resolution]:
+        """As :meth:`SqlRegistry.resolve_many`. A connection that turns out lost (a
+        server restart ended it while idle) is replaced and the read made again once,
+        as the engine's pool does on checkout; a read not answered within the
+        timeout drops the connection and raises RegistryUnavailable."""
+        import psycopg
+
+        batches = _resolve_batches(callers)
+        reused = self._conn is not None
+        try:
+            try:
+                found = await self._read(batches)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                if not reused:
+                    raise
+                found = await self._read(batches)
+        except TimeoutError as exc:
+            raise RegistryUnavailable(
+                f"cannot resolve {len(callers)} callers: {self._where} did not answer within {self._timeout:g} s"
+            ) from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise RegistryUnavailable(
+                f"cannot resolve {len(callers)} callers: {exc.__class__.__name__}: {exc}"
+            ) from exc
+        except psycopg.Error as exc:
+            raise RegistryError(f"cannot resolve {len(callers)} callers: {exc.__class__.__name__}: {exc}") from exc
+        return _resolutions(callers, found)
+
+    async def _read(self, batches: Sequence[_ResolveBatch]) -> dict[_HitKey, dict[str, Instance]]:
+        import psycopg
+
+        found: dict[_HitKey, dict[str, Instance]] = {}
+        try:
+            async with asyncio.timeout(self._timeout):
+                conn = await self._connection()
+                # Several statements read one snapshot, as the thread's REPEATABLE READ
+                # transaction does; one needs no transaction at all.
+                async with contextlib.nullcontext() if len(batches) <= 1 else conn.transaction():
+                    for (network_id, router_id), ips in batches:
+                        statement, params = self._statements.bound(network_id, router_id, ips)
+                        cursor = await conn.execute(statement.sql, params)
+                        for ip, owners in _owners_by_ip(await cursor.fetchall()).items():
+                            found[(network_id, router_id, ip)] = owners
+        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, asyncio.CancelledError):
+            # Lost, or left in the middle of a statement: not to be used again.
+            self.close()
+            raise
+        return found
+
+    async def _connection(self) -> Any:
+        import psycopg
+
+        conn = self._conn
+        if conn is not None and not conn.closed and not _readable(conn, psycopg.Error):
+            return conn
+        # None yet, or the server ended it (a FATAL message and end of stream make an
+        # idle socket readable; see _pg_checkout).
+        self.close()
+        conn = await psycopg.AsyncConnection.connect(**self._params, autocommit=True)
+        await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+        await conn.set_read_only(True)
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close the connection (any time, also twice; the next read opens another)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            # What AsyncConnection.close does, without a loop: SiteCache closes
+            # synchronously. pgconn is psycopg's documented libpq connection.
+            conn.pgconn.finish()
+
+
 class PgChangeFeed:
     """A :class:`~meta169.registry.base.ChangeFeed`: LISTEN on the registry's channel
     over a connection of its own (psycopg's asynchronous one, on the running loop)."""
 
     def __init__(self, engine: Engine) -> None:
-        _, params = engine.dialect.create_connect_args(engine.url)
-        self._params: dict[str, Any] = {**pg_connect_defaults(engine.url), **params}
+        self._params = _pg_params(engine)
         self._where = _safe_url(engine.url)
         self._conn: Any = None
 

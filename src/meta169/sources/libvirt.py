@@ -636,9 +636,11 @@ def watch_libvirt(
     dry_run: bool = False,
     timing: WatchTiming | None = None,
     adopt: Iterable[str] = (),
+    wake: threading.Event | None = None,
 ) -> None:
     """Sync ``uri`` into ``registry`` now, on every domain or network event, when DHCP
-    leases change, and after every reconnect, until ``stop`` is set.
+    leases change, after every reconnect and whenever ``wake`` is set, until ``stop``
+    is set.
 
     A sync that fails on data (an invalid domain, a conflict) or on the registry is
     reported to ``on_error`` and retried at the next event or poll; a lost connection
@@ -655,7 +657,7 @@ def watch_libvirt(
             stop.wait(timing.reconnect)
             continue
         try:
-            _follow(conn, registry, uri, stop, on_result, on_error, dry_run, timing, tuple(adopt))
+            _follow(conn, registry, uri, stop, on_result, on_error, dry_run, timing, tuple(adopt), wake)
         except SourceError as exc:
             on_error(exc)
         finally:
@@ -676,9 +678,10 @@ def _follow(
     dry_run: bool,
     timing: WatchTiming,
     adopt: tuple[str, ...],
+    wake: threading.Event | None,
 ) -> None:
     source = source_name(uri)
-    wake = threading.Event()
+    wake = wake if wake is not None else threading.Event()
     closed = threading.Event()
 
     def on_event(*_args: Any) -> None:

@@ -21,20 +21,28 @@ references print them (:func:`describe`):
   Neutron ports it owns (``device_owner`` ``compute:*``) with their MACs and fixed IPs.
 
 openstacksdk negotiates the newest microversion both sides know; fields an older
-microversion or a non-admin view leaves out keep the model's defaults.
+microversion or a non-admin view leaves out keep the model's defaults. A server in a
+Nova cell that does not answer is listed (microversion 2.69 and later) with status
+``UNKNOWN`` and no name or addresses (:func:`unanswered_servers`): its instance is
+kept as it is, never changed or removed for it.
+
+:func:`watch_openstack` syncs on a timer: Nova and Neutron announce changes only
+over AMQP notifications, which meta169 does not consume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Final
 
-from meta169.errors import ConfigError, SourceError
+from meta169.errors import ConfigError, Meta169Error, SourceError
 from meta169.inventory import Inventory
 from meta169.inventory.schema import INSTANCE, KEY, NETWORK, PORT, ROUTER, Where
 from meta169.model import Instance, Network, Router
@@ -87,16 +95,35 @@ class CloudData:
 
 
 def describe(data: CloudData, source: str) -> Inventory:
-    """The inventory a cloud's API answers describe, every entry owned by ``source``."""
+    """The inventory a cloud's API answers describe, every entry owned by ``source``;
+    servers of a cell that does not answer (:func:`unanswered_servers`) are left out."""
     subnets_of: dict[str, list[Mapping[str, Any]]] = {}
     for subnet in data.subnets:
         subnets_of.setdefault(str(subnet.get("network_id")), []).append(subnet)
     networks = tuple(network_from(n, subnets_of.get(str(n.get("id")), []), source) for n in data.networks)
     routers = tuple(router_from(r, data.ports, source) for r in data.routers)
     instances = tuple(
-        instance_from(s, data.ports, data.flavors, data.keypairs, data.region, source) for s in data.servers
+        instance_from(s, data.ports, data.flavors, data.keypairs, data.region, source)
+        for s in data.servers
+        if not _unanswered(s)
     )
     return Inventory(source=source, networks=networks, routers=routers, instances=instances)
+
+
+def unanswered_servers(data: CloudData) -> tuple[str, ...]:
+    """The ids of the servers Nova listed without their details, their cell not answering.
+
+    Since microversion 2.69 such a server is a minimal construct: id, status
+    ``UNKNOWN``, tenant, creation time, no name and no addresses [nova api-guide
+    "Handling Down Cells"; doc/api_samples/servers/v2.69/servers-details-resp.json].
+    """
+    return tuple(str(s["id"]) for s in data.servers if _unanswered(s) and s.get("id"))
+
+
+def _unanswered(server: Mapping[str, Any]) -> bool:
+    # A server whose cell answers has a name, even an empty one; the SDK gives None
+    # for a field the API left out.
+    return server.get("status") == "UNKNOWN" and server.get("name") is None
 
 
 def network_from(network: Mapping[str, Any], subnets: Sequence[Mapping[str, Any]], source: str) -> Network:
@@ -332,13 +359,138 @@ def sync_openstack(
     connection: Any = None,
     adopt: Iterable[str] = (),
 ) -> SyncResult:
-    """Make ``registry`` match the cloud for source ``openstack:<cloud name>``."""
+    """Make ``registry`` match the cloud for source ``openstack:<cloud name>``.
+
+    Every listing is read in full before anything is planned: one that fails, on its
+    first page or a later one, raises SourceError and nothing is written, so a
+    failure is never taken for an empty cloud. Servers of a cell that does not answer
+    keep their instances as they are.
+    """
     conn = connect(cloud) if connection is None else connection
     try:
-        source = source_name(str(conn.config.name or cloud or "envvars"))
-        desired = describe(read_openstack(conn, source, all_projects=all_projects), source)
+        source = connection_source(conn, cloud)
+        data = read_openstack(conn, source, all_projects=all_projects)
     finally:
         if connection is None:
             with contextlib.suppress(Exception):
                 conn.close()
-    return sync_registry(registry, desired, source, dry_run=dry_run, adopt=adopt)
+    unanswered = unanswered_servers(data)
+    if unanswered:
+        log.warning(
+            "%s: %d servers are in a Nova cell that does not answer (listed as UNKNOWN without details); "
+            "their instances stay as they are until it answers",
+            source,
+            len(unanswered),
+        )
+    desired = describe(data, source)
+    return sync_registry(registry, desired, source, dry_run=dry_run, adopt=adopt, keep=unanswered)
+
+
+def connection_source(conn: Any, cloud: str | None) -> str:
+    """The registry source of a connection: ``openstack:<its cloud's name>``."""
+    return source_name(str(conn.config.name or cloud or "envvars"))
+
+
+# -- the watch -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WatchTiming:
+    """A sync every ``interval`` seconds; after failures, longer waits (:meth:`delay`)."""
+
+    interval: float = 30.0
+    # Failures in a row double the wait, up to this (or the interval, if longer).
+    backoff_limit: float = 300.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds until the next sync after ``failures`` failed ones in a row."""
+        if failures <= 0:
+            return self.interval
+        doubled: float = self.interval * 2.0 ** min(failures - 1, 32)
+        return min(doubled, self.longest)
+
+    @property
+    def longest(self) -> float:
+        """The longest wait between two syncs."""
+        return max(self.interval, self.backoff_limit)
+
+
+# How often a wait looks at ``stop`` and ``wake``: a stop is seen at once.
+_SLICE = 0.1
+
+
+def watch_openstack(
+    registry: Registry,
+    cloud: str | None,
+    *,
+    stop: threading.Event,
+    on_result: Callable[[SyncResult], None],
+    on_error: Callable[[Meta169Error], None],
+    wake: threading.Event | None = None,
+    dry_run: bool = False,
+    all_projects: bool = True,
+    timing: WatchTiming | None = None,
+    adopt: Iterable[str] = (),
+) -> None:
+    """Sync ``cloud`` into ``registry`` now, then every ``timing.interval`` seconds and
+    whenever ``wake`` is set, until ``stop`` is set.
+
+    A sync that fails (the cloud unreachable, a listing that failed partway, invalid
+    data, a conflict, the registry) writes nothing and removes nothing
+    (:func:`sync_openstack`); it is reported to ``on_error``, logged with the time of
+    the next attempt, and retried with backoff (:meth:`WatchTiming.delay`) on a new
+    connection. A ConfigError (clouds.yaml, the cloud's name) is raised: waiting does
+    not fix it.
+    """
+    timing = timing or WatchTiming()
+    wake = wake if wake is not None else threading.Event()
+    where = source_name(cloud or "envvars")
+    conn: Any = None
+    failures = 0
+    try:
+        while not stop.is_set():
+            wake.clear()
+            try:
+                if conn is None:
+                    conn = connect(cloud)
+                    where = connection_source(conn, cloud)
+                result = sync_openstack(
+                    registry, cloud, dry_run=dry_run, all_projects=all_projects, connection=conn, adopt=adopt
+                )
+            except ConfigError:
+                raise
+            except Meta169Error as exc:
+                failures += 1
+                on_error(exc)
+                if isinstance(exc, SourceError):
+                    # A fresh connection next time: a new token and catalog.
+                    _close(conn)
+                    conn = None
+                log.warning(
+                    "%s: %s; %d failed in a row, nothing written or removed; next attempt in %g s",
+                    where,
+                    "cannot sync" if isinstance(exc, SourceError) else "sync refused",
+                    failures,
+                    timing.delay(failures),
+                )
+            else:
+                failures = 0
+                on_result(result)
+            _wait(stop, wake, timing.delay(failures))
+    finally:
+        _close(conn)
+
+
+def _wait(stop: threading.Event, wake: threading.Event, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and not wake.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        stop.wait(min(left, _SLICE))
+
+
+def _close(conn: Any) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()

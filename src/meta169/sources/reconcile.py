@@ -12,7 +12,10 @@ returns every write, in order, as an :class:`~meta169.inventory.ImportPlan`:
   same network is a Conflict naming both sources and both objects, and nothing is
   written. The one way across is ``adopt``: an object the source describes and an
   adopted source owns changes hands (``meta169 sync ... --adopt inventory`` after
-  switching from ``meta169 import``); what it does not describe stays where it is.
+  switching from ``meta169 import``); what it does not describe stays where it is;
+- instances the source holds but could not describe this time (``keep``: a Nova cell
+  that does not answer lists its servers without their fields) are neither changed
+  nor removed: a read that is known to be partial never prunes.
 
 :func:`sync_registry` reads the registry, plans, and applies the plan (or, for a dry
 run, only plans). The plan is checked as a whole before the first write; each write
@@ -34,6 +37,7 @@ from meta169.inventory.apply import KindName, plan_kind
 from meta169.inventory.schema import Where
 from meta169.model import Instance, IPAddress, Network, Router, check_source
 from meta169.registry.base import Registry
+from meta169.registry.integrity import PortOwner, narrows, require_ports_within
 
 M = TypeVar("M", Network, Router, Instance)
 
@@ -86,23 +90,36 @@ def sync_registry(
     *,
     dry_run: bool = False,
     adopt: Iterable[str] = (),
+    keep: Iterable[str] = (),
 ) -> SyncResult:
     """Make ``registry`` match ``desired`` for ``source``; see the module docstring."""
-    plan = plan_sync(RegistryState.read(registry), desired, source, adopt=adopt)
+    plan = plan_sync(RegistryState.read(registry), desired, source, adopt=adopt, keep=keep)
     if dry_run:
         return SyncResult(source, plan, None)
     return SyncResult(source, plan, apply_plan(registry, plan))
 
 
-def plan_sync(state: RegistryState, desired: Inventory, source: str, *, adopt: Iterable[str] = ()) -> ImportPlan:
+def plan_sync(
+    state: RegistryState,
+    desired: Inventory,
+    source: str,
+    *,
+    adopt: Iterable[str] = (),
+    keep: Iterable[str] = (),
+) -> ImportPlan:
     """Every write that makes ``state`` match ``desired`` for ``source``, checked.
 
     Raises Conflict when ``desired`` touches what another source owns (unless that
     source is in ``adopt`` and the object is one ``desired`` describes), and
     InventoryError (naming the source and the entry) when it refers to a network
-    that will not exist or puts an IP outside its network or twice on one network.
+    that will not exist or puts an IP outside its network or twice on one network,
+    and Conflict when a network it changes leaves out the address of a port of an
+    instance that stays as it is.
+    The instances of ``source`` whose uuids are in ``keep`` stay as they are, and
+    count as another owner's for those checks (their IPs and networks stay theirs).
     """
     check_source(source)
+    kept_uuids = frozenset(keep) - {i.uuid for i in desired.instances}
     adopted = frozenset(adopt)
     for other in adopted:
         check_source(other)
@@ -127,15 +144,17 @@ def plan_sync(state: RegistryState, desired: Inventory, source: str, *, adopt: I
 
     wanted_networks = {n.id: n for n in desired.networks}
     wanted_routers = {r.id for r in desired.routers}
-    wanted_instances = {i.uuid for i in desired.instances}
+    # Not described this time, and not to be removed for it.
+    wanted_instances = {i.uuid for i in desired.instances} | kept_uuids
     kept_networks = {nid: n for nid, n in networks.items() if n.source != source}
     usable = {**kept_networks, **wanted_networks}
     gone_networks = {nid for nid, n in networks.items() if n.source == source and nid not in wanted_networks}
-    kept_instances = [i for i in state.instances if i.source != source]
+    kept_instances = [i for i in state.instances if i.source != source or i.uuid in kept_uuids]
     kept_routers = [r for r in state.routers if r.source != source]
 
     _check_desired_references(desired, usable, gone_networks, kept_instances)
     _check_removals(gone_networks, kept_instances, kept_routers)
+    _check_narrowed(networks, desired.networks, kept_instances)
 
     unchanged: dict[KindName, int] = {}
     changes: list[Change] = [
@@ -233,6 +252,24 @@ def _check_desired_references(
                 first = claimed.setdefault((port.network_id, ip), instance)
                 if first is not instance:
                     where.fail(f"{ip} on network {port.network_id} is also given to {_describe(first)}")
+
+
+def _check_narrowed(
+    stored: Mapping[str, Network], wanted: Iterable[Network], kept_instances: Iterable[Instance]
+) -> None:
+    """A network the sync changes keeps the addresses of the ports on it of the
+    instances that stay as they are (other sources', and those ``keep`` names)."""
+    narrowed = {n.id: n for n in wanted if narrows(stored.get(n.id), n)}
+    if not narrowed:
+        return
+    owners: list[PortOwner] = []
+    names: dict[str, str] = {}
+    for instance in kept_instances:
+        for port in instance.ports:
+            if port.network_id in narrowed:
+                owners += [(port.network_id, str(ip), instance.uuid) for ip in port.ips]
+                names[instance.uuid] = instance.name
+    require_ports_within(narrowed, owners, lambda _: names)
 
 
 def _check_removals(gone: set[str], kept_instances: Iterable[Instance], kept_routers: Iterable[Router]) -> None:
