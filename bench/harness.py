@@ -382,6 +382,23 @@ def process_cpu(pids: Sequence[int]) -> float:
     return total / _TICK
 
 
+def run_queue_wait(pids: Sequence[int]) -> float:
+    """Seconds these processes' threads, and their direct children's, have waited
+    runnable for a CPU (schedstat's run_delay, proc(5)): what a busy machine adds to
+    their latency, besides the work itself."""
+    total = 0
+    for pid in pids:
+        family = [str(pid)]
+        with contextlib.suppress(FileNotFoundError):
+            family += Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for p in family:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                for task in Path(f"/proc/{p}/task").iterdir():
+                    with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                        total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def _children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime

@@ -112,6 +112,8 @@ def test_metrics_serve_counts_each_family(serve: Serve) -> None:
     assert value(after, "meta169_serve_unknown_callers_total", reason="unknown") == 1
     assert value(after, "meta169_serve_site_cache_lookups_total", result="miss") == 2  # 127.0.0.1, then 127.0.0.9
     assert value(after, "meta169_serve_site_cache_lookups_total", result="hit") >= 4
+    # 127.0.0.9 (no site rendered ahead names it) was read from the registry, on its thread
+    assert value(after, "meta169_serve_registry_read_duration_seconds_count", via="thread") >= 1
     # every request is in the histogram once, whichever path answered it
     answered = total(after, "meta169_serve_requests_total")
     assert total(after, "meta169_serve_request_duration_seconds_count") == answered == 8

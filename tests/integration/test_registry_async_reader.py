@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from meta169.api.cache import SiteCache
 from meta169.errors import RegistryUnavailable
+from meta169.metrics.instruments import ServeMetrics
 from meta169.model import Caller
 from meta169.registry import open_registry, sqlalchemy_url
 from meta169.registry.base import AsyncReader, Resolution
@@ -185,7 +186,8 @@ def test_site_cache_first_requests_on_postgresql_are_read_on_the_loop(
 ) -> None:
     recording = _ThreadRecording.open(sqlalchemy_url(postgres_url))
     recording.threads = []
-    cache = SiteCache(recording, RenderOptions(), async_lookups=async_lookups)
+    metrics = ServeMetrics()
+    cache = SiteCache(recording, RenderOptions(), async_lookups=async_lookups, metrics=metrics)
     callers = [
         Caller(ipaddress.ip_address("10.0.0.6"), network_id="net-a"),
         Caller(ipaddress.ip_address("10.0.0.5"), network_id="net-b"),
@@ -206,6 +208,12 @@ def test_site_cache_first_requests_on_postgresql_are_read_on_the_loop(
             assert recording.threads == []
         else:
             assert len(recording.threads) >= 2 and threading.get_ident() not in recording.threads
+        # Each read is timed by where it ran (meta169_serve_registry_read_duration_seconds).
+        # (the last of a series' numbers is the sum of the observations, the others counts)
+        reads = {labels: sum(counts[:-1]) for labels, counts in metrics.registry_reads.series.items()}
+        via = "connection" if async_lookups else "thread"
+        assert set(reads) == {(via,)} and reads[(via,)] >= 2
+        assert async_lookups or reads[(via,)] == len(recording.threads)
     finally:
         cache.close()
         recording.close()

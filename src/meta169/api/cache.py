@@ -467,8 +467,10 @@ class SiteCache:
     async def _resolve_now(self, pending: _Pending) -> None:
         """Resolve one caller on the loop and settle it (see :meth:`_resolve_queue`)."""
         gen, epoch = self._gen, self._epoch
+        started = time.perf_counter()
         try:
             found, networks = self._call_inline(self._fetch_callers, [pending.caller], frozenset(self._networks))
+            self._read_took("loop", started)
         except RegistryError as exc:
             self._fail(pending, exc)
             return
@@ -512,14 +514,18 @@ class SiteCache:
                     batch = [p for p in taken if isinstance(p, _Pending)]
                 gen, epoch = self._gen, self._epoch
                 callers = [p.caller for p in batch]
+                started = time.perf_counter()
                 try:
                     known = frozenset(self._networks)
                     if self._inline and len(callers) <= INLINE_BATCH and time.monotonic() >= self._inline_paused_until:
                         found, networks = self._call_inline(self._fetch_callers, callers, known)
+                        self._read_took("loop", started)
                     elif self._reader is not None:
                         found, networks = await self._fetch_callers_async(self._reader, callers, known)
+                        self._read_took("connection", started)
                     else:
                         found, networks = await self._call(self._fetch_callers, callers, known)
+                        self._read_took("thread", started)
                 except RegistryError as exc:
                     if isinstance(exc, RegistryUnavailable) or len(batch) == 1:
                         for pending in batch:
@@ -547,6 +553,10 @@ class SiteCache:
                     pending = queued.pending if isinstance(queued, _Single) else queued
                     self._fail(pending, RegistryError("lookup abandoned: the cache is closing"))
                 self._queue = []
+
+    def _read_took(self, via: str, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.registry_reads.observe(time.perf_counter() - started, (via,))
 
     def _fail(self, pending: _Pending, exc: BaseException) -> None:
         if self._inflight.get(pending.key) is pending:

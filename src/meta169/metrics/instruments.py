@@ -80,6 +80,13 @@ class ServeMetrics(Metrics):
             ("result",),
             [("hit",), ("miss",)],
         )
+        self.registry_reads = self.histogram(
+            "meta169_serve_registry_read_duration_seconds",
+            "Registry reads resolving callers not cached (a batch of first requests each), by where they "
+            "ran: loop (SQLite on the event loop), connection (PostgreSQL's connection on the event loop) "
+            "or thread (the registry thread).",
+            ("via",),
+        )
         self.polls = self.counter(
             "meta169_serve_registry_polls_total",
             "Polls of the registry's revision counter.",
