@@ -371,15 +371,21 @@ def machine_cpu() -> float:
 def process_cpu(pids: Sequence[int]) -> float:
     """CPU seconds used so far by these processes and their direct children."""
     total = 0
+    for p in _families(pids):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
+def _families(pids: Sequence[int]) -> list[str]:
+    """These processes and their direct children, as /proc names them."""
+    family: list[str] = []
     for pid in pids:
-        family = [str(pid)]
+        family.append(str(pid))
         with contextlib.suppress(FileNotFoundError):
             family += Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        for p in family:
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICK
+    return family
 
 
 def run_queue_wait(pids: Sequence[int]) -> float:
@@ -387,15 +393,11 @@ def run_queue_wait(pids: Sequence[int]) -> float:
     runnable for a CPU (schedstat's run_delay, proc(5)): what a busy machine adds to
     their latency, besides the work itself."""
     total = 0
-    for pid in pids:
-        family = [str(pid)]
-        with contextlib.suppress(FileNotFoundError):
-            family += Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        for p in family:
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                for task in Path(f"/proc/{p}/task").iterdir():
-                    with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-                        total += int((task / "schedstat").read_text().split()[1])
+    for p in _families(pids):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                    total += int((task / "schedstat").read_text().split()[1])
     return total / 1e9
 
 

@@ -390,7 +390,7 @@ def _serve_config(
     from meta169.api.config import ServeConfig
     from meta169.api.tokens import load_key_ring
     from meta169.api.vendordata import DynamicTarget
-    from meta169.http.listen import Binding, ListenerSpec, parse_listen
+    from meta169.http.listen import Binding, ListenerSpec, metrics_listen_address, parse_listen
     from meta169.model import MetadataOptions
     from meta169.secretfile import read_secret_file
 
@@ -443,7 +443,7 @@ def _serve_config(
         identity_key_dir=identity_key_dir,
         vendordata_targets=tuple(DynamicTarget.parse(t) for t in vendordata_dynamic),
         vendordata_timeout=vendordata_timeout,
-        metrics_listen=_metrics_address(metrics_listen),
+        metrics_listen=metrics_listen_address(metrics_listen),
         access_log_sample=access_log_sample if access_log else None,
         allow_empty=allow_empty,
         drain_timeout=drain_timeout,
@@ -494,18 +494,6 @@ def _rebuilder(build: Callable[[Ctx, int, dict[str, Any]], T]) -> Callable[[], T
             raise ConfigError("reload: the configuration is invalid (see the error above)") from exc
 
     return rebuild
-
-
-def _metrics_address(text: str | None) -> Any:
-    """``--metrics-listen``: None (off) or a TCP address."""
-    if not text:
-        return None
-    from meta169.http.listen import parse_listen
-
-    address = parse_listen(text)
-    if address.unix_path is not None:
-        raise ConfigError("--metrics-listen: expected HOST:PORT (Prometheus scrapes over TCP)")
-    return address
 
 
 def _parse_rate(text: str) -> Any:
@@ -635,6 +623,7 @@ def _proxy_config(
     drain_timeout: float,
 ) -> Any:
     """proxy's ProxyConfig from its parameters: at start, and again on SIGHUP."""
+    from meta169.http.listen import metrics_listen_address
     from meta169.proxy.run import ProxyConfig, parse_static_listener, parse_upstream
 
     if not (listener_file or from_registry or listens):
@@ -655,7 +644,7 @@ def _proxy_config(
         static=tuple(parse_static_listener(x) for x in listens),
         listener_file=listener_file,
         registry_url=obj.registry_url if from_registry else None,
-        metrics_listen=_metrics_address(metrics_listen),
+        metrics_listen=metrics_listen_address(metrics_listen),
         allow_empty=allow_empty,
         drain_timeout=drain_timeout,
         log_level=log_level,
@@ -725,7 +714,7 @@ def _admin_config(
 ) -> Any:
     """admin's AdminConfig from its parameters: at start, and again on SIGHUP."""
     from meta169.admin.run import AdminConfig
-    from meta169.http.listen import parse_listen
+    from meta169.http.listen import metrics_listen_address, parse_listen
     from meta169.secretfile import read_secret_file
 
     return AdminConfig(
@@ -735,7 +724,7 @@ def _admin_config(
         allow_empty=allow_empty,
         drain_timeout=drain_timeout,
         log_level=log_level,
-        metrics_listen=_metrics_address(metrics_listen),
+        metrics_listen=metrics_listen_address(metrics_listen),
         max_body_bytes=max_body_mib << 20,
     )
 
@@ -982,13 +971,18 @@ def router() -> None:
 
 
 @router.command("list")
+@click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def router_list(obj: Ctx) -> None:
+def router_list(obj: Ctx, as_json: bool) -> None:
     """One line per router with its networks."""
 
     def body(registry: Any) -> None:
-        for r in registry.list_routers():
-            click.echo(f"{r.id:<20} {' '.join(r.network_ids)}")
+        rows = [{"id": r.id, "networks": list(r.network_ids)} for r in registry.list_routers()]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for row in rows:
+            click.echo(f"{row['id']:<20} {' '.join(row['networks'])}")
 
     _with_registry(obj, body)
 

@@ -246,6 +246,12 @@ def test_deb_package_installs_program_units_and_config(chroot: Chroot, installed
     ]
     for name in UNITS:
         assert f"/lib/systemd/system/{name}" in installed
+    # Every document a unit's Documentation= names is in the package.
+    for unit in UNITS:
+        for line in (ROOT / "packaging" / "systemd" / unit).read_text().splitlines():
+            if line.startswith("Documentation="):
+                for url in line.removeprefix("Documentation=").split():
+                    assert url.removeprefix("file:") in installed, (unit, url)
     ids = chroot.ids("meta169")
     gid = chroot.group_id("meta169")
     assert ids is not None and gid is not None and ids[1] == gid

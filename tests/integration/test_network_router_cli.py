@@ -127,3 +127,9 @@ def test_router_rm_keeps_its_networks_and_frees_them(populated: str) -> None:
     assert _ids(populated, "networks") == ["net-a", "net-d"]
     again = run_cli(populated, "router", "rm", "router-a", check=False)
     assert (again.returncode, again.stderr) == (3, "meta169: error: no router router-a\n")
+
+
+def test_router_list_json_lists_each_router_with_its_networks(populated: str) -> None:
+    listed = json.loads(run_cli(populated, "router", "list", "--json").stdout)
+    assert listed == [{"id": "router-a", "networks": ["net-b", "net-c"]}]
+    assert run_cli(populated, "router", "list").stdout.split() == ["router-a", "net-b", "net-c"]

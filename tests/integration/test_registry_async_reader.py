@@ -26,7 +26,7 @@ from meta169.registry.base import AsyncReader, Resolution
 from meta169.registry.memory import MemoryRegistry
 from meta169.registry.sql import SqlRegistry
 from meta169.render import RenderOptions, Site
-from tests.integration.test_registry_resolve_many import CALLERS, INSTANCES, _fill, _outcomes, reference
+from tests.integration.test_registry_resolve_many import CALLERS, INSTANCES, _fill, _outcome, _outcomes, reference
 
 pytestmark = pytest.mark.postgres
 
@@ -112,6 +112,27 @@ def test_async_reader_any_batch_matches_memory(
     awaited: _Awaited, reference: MemoryRegistry, callers: list[Caller]
 ) -> None:
     assert _outcomes(awaited, callers) == _outcomes(reference, callers)  # type: ignore[arg-type]
+
+
+def test_async_reader_reads_made_together_each_get_their_answer(
+    registry: SqlRegistry, runner: asyncio.Runner, reference: MemoryRegistry
+) -> None:
+    """Reads made at once share one connection one after the other: a reply arriving
+    for one must not be taken for the end of the session by another (without the
+    reader's lock, the check of an idle socket closed the connection under a read:
+    "the connection is closed")."""
+    reader = registry.async_reader(timeout=5.0)
+    assert reader is not None
+    batches = [list(CALLERS[i : i + 7]) for i in range(0, len(CALLERS), 7)]
+
+    async def together() -> list[list[Resolution]]:
+        return list(await asyncio.gather(*(reader.resolve_many(b) for b in batches * 3)))
+
+    try:
+        for got, callers in zip(runner.run(together()), batches * 3, strict=True):
+            assert [_outcome(g) for g in got] == _outcomes(reference, callers)
+    finally:
+        reader.close()
 
 
 def test_async_reader_replaces_a_session_the_server_ended_unseen(

@@ -327,6 +327,8 @@ class SiteCache:
         self._inline_paused_until = 0.0
         # Set while a caller resolved on the loop at once has this turn of the loop.
         self._inline_turn = False
+        # Set while a caller is read over the asynchronous reader in its own request.
+        self._reading = False
         # Dynamic vendor data is fetched here, so a slow target delays only its own
         # instances, not the registry thread.
         self._vd_executor = (
@@ -431,6 +433,10 @@ class SiteCache:
                 # request and the read (its waiter is settled when this returns,
                 # unless dynamic vendor data is being fetched).
                 await self._resolve_now(pending)
+            elif self._reader is not None and self._reader_now():
+                # The same over the asynchronous reader: awaited in this request's
+                # task; callers arriving meanwhile queue for the resolver.
+                await self._resolve_now(pending, self._reader)
             else:
                 self._queue.append(pending)
                 if self._resolver is None:
@@ -464,13 +470,31 @@ class SiteCache:
     def _end_inline_turn(self) -> None:
         self._inline_turn = False
 
-    async def _resolve_now(self, pending: _Pending) -> None:
-        """Resolve one caller on the loop and settle it (see :meth:`_resolve_queue`)."""
+    def _reader_now(self) -> bool:
+        """Whether a new caller is resolved over the asynchronous reader at once, in
+        its own request: nothing is queued or being resolved, no such read runs, and
+        no dynamic vendor data is asked (its fetch is bounded by the queue's deadline)."""
+        if self._queue or self._resolver is not None or self._reading or self._vd_executor is not None:
+            return False
+        self._reading = True
+        return True
+
+    async def _resolve_now(self, pending: _Pending, reader: AsyncReader | None = None) -> None:
+        """Resolve one caller on the loop and settle it (see :meth:`_resolve_queue`):
+        in-process (SQLite), or awaiting ``reader`` (bounded by its timeout)."""
         gen, epoch = self._gen, self._epoch
         started = time.perf_counter()
+        known = frozenset(self._networks)
         try:
-            found, networks = self._call_inline(self._fetch_callers, [pending.caller], frozenset(self._networks))
-            self._read_took("loop", started)
+            if reader is None:
+                found, networks = self._call_inline(self._fetch_callers, [pending.caller], known)
+                self._read_took("loop", started)
+            else:
+                try:
+                    found, networks = await self._fetch_callers_async(reader, [pending.caller], known)
+                finally:
+                    self._reading = False
+                self._read_took("connection", started)
         except RegistryError as exc:
             self._fail(pending, exc)
             return
@@ -579,16 +603,27 @@ class SiteCache:
     async def _fetch_callers_async(
         self, reader: AsyncReader, callers: Sequence[Caller | NeutronIdentity], known: frozenset[str]
     ) -> tuple[list[Resolution | NotFound], dict[str, Network]]:
-        """:meth:`_fetch_callers` with the callers resolved by ``reader`` on the loop.
-        Neutron's callers (by instance id) and networks the cache has not read yet
-        (the first caller of a network after a start or a topology change) are read
-        on the registry thread."""
+        """:meth:`_fetch_callers` with the callers resolved by ``reader`` on the loop
+        (within its timeout). Neutron's callers (by instance id) and networks the
+        cache has not read yet (the first caller of a network after a start or a
+        topology change) are read on the registry thread, within the lookup's
+        deadline: a caller resolved in its own request has no other."""
         plain = [c for c in callers if isinstance(c, Caller)]
         resolved = await self._watched(reader.resolve_many(plain)) if plain else []
         ids = [c.instance_id for c in callers if isinstance(c, NeutronIdentity)]
-        found = _in_order(callers, resolved, await self._call(self._registry.get_instances, ids) if ids else ())
+        by_id = await self._call_within(self._registry.get_instances, ids) if ids else ()
+        found = _in_order(callers, resolved, by_id)
         need = _networks_needed(found, known)
-        return found, (await self._call(self._registry.get_networks, need) if need else {})
+        return found, (await self._call_within(self._registry.get_networks, need) if need else {})
+
+    async def _call_within(self, fn: Callable[..., T], *args: object) -> T:
+        """:meth:`_call`, given up (RegistryUnavailable) after the lookup's deadline;
+        the thread's read goes on and its result is dropped."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await self._call(fn, *args)
+        except TimeoutError as exc:
+            raise RegistryUnavailable(f"no answer from the registry within {self._deadline:g} s") from exc
 
     async def _settle(
         self,

@@ -91,6 +91,16 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host=host, port=port)
 
 
+def metrics_listen_address(text: str | None) -> ListenAddress | None:
+    """``--metrics-listen``: None (off) or a TCP address (Prometheus scrapes over TCP)."""
+    if not text:
+        return None
+    address = parse_listen(text)
+    if address.unix_path is not None:
+        raise ConfigError("--metrics-listen: expected HOST:PORT (Prometheus scrapes over TCP)")
+    return address
+
+
 # Connections waiting to be accepted. Given again to create_server: uvloop listens
 # anew with its own backlog (100 by default), which a burst of per-request
 # connections (Neutron's haproxy, a proxy opening its pool) overflows into EAGAIN.

@@ -1405,8 +1405,9 @@ class PgAsyncReader:
     The statements are the thread's (:class:`_ResolveStatements`), which psycopg
     prepares on this connection after a few runs.
 
-    One read at a time (serve has one resolver); a read made while another runs
-    waits for it (psycopg's connection lock).
+    One read at a time on its connection: a read made while another runs waits for
+    it (a lock of its own, taken before the connection is checked, since a reply
+    arriving for the other read would make its socket look ended).
     """
 
     def __init__(self, engine: Engine, statements: _ResolveStatements, *, timeout: float) -> None:
@@ -1415,6 +1416,7 @@ class PgAsyncReader:
         self._statements = statements
         self._timeout = timeout
         self._conn: Any = None
+        self._lock: asyncio.Lock | None = None
 
     async def resolve_many(self, callers: Sequence[Caller]) -> list[Resolution]:
         """As :meth:`SqlRegistry.resolve_many`. A connection that turns out lost (a
@@ -1424,14 +1426,17 @@ class PgAsyncReader:
         import psycopg
 
         batches = _resolve_batches(callers)
-        reused = self._conn is not None
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         try:
-            try:
-                found = await self._read(batches)
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                if not reused:
-                    raise
-                found = await self._read(batches)
+            async with self._lock:
+                reused = self._conn is not None
+                try:
+                    found = await self._read(batches)
+                except (psycopg.OperationalError, psycopg.InterfaceError):
+                    if not reused:
+                        raise
+                    found = await self._read(batches)
         except TimeoutError as exc:
             raise RegistryUnavailable(
                 f"cannot resolve {len(callers)} callers: {self._where} did not answer within {self._timeout:g} s"

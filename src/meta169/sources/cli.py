@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from meta169.config.schema import FlagOnly
-from meta169.errors import ConfigError
 from meta169.exits import cli_errors
+from meta169.http.listen import metrics_listen_address
 
 log = logging.getLogger("meta169.sources")
 
@@ -71,17 +71,6 @@ _METRICS_LISTEN = click.option(
     metavar="HOST:PORT",
     help="With --watch: serve /metrics (Prometheus), /healthz and /readyz here [default: off].",
 )
-
-
-def _metrics_address(text: str | None) -> Any:
-    if not text:
-        return None
-    from meta169.http.listen import parse_listen
-
-    address = parse_listen(text)
-    if address.unix_path is not None:
-        raise ConfigError("--metrics-listen: expected HOST:PORT (Prometheus scrapes over TCP)")
-    return address
 
 
 def _run_watch(source: str, watch: Any, longest_wait: float, metrics_listen: Any) -> None:
@@ -179,7 +168,7 @@ def sync_libvirt(
     from meta169.sources import libvirt as lv
 
     with cli_errors():
-        metrics_address = _metrics_address(metrics_listen) if watch else None
+        metrics_address = metrics_listen_address(metrics_listen) if watch else None
         registry = _registry(create=not dry_run)
         try:
             if not watch:
@@ -253,7 +242,7 @@ def sync_openstack(
     from meta169.sources import openstack as os_source
 
     with cli_errors():
-        metrics_address = _metrics_address(metrics_listen) if watch else None
+        metrics_address = metrics_listen_address(metrics_listen) if watch else None
         registry = _registry(create=not dry_run)
         try:
             if not watch:
