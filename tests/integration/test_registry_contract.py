@@ -594,6 +594,18 @@ def test_registry_batch_network_without_subnets_gaining_some_checks_its_ports(re
     assert registry.get_network("net-a") == wider
 
 
+def test_registry_put_network_narrowing_under_its_ports_is_a_conflict(registry: Registry) -> None:
+    """The single write refuses what a batch refuses (the lab and scripts use it)."""
+    crowd = _crowd(registry, 2)
+    revision = registry.revision()
+    with pytest.raises(Conflict, match=rf"would leave ports of 2 instances outside every subnet: {crowd[0].uuid} "):
+        registry.put_network(network("net-a", "10.0.0.128/25"))
+    assert registry.revision() == revision
+    assert registry.get_network("net-a") == network("net-a")
+    registry.put_network(network("net-a", "10.0.0.0/16", name="wider"))
+    assert registry.get_network("net-a").name == "wider"
+
+
 def test_registry_delete_network_in_use_names_instances_and_routers(registry: Registry) -> None:
     crowd = _crowd(registry, 7)
     registry.put_router(Router("router-b", ("net-a",)))

@@ -413,6 +413,24 @@ def test_doctor_host_probes_each_upstream_given_on_the_command_line() -> None:
     assert ids(run(HostRequest(upstreams=(SERVE_2,)), send=send)) == ["server-unreachable"]
 
 
+def test_doctor_host_probes_the_upstreams_of_a_pool_at_once() -> None:
+    """Several nodes down cost one probe's timeout, not one each: every send is under
+    way before any returns (a barrier all of them must reach; one at a time, the first
+    would wait for the others and break it)."""
+    import threading
+
+    upstreams = (SERVE_1, SERVE_2, "unix:/run/meta169/serve-3.sock")
+    together = threading.Barrier(len(upstreams), timeout=5)
+
+    def send(upstream: str, path: str, headers: Mapping[str, str]) -> Reply:
+        together.wait()
+        raise ClientError("timed out", reason="timeout", url=upstream)
+
+    facts = run(HostRequest(upstreams=upstreams), send=send)
+    assert [s.upstream for s in facts.servers] == list(upstreams)  # reported in order
+    assert all(s.error and s.error.startswith("timeout") for s in facts.servers)
+
+
 # Each row of the host table is exercised by a test above; a new row needs one too.
 COVERED = {
     "netns-missing", "dnsmasq-not-running", "dnsmasq-no-metadata-route", "isolated-address-missing",

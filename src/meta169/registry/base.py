@@ -134,7 +134,11 @@ class AsyncReader(Protocol):
 @runtime_checkable
 class Registry(Protocol):
     # -- writes (admin) ---------------------------------------------------------
-    def put_network(self, network: Network) -> None: ...
+    def put_network(self, network: Network) -> None:
+        """Insert or replace by id. Subnets that would leave the address of a port
+        already on the network outside all of them are a Conflict, and nothing is
+        written (``registry/integrity.py``), as in :meth:`apply_batch`."""
+
     def put_router(self, router: Router) -> None: ...
     def put_instance(self, instance: Instance) -> None:
         """Insert or replace by uuid; ports are replaced with the instance's."""

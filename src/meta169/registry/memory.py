@@ -72,6 +72,8 @@ class MemoryRegistry:
 
     def put_network(self, network: Network) -> None:
         with self._lock:
+            if narrows(self._networks.get(network.id), network):
+                self._require_ports_within({network.id: network})
             self._networks[network.id] = network
             self._bump(None)
 

@@ -297,7 +297,9 @@ class SqlRegistry:
 
     def put_network(self, network: Network) -> None:
         with self._writing(f"cannot store network {network.id}") as (conn, revision):
+            narrowed = _narrowed(conn, [network])
             _store_network(conn, network)
+            _require_ports_within(conn, narrowed)
             _log(conn, revision, None)
 
     def put_router(self, router: Router) -> None:
