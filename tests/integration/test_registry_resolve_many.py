@@ -260,3 +260,32 @@ def test_registry_pings_a_pooled_connection_only_after_it_idled(
         assert len(pings) == 3
     finally:
         registry.close()
+
+
+@pytest.mark.postgres
+def test_registry_session_ended_before_its_socket_shows_it_is_read_again_on_a_fresh_one(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the test above can lose: the pool checks a connection's socket before
+    the server's message has arrived, takes it for alive, and the read fails on it.
+    With every socket taken for quiet, the read still answers (the pool is emptied
+    and the read made again once)."""
+    import sqlalchemy as sa
+
+    from meta169.registry import sql as sql_registry
+
+    registry = open_registry(postgres_url, create=True)
+    try:
+        _fill(registry)
+        caller = Caller(ipaddress.ip_address("10.0.0.6"), network_id="net-a")
+        assert registry.resolve_many([caller]) == [INSTANCES[0]]
+        monkeypatch.setattr(sql_registry, "_readable", lambda *_: False)
+        with sa.create_engine(postgres_url, poolclass=sa.NullPool).connect() as admin:
+            admin.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        for callers in ([caller], [caller, Caller(caller.ip, router_id="router-a")]):
+            assert registry.resolve_many(callers) == [INSTANCES[0]] * len(callers)
+    finally:
+        registry.close()

@@ -436,22 +436,38 @@ class SqlRegistry:
 
     def resolve_many(self, callers: Sequence[Caller]) -> list[Resolution]:
         """One query per scope (and per ``_CHUNK`` callers): each caller's port IP
-        joined to its instance, the instance's ports and their IPs."""
-        found: dict[_HitKey, dict[str, Instance]] = {}
+        joined to its instance, the instance's ports and their IPs.
+
+        A pooled session the server ended can look alive for a moment (the server's
+        message has not arrived when the pool checks its socket: a restart, or
+        pg_terminate_backend, races the next read); the read then fails on it. Its
+        siblings went the same way, so the pool is emptied and the read made again
+        once on a fresh connection, as the asynchronous reader does."""
         batches = _resolve_batches(callers)
+        try:
+            found = self._resolve_batches(batches, len(callers))
+        except RegistryUnavailable as exc:
+            if not _connection_lost(exc):
+                raise
+            self._engine.dispose()
+            found = self._resolve_batches(batches, len(callers))
+        return _resolutions(callers, found)
+
+    def _resolve_batches(self, batches: Sequence[_ResolveBatch], count: int) -> dict[_HitKey, dict[str, Instance]]:
+        found: dict[_HitKey, dict[str, Instance]] = {}
         # One statement needs no snapshot: it runs without BEGIN and COMMIT (PostgreSQL
         # in autocommit, SQLite's own read transaction of one statement).
         single = len(batches) <= 1
         engine = self._single_engine if single else self._read_engine
         with (
-            _translated(f"cannot resolve {len(callers)} callers"),
+            _translated(f"cannot resolve {count} callers"),
             engine.connect() as conn,
             contextlib.nullcontext() if single else conn.begin(),
         ):
             for (network_id, router_id), chunk in batches:
                 for ip, owners in _resolve_rows(conn, self._resolve_sql, network_id, router_id, chunk).items():
                     found[(network_id, router_id, ip)] = owners
-        return _resolutions(callers, found)
+        return found
 
     def get_instances(self, uuids: Iterable[str]) -> Sequence[Instance]:
         wanted = sorted(set(uuids))
@@ -559,6 +575,12 @@ class SqlRegistry:
 
 
 # -- helpers: plain functions of a connection ----------------------------------------
+
+
+def _connection_lost(exc: RegistryError) -> bool:
+    """Whether ``exc`` came from a connection the driver found lost (and invalidated)."""
+    cause = exc.__cause__
+    return isinstance(cause, sa.exc.DBAPIError) and bool(cause.connection_invalidated)
 
 
 def _safe_url(url: sa.URL) -> str:
