@@ -12,7 +12,7 @@ across a router's networks, and an instance owning one IP twice in a scope.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meta169.errors import AmbiguousCaller, RegistryError, UnknownCaller
+from meta169.errors import AmbiguousCaller, RegistryError, RegistryUnavailable, UnknownCaller
 from meta169.model import Caller, Instance, MetadataOptions, Network, Port, Router, SSHKey, Subnet, parse_ip
 from meta169.registry import Registry, open_registry
 from meta169.registry.base import Resolution
@@ -262,14 +262,42 @@ def test_registry_pings_a_pooled_connection_only_after_it_idled(
         registry.close()
 
 
+_CALLER_A = Caller(ipaddress.ip_address("10.0.0.6"), network_id="net-a")
+_FULL = INSTANCES[0].uuid
+# Every read serve, admin and the CLI make on the registry's own connections: the
+# caller lookups, polls (revision, changes), rendering ahead (instances, networks,
+# addresses) and passwords.
+READS: dict[str, Callable[[Registry], object]] = {
+    "resolve_many one scope": lambda r: r.resolve_many([_CALLER_A]),
+    "resolve_many two scopes": lambda r: r.resolve_many([_CALLER_A, Caller(_CALLER_A.ip, router_id="router-a")]),
+    "resolve": lambda r: r.resolve(_CALLER_A),
+    "get_instance": lambda r: r.get_instance(_FULL),
+    "get_instances": lambda r: r.get_instances([i.uuid for i in INSTANCES]),
+    "get_network": lambda r: r.get_network("net-a"),
+    "get_networks": lambda r: r.get_networks(NETWORKS),
+    "get_router": lambda r: r.get_router("router-a"),
+    "list_instances": lambda r: r.list_instances(limit=2),
+    "count_instances": lambda r: r.count_instances(),
+    "has_instances": lambda r: r.has_instances(),
+    "list_networks": lambda r: r.list_networks(),
+    "list_routers": lambda r: r.list_routers(),
+    "port_owners": lambda r: r.port_owners(list(NETWORKS)),
+    "get_password": lambda r: r.get_password(_FULL),
+    "revision": lambda r: r.revision(),
+    "changed_since": lambda r: r.changed_since(1),
+}
+
+
 @pytest.mark.postgres
+@pytest.mark.parametrize("read", READS, ids=str)
 def test_registry_session_ended_before_its_socket_shows_it_is_read_again_on_a_fresh_one(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, read: str
 ) -> None:
     """The race the test above can lose: the pool checks a connection's socket before
-    the server's message has arrived, takes it for alive, and the read fails on it.
-    With every socket taken for quiet, the read still answers (the pool is emptied
-    and the read made again once)."""
+    the server's message has arrived, takes it for alive, and the read fails on it
+    (after a PostgreSQL restart: a 503 for a caller, a poll or a password read that
+    need not fail). With every socket taken for quiet, each read still gives the
+    answer it gave before (the pool is emptied and the read made again once)."""
     import sqlalchemy as sa
 
     from meta169.registry import sql as sql_registry
@@ -277,15 +305,42 @@ def test_registry_session_ended_before_its_socket_shows_it_is_read_again_on_a_fr
     registry = open_registry(postgres_url, create=True)
     try:
         _fill(registry)
-        caller = Caller(ipaddress.ip_address("10.0.0.6"), network_id="net-a")
-        assert registry.resolve_many([caller]) == [INSTANCES[0]]
+        registry.set_password(_FULL, "s3cret")
+        before = READS[read](registry)
+        monkeypatch.setattr(sql_registry, "_readable", lambda *_: False)
+        with sa.create_engine(postgres_url, poolclass=sa.NullPool).connect() as admin:
+            ended = admin.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalar_one()
+        assert ended >= 1
+        assert READS[read](registry) == before
+    finally:
+        registry.close()
+
+
+@pytest.mark.postgres
+def test_registry_write_on_a_session_the_server_ended_is_not_made_again(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only reads are made again: a write that failed may have reached the server,
+    so its caller hears the outage (and the next write works)."""
+    import sqlalchemy as sa
+
+    from meta169.registry import sql as sql_registry
+
+    registry = open_registry(postgres_url, create=True)
+    try:
+        _fill(registry)
         monkeypatch.setattr(sql_registry, "_readable", lambda *_: False)
         with sa.create_engine(postgres_url, poolclass=sa.NullPool).connect() as admin:
             admin.exec_driver_sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        for callers in ([caller], [caller, Caller(caller.ip, router_id="router-a")]):
-            assert registry.resolve_many(callers) == [INSTANCES[0]] * len(callers)
+        with pytest.raises(RegistryUnavailable):
+            registry.set_password(_FULL, "s3cret")
+        registry.set_password(_FULL, "s3cret")
+        assert registry.get_password(_FULL) == "s3cret"
     finally:
         registry.close()

@@ -166,6 +166,79 @@ def test_fastpath_repeats_every_document_byte_for_byte(
     assert asyncio.run(crawl()) > 200
 
 
+@pytest.mark.parametrize(
+    "first",
+    ["/2009-04-04/meta-data/instance-id", "/latest/meta-data/", "/openstack/2018-08-27/meta_data.json", "/"],
+)
+def test_fastpath_answers_a_whole_version_after_its_first_document(
+    app_and_fast: tuple[MetadataApp, wire.Answer, SiteCache, MemoryRegistry], first: str
+) -> None:
+    """A guest's crawl asks each document once: after the Python path answered the
+    first document of a version, the fast path answers every other one of it (and
+    each listing with its slash) exactly as the Python path would, and nothing of
+    the versions not asked yet."""
+    from meta169.render.site import section_of
+
+    app, fast, cache, _ = app_and_fast
+
+    async def crawl() -> int:
+        assert (await _python_answer(app, _request(first))).startswith(b"HTTP/1.1 200")
+        site = cache.by_caller[("net-a", "", PEER)]
+        section = section_of(first)
+        assert section is not None
+        keys = [k for k in site.documents if section_of(k) == section]  # type: ignore[union-attr]
+        listings = {k.rsplit("/", 1)[0] for k in keys}
+        answered = 0
+        for path in keys + [k + "/" for k in keys if k in listings and k != "/"]:
+            compiled = fast(_request(path), PEER)
+            assert compiled is not None, path
+            python = await _python_answer(app, _request(path))
+            assert _without_seed(_without_date(compiled[0])) == _without_seed(_without_date(python)), path
+            answered += 1
+        others = [k for k in site.documents if section_of(k) not in (section, None)]  # type: ignore[union-attr]
+        assert others and all(fast(_request(k), PEER) is None for k in others)
+        return answered
+
+    assert asyncio.run(crawl()) >= (1 if first == "/" else 4)
+
+
+def test_fastpath_takes_a_token_from_its_first_use() -> None:
+    """A token serve just issued is known to the fast path: the guest's first request
+    with it is not a trip through the Python path."""
+    registry = _registry(MetadataOptions(http_tokens="required"))
+    cache = SiteCache(registry, RenderOptions())
+    ring = KeyRing.generate()
+    app = MetadataApp(cache, Binding("network", "net-a"), token_keys=ring)
+    fast = app.fast_path(Limits())
+    assert fast is not None
+    try:
+
+        async def issue() -> str:
+            put = b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n"
+            req = parse_request(put, PEER)
+            assert req is not None
+            issued = app(req)
+            if isinstance(issued, Awaitable):
+                issued = await issued
+            assert isinstance(issued, Response) and issued.status == 200
+            return f"X-aws-ec2-metadata-token: {issued.body.decode()}\r\n"
+
+        async def run() -> None:
+            # The caller's first request is the Python path's (it is resolved there).
+            assert (await _python_answer(app, _request("/latest/meta-data/", await issue()))).startswith(
+                b"HTTP/1.1 200"
+            )
+            fresh = await issue()
+            compiled = fast(_request("/latest/meta-data/instance-id", fresh), PEER)
+            assert compiled is not None and compiled[0].endswith(UUID.encode())
+            forged = f"X-aws-ec2-metadata-token: {tokens.issue(KeyRing.generate(), UUID, 60)}\r\n"
+            assert fast(_request("/latest/meta-data/instance-id", forged), PEER) is None
+
+        asyncio.run(run())
+    finally:
+        cache.close()
+
+
 def test_fastpath_declines_what_the_python_path_must_judge(
     app_and_fast: tuple[MetadataApp, wire.Answer, SiteCache, MemoryRegistry],
 ) -> None:
@@ -410,9 +483,9 @@ def test_fastpath_remembers_only_the_site_the_cache_holds(
         key = ("net-a", "", PEER)
         held = cache.by_caller[key]
         stale = dataclasses.replace(held)  # e.g. a site loaded across a registry change
-        cache.remember_wire(key, PEER, stale, b"/stale", (b"HTTP/1.1 200 OK\r\n", b"old"))  # type: ignore[arg-type]
+        cache.remember_wire(key, PEER, stale, [(b"/stale", (b"HTTP/1.1 200 OK\r\n", b"old"))])
         assert fast(_request("/stale"), PEER) is None
-        cache.remember_wire(key, PEER, held, b"/fresh", (b"HTTP/1.1 200 OK\r\n", b"new"))  # type: ignore[arg-type]
+        cache.remember_wire(key, PEER, held, [(b"/fresh", (b"HTTP/1.1 200 OK\r\n", b"new"))])
         assert fast(_request("/fresh"), PEER) is not None
 
     asyncio.run(run())
@@ -473,7 +546,7 @@ def test_serve_answers_a_proxy_pipeline_in_order(tmp_path: Path) -> None:
         pipeline = [
             _stamped(known),  # compiled
             _stamped(known),  # compiled
-            _stamped("/latest/meta-data/hostname"),  # not yet remembered: Python
+            _stamped("/latest/meta-data/hostname"),  # of the version remembered: compiled
             _stamped(known, extra="X-aws-ec2-metadata-token: bogus\r\n"),  # a token: Python (401)
             _stamped("/nope"),  # Python: 404
             _stamped(known),  # compiled again, after the Python ones
@@ -484,6 +557,39 @@ def test_serve_answers_a_proxy_pipeline_in_order(tmp_path: Path) -> None:
             assert [status for status, _ in replies] == [200, 200, 200, 401, 404, 200]
             assert replies[0][1] == replies[1][1] == replies[5][1] == UUID.encode()
             assert replies[2][1] == b"web-1"
+
+
+def test_serve_pipeline_goes_back_to_the_compiled_path_after_a_python_request(tmp_path: Path) -> None:
+    """In a boot storm most of the proxy's pipelines hold one request the Python path
+    must answer (a caller not yet cached, a token PUT) among remembered ones: the
+    remembered requests after it are still the compiled path's, not parsed in
+    Python for the rest of the read."""
+    path = tmp_path / "serve.sock"
+    config = ServeConfig(
+        registry_url="memory://",
+        listeners=(ListenerSpec(ListenAddress(unix_path=path), Binding("proxy")),),
+        poll_interval=0.05,
+        rate_limit=None,
+        metrics_listen=ListenAddress("127.0.0.1", 0),
+    )
+    known = "/latest/meta-data/instance-id"
+    with _running(config, _registry()) as running, socket.socket(socket.AF_UNIX) as sock:
+        assert running.ops is not None
+        metrics = running.ops.address.port
+        deadline = time.monotonic() + 5
+        # A lookup overlapping the first registry poll is served but not cached.
+        while value(scrape(metrics), "meta169_serve_registry_polls_total", result="ok") < 2:
+            assert time.monotonic() < deadline, "no registry poll"
+            time.sleep(0.02)
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(_stamped(known))
+        assert _read_replies(sock, 1) == [(200, UUID.encode())]
+        before = total(scrape(metrics), "meta169_serve_requests_total", path="fast")
+        pipeline = [_stamped(known), _stamped("/nope"), _stamped(known), _stamped("/nope"), _stamped(known)]
+        sock.sendall(b"".join(pipeline))
+        assert [status for status, _ in _read_replies(sock, len(pipeline))] == [200, 404, 200, 404, 200]
+        assert total(scrape(metrics), "meta169_serve_requests_total", path="fast") - before == 3
 
 
 def test_serve_pipeline_split_anywhere_answers_every_request_in_order(tmp_path: Path) -> None:

@@ -791,15 +791,15 @@ class SiteCache:
         key: tuple[str, str, object],
         peer: str,
         site: Site,
-        path: bytes,
-        entry: WireEntry,
+        entries: Iterable[tuple[bytes, WireEntry]],
         *,
         tokens_required: bool = False,
     ) -> None:
-        """Let the fast path repeat a reply the Python path just gave the caller
-        cached under ``key`` (network id, router id, address), whose address the
-        request spelled ``peer``; with ``tokens_required`` (IMDSv2 ``http_tokens:
-        required``) only to requests carrying a token it knows (``http.wire``).
+        """Let the fast path repeat replies the Python path gives the caller cached
+        under ``key`` (network id, router id, address), whose address the request
+        spelled ``peer``: each entry is a request path and its reply; with
+        ``tokens_required`` (IMDSv2 ``http_tokens: required``) only to requests
+        carrying a token it knows (``http.wire``).
 
         Only while ``site`` is still what the cache holds for the caller: a site
         loaded across a registry change is served once but never remembered.
@@ -814,8 +814,19 @@ class SiteCache:
             self._wire_of.setdefault(uuid, []).append((sites, peer))
         elif (len(slot) == 3 and slot[2]) != tokens_required:
             slot = sites[peer] = ({}, uuid, tokens_required)
-        if len(slot[0]) < MAX_WIRE_PATHS:
-            slot[0][path] = entry
+        table = slot[0]
+        for path, entry in entries:
+            if len(table) >= MAX_WIRE_PATHS:
+                break
+            table[path] = entry
+
+    def remembers_wire(self, key: tuple[str, str, object], peer: str, site: Site, path: bytes) -> bool:
+        """Whether the fast path holds ``path`` for this caller and ``site`` already, or
+        can hold no more for it."""
+        slot = self.wire_sites(key[0], key[1]).get(peer)
+        if slot is None or slot[1] != site.instance.uuid:
+            return False
+        return path in slot[0] or len(slot[0]) >= MAX_WIRE_PATHS
 
     def _forget_wire_of(self, uuid: str) -> None:
         for sites, peer in self._wire_of.pop(uuid, ()):

@@ -415,18 +415,18 @@ class MetadataApp:
             key = (caller.network_id or "", caller.router_id or "", caller.ip)
         else:
             return
-        # Its metrics class: the fast path counts its answers by it.
-        cls = request_class(*request_kind(raw))
-        if doc.fresh is None:
-            entry: wire.WireEntry = (reply[0], reply[1], cls)
-        elif isinstance(doc.fresh, SeededJSON):
-            fresh = doc.fresh
-            entry = (reply[0], fresh.head, fresh.tail, cls)
-            if len(fresh.head) + SEED_TEXT_BYTES + len(fresh.tail) != len(reply[1]):
-                return
-        else:
+        first = _wire_entry(raw, doc, len(reply[1]), reply[0])
+        if first is None:
             return
-        self._cache.remember_wire(key, peer, site, raw, entry, tokens_required=tokens_required)
+        entries = [(raw, first)]
+        if not self._cache.remembers_wire(key, peer, site, raw):
+            # The first document this caller is answered of a version: the fast path
+            # may answer every other document of that version too, as this path
+            # would (the same site, the same token rule), so a guest's crawl, which
+            # asks each document once, takes this path once per version and not
+            # once per document (docs/benchmarks.md, boot storm).
+            entries.extend(_section_entries(site, raw.decode("latin-1")))
+        self._cache.remember_wire(key, peer, site, entries, tokens_required=tokens_required)
 
     def _unauthorized(self, req: Request, options: MetadataOptions, uuid: str) -> bool:
         """IMDSv2: a token that is sent must be valid; with ``required`` one must be sent."""
@@ -477,6 +477,11 @@ class MetadataApp:
         token = tokens.issue(self._ring, uuid, ttl)
         if metrics is not None:
             metrics.tokens_issued.inc()
+        if self._validated is not None:
+            # The guest's next request carries it: let the fast path take that one too.
+            expiry = tokens.valid_until(self._ring, token, uuid)
+            if expiry is not None:
+                self._validated.add(token, uuid, expiry)
         hop = options.http_put_response_hop_limit
         headers: tuple[tuple[str, str], ...] = (("X-aws-ec2-metadata-token-ttl-seconds", str(ttl)),)
         if self._binding.kind == "proxy":
@@ -671,3 +676,46 @@ def _content_length(head: bytes) -> int:
         return 0
     digits = head[at + 16 : head.find(b"\r\n", at)] if head.find(b"\r\n", at) >= 0 else head[at + 16 :]
     return int(digits) if digits.isdigit() else 0
+
+
+def _wire_entry(raw: bytes, doc: Document, length: int, head: bytes | None = None) -> wire.WireEntry | None:
+    """What the fast path answers ``raw`` with: ``doc``, of ``length`` bytes, under
+    ``head`` (made when not given); None for a document made afresh otherwise than by
+    a seed (the fast path cannot)."""
+    if head is None:
+        head = document_head(doc.content_type, length)
+    # Its metrics class: the fast path counts its answers by it.
+    cls = request_class(*request_kind(raw))
+    if doc.fresh is None:
+        return (head, doc.body, cls)
+    fresh = doc.fresh
+    if isinstance(fresh, SeededJSON) and len(fresh.head) + SEED_TEXT_BYTES + len(fresh.tail) == length:
+        return (head, fresh.head, fresh.tail, cls)
+    return None
+
+
+def _section_entries(site: Site, path: str) -> list[tuple[bytes, wire.WireEntry]]:
+    """The fast path's entries for every document of the section holding ``path``:
+    each under its key, and a listing (a key others in the section go on from) under
+    its key with a slash too, as clients ask for one and the Python path answers it."""
+    keys = site.section_keys(path)
+    listings = {k[: k.rfind("/")] for k in keys}
+    out: list[tuple[bytes, wire.WireEntry]] = []
+    for k in keys:
+        doc = site.get(k)
+        if doc is None or "%" in k or not k.isascii():
+            continue  # a key asked only percent-encoded is the Python path's
+        fresh = doc.fresh
+        if fresh is None:
+            length = len(doc.body)
+        elif isinstance(fresh, SeededJSON):
+            length = len(fresh.head) + SEED_TEXT_BYTES + len(fresh.tail)
+        else:
+            continue
+        head = document_head(doc.content_type, length)
+        raw = k.encode("ascii")
+        for asked in (raw, raw + b"/") if k in listings else (raw,):
+            entry = _wire_entry(asked, doc, length, head)
+            if entry is not None:
+                out.append((asked, entry))
+    return out

@@ -226,29 +226,49 @@ class HTTPProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        if not (self._begun or self._busy or self._queue):
-            fast = self._fast
-            if fast is not None:
-                reply = fast(data, self._peer_key)
-                if reply is not None:
-                    self._progress += 1
-                    if isinstance(reply, Request):
-                        self._dispatch(reply)
-                        return
-                    if len(reply) == 2:
-                        if reply[1]:
-                            transport.write(reply[0])
-                        else:
-                            self._write_last(transport, reply[0])
-                        return
-                    # Answered the first of pipelined requests; the rest is parsed below.
-                    transport.write(reply[0])
-                    data = data[reply[2] :]
+        fast = self._fast
+        while fast is not None and not (self._begun or self._busy or self._queue):
+            reply = fast(data, self._peer_key)
+            if reply is not None:
+                self._progress += 1
+                if isinstance(reply, Request):
+                    self._dispatch(reply)
+                    return
+                if len(reply) == 2:
+                    if reply[1]:
+                        transport.write(reply[0])
+                    else:
+                        self._write_last(transport, reply[0])
+                    return
+                # Answered the first of pipelined requests; the rest goes on below.
+                transport.write(reply[0])
+                data = data[reply[2] :]
+            # The next request is the Python path's. A trusted proxy pipelines what
+            # reached it together, so in a boot storm most batches hold one caller
+            # not yet cached among callers that are: parse that request alone, and
+            # once it is answered (the parser back between messages, nothing
+            # pending) the fast path takes what follows it. Where the head ends may
+            # not be where the request ends (a body); then the parser is still
+            # inside that request, _begun holds, and it parses the rest.
+            end = data.find(b"\r\n\r\n") + 4
+            if end < 4 or end >= len(data):
+                break
+            if not self._feed(data[:end]):
+                return
+            data = data[end:]
+            transport = self._transport
+            if transport is None:
+                return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse ``data``; False when it failed the connection."""
         parser = self._parser
         if parser is None:
             parser = self._parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(data)
+            return True
         except _Reject as rej:
             self._fail(rej.status)
         except httptools.HttpParserUpgrade:
@@ -257,6 +277,7 @@ class HTTPProtocol(asyncio.Protocol):
             # httptools wraps exceptions raised in callbacks; unwrap our own.
             cause = exc.__cause__ or exc.__context__
             self._fail(cause.status if isinstance(cause, _Reject) else 400)
+        return False
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import operator
 import select
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -63,6 +64,7 @@ from meta169.registry.integrity import SHOWN, narrows, network_in_use, require_p
 from meta169.registry.schema import Migration, migrate
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # How long a SQLite writer waits for another process's write lock (`meta169 import`
 # while `serve` runs) before giving up with "database is locked".
@@ -202,6 +204,31 @@ def _translated(action: str) -> Iterator[None]:
         raise RegistryUnavailable(f"{action}: {exc.__class__.__name__}: {exc}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise RegistryError(f"{action}: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _read_again_when_lost(
+    read: Callable[Concatenate[SqlRegistry, P], T],
+) -> Callable[Concatenate[SqlRegistry, P], T]:
+    """A read that failed on a pooled connection the driver found lost is made again
+    once, on a fresh pool.
+
+    A session the server ended can look alive for a moment: the server's message
+    has not reached the socket when the pool checks it (a restart, or
+    pg_terminate_backend, racing the next read). Its pooled siblings went the same
+    way, so the pool is emptied first. Reads only: a write that failed may have
+    reached the server, and its caller decides."""
+
+    @functools.wraps(read)
+    def again(self: SqlRegistry, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return read(self, *args, **kwargs)
+        except RegistryUnavailable as exc:
+            if not _connection_lost(exc):
+                raise
+            self.engine.dispose()
+            return read(self, *args, **kwargs)
+
+    return again
 
 
 class SqlRegistry:
@@ -372,6 +399,7 @@ class SqlRegistry:
 
     # -- reads ----------------------------------------------------------------------
 
+    @_read_again_when_lost
     def get_instance(self, uuid: str) -> Instance:
         with self._reading(f"cannot read instance {uuid}") as conn:
             found = _load_instances(conn, [uuid])
@@ -379,6 +407,7 @@ class SqlRegistry:
             raise NotFound(f"no instance {uuid}")
         return found[0]
 
+    @_read_again_when_lost
     def get_network(self, network_id: str) -> Network:
         with self._reading(f"cannot read network {network_id}") as conn:
             found = _load_networks(conn, network_id)
@@ -386,6 +415,7 @@ class SqlRegistry:
             raise NotFound(f"no network {network_id}")
         return found[0]
 
+    @_read_again_when_lost
     def get_router(self, router_id: str) -> Router:
         with self._reading(f"cannot read router {router_id}") as conn:
             found = _load_routers(conn, router_id)
@@ -393,6 +423,7 @@ class SqlRegistry:
             raise NotFound(f"no router {router_id}")
         return found[0]
 
+    @_read_again_when_lost
     def list_instances(self, *, limit: int | None = None, marker: str | None = None) -> Sequence[Instance]:
         if limit is not None and limit < 0:
             raise ValidationError(f"limit must be >= 0, not {limit}")
@@ -401,22 +432,27 @@ class SqlRegistry:
         with self._reading("cannot list instances") as conn:
             return _load_instances(conn, None, after=marker, limit=limit)
 
+    @_read_again_when_lost
     def count_instances(self) -> int:
         with self._reading("cannot count instances") as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(t.instances)).scalar_one())
 
+    @_read_again_when_lost
     def has_instances(self) -> bool:
         with self._reading("cannot read the registry") as conn:
             return conn.execute(sa.select(t.instances.c.uuid).limit(1)).first() is not None
 
+    @_read_again_when_lost
     def list_networks(self) -> Sequence[Network]:
         with self._reading("cannot list networks") as conn:
             return _load_networks(conn, None)
 
+    @_read_again_when_lost
     def list_routers(self) -> Sequence[Router]:
         with self._reading("cannot list routers") as conn:
             return _load_routers(conn, None)
 
+    @_read_again_when_lost
     def resolve(self, caller: Caller) -> Instance:
         ip = str(caller.ip)
         query = sa.select(t.port_ips.c.instance_uuid).where(t.port_ips.c.ip == ip).distinct()
@@ -434,24 +470,12 @@ class SqlRegistry:
             raise UnknownCaller(caller.scope, ip)
         raise AmbiguousCaller(caller.scope, ip, uuids)
 
+    @_read_again_when_lost
     def resolve_many(self, callers: Sequence[Caller]) -> list[Resolution]:
         """One query per scope (and per ``_CHUNK`` callers): each caller's port IP
-        joined to its instance, the instance's ports and their IPs.
-
-        A pooled session the server ended can look alive for a moment (the server's
-        message has not arrived when the pool checks its socket: a restart, or
-        pg_terminate_backend, races the next read); the read then fails on it. Its
-        siblings went the same way, so the pool is emptied and the read made again
-        once on a fresh connection, as the asynchronous reader does."""
+        joined to its instance, the instance's ports and their IPs."""
         batches = _resolve_batches(callers)
-        try:
-            found = self._resolve_batches(batches, len(callers))
-        except RegistryUnavailable as exc:
-            if not _connection_lost(exc):
-                raise
-            self._engine.dispose()
-            found = self._resolve_batches(batches, len(callers))
-        return _resolutions(callers, found)
+        return _resolutions(callers, self._resolve_batches(batches, len(callers)))
 
     def _resolve_batches(self, batches: Sequence[_ResolveBatch], count: int) -> dict[_HitKey, dict[str, Instance]]:
         found: dict[_HitKey, dict[str, Instance]] = {}
@@ -469,11 +493,13 @@ class SqlRegistry:
                     found[(network_id, router_id, ip)] = owners
         return found
 
+    @_read_again_when_lost
     def get_instances(self, uuids: Iterable[str]) -> Sequence[Instance]:
         wanted = sorted(set(uuids))
         with self._reading(f"cannot read {len(wanted)} instances") as conn:
             return [i for chunk in _chunks(wanted) for i in _load_instances(conn, chunk)]
 
+    @_read_again_when_lost
     def port_owners(self, network_ids: Sequence[str]) -> Sequence[tuple[str, str, str]]:
         i = t.port_ips.c
         with self._reading(f"cannot read the addresses of {len(network_ids)} networks") as conn:
@@ -488,6 +514,7 @@ class SqlRegistry:
                 )
             ]
 
+    @_read_again_when_lost
     def get_networks(self, network_ids: Iterable[str]) -> dict[str, Network]:
         wanted = sorted(set(network_ids))
         with self._reading(f"cannot read {len(wanted)} networks") as conn:
@@ -505,6 +532,7 @@ class SqlRegistry:
 
     # -- passwords ------------------------------------------------------------------
 
+    @_read_again_when_lost
     def get_password(self, uuid: str) -> str:
         with self._reading(f"cannot read password of {uuid}") as conn:
             if not _exists(conn, t.instances.c.uuid, uuid):
@@ -538,10 +566,12 @@ class SqlRegistry:
 
     # -- change tracking ------------------------------------------------------------
 
+    @_read_again_when_lost
     def revision(self) -> int:
         with self._reading("cannot read the registry revision") as conn:
             return _current_revision(conn)
 
+    @_read_again_when_lost
     def changed_since(self, revision: int) -> Changes:
         with self._reading("cannot read the change log") as conn:
             current = _current_revision(conn)

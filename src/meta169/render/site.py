@@ -85,6 +85,8 @@ class Site:
     instance: Instance
     _documents: dict[str, Document] = field(repr=False)
     _renderer: _Renderer | None = field(default=None, repr=False)
+    # The keys of each section rendered here, for section_keys.
+    _sections: dict[Section, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def lazily(
@@ -148,10 +150,21 @@ class Site:
         canonical = normalize_path(path)
         return None if canonical is None else self.get(canonical)
 
+    def section_keys(self, key: str) -> tuple[str, ...]:
+        """Every key of the section that holds ``key`` once it is rendered (a guest
+        that asks one document of a version asks its others next), or () for a site
+        made from its documents."""
+        section = section_of(key)
+        return () if section is None else self._sections.get(section, ())
+
     def _render(self, renderer: _Renderer, section: Section) -> None:
         documents = self._documents
+        keys = []
         for path, doc in renderer.render(section).items():
-            documents[sys.intern(path)] = doc
+            key = sys.intern(path)
+            documents[key] = doc
+            keys.append(key)
+        self._sections[section] = tuple(keys)
         renderer.left.discard(section)
         if not renderer.left:
             self._renderer = None  # its memos go with it
