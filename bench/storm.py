@@ -258,13 +258,15 @@ def start_nodes(
     procs, socks = [], []
     for k in range(1, n + 1):
         sock = work / f"{label}-serve{k}.sock"
-        argv = [str(settings.meta169), "--registry", registry, "serve", "--listen", f"unix:{sock}=proxy"]
+        argv = [str(settings.meta169), "-v", "--registry", registry, "serve", "--listen", f"unix:{sock}=proxy"]
         argv += ["--token-key-file", str(keyfile), "--workers", str(workers)]
         proc = spawn(f"serve node {k}", argv, cleanup=cleanup, log=work / f"{label}-serve{k}.log")
         procs.append(proc)
         socks.append(sock)
     for proc in procs:
         proc.wait_for("listening on", timeout=60)
+    for proc in procs:
+        proc.wait_for("sites ahead", timeout=120)
     return Nodes(procs, socks)
 
 

@@ -219,3 +219,17 @@ def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'registry.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+def end_other_sessions(url: str) -> int:
+    """End every other session on the test database at once, as a PostgreSQL restart
+    (or an operator's pg_terminate_backend) would; how many were ended."""
+    import sqlalchemy as sa
+
+    with sa.create_engine(url, poolclass=sa.NullPool).connect() as admin:
+        return int(
+            admin.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalar_one()
+        )

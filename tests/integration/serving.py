@@ -209,3 +209,17 @@ def proxy_in_process(upstream: Upstream, binding: Binding) -> Iterator[tuple[str
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def metrics_after_first_poll(running: RunningServer) -> int:
+    """The metrics port of an in-process serve, once its first registry poll is done:
+    a lookup overlapping it is served but not cached (it would miss twice)."""
+    from tests.scrape import scrape, value
+
+    assert running.ops is not None
+    metrics = running.ops.address.port
+    deadline = time.monotonic() + 5
+    while value(scrape(metrics), "meta169_serve_registry_polls_total", result="ok") < 2:
+        assert time.monotonic() < deadline, "no registry poll"
+        time.sleep(0.02)
+    return metrics

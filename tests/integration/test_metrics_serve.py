@@ -10,7 +10,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from meta169.http.listen import Binding, ListenAddress, ListenerSpec
 from meta169.logs import ACCESS_LOGGER
 from meta169.registry.memory import MemoryRegistry
 from tests.capabilities import require
-from tests.integration.serving import get
+from tests.integration.serving import get, metrics_after_first_poll
 from tests.integration.test_serve_http import UUID, _registry
 from tests.scrape import fetch, scrape, total, value
 
@@ -72,13 +71,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
 def _ports(running: RunningServer) -> tuple[tuple[str, int], int]:
     """The listener's and the metrics' addresses, once the first registry poll is
     done (a lookup that overlaps it is served but not cached: it would miss twice)."""
-    assert running.ops is not None
-    port = running.ops.address.port
-    deadline = time.monotonic() + 5
-    while value(scrape(port), "meta169_serve_registry_polls_total", result="ok") < 2:
-        assert time.monotonic() < deadline, "no registry poll"
-        time.sleep(0.02)
-    return ("127.0.0.1", running.addresses[0].port), port
+    return ("127.0.0.1", running.addresses[0].port), metrics_after_first_poll(running)
 
 
 def test_metrics_serve_counts_each_family(serve: Serve) -> None:

@@ -72,6 +72,103 @@ def test_proxy_failover_requests_spread_over_both_nodes(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
+def _send_as(upstream: Upstream, caller: int, path: str, count: int = 1) -> list[Sink]:
+    sinks = [Sink() for _ in range(count)]
+    for i, sink in enumerate(sinks):
+        payload = f"GET {path}{i} HTTP/1.1\r\nhost: metadata\r\n\r\n".encode()
+        upstream.request(payload, lambda r: r, sink, pipeline=True, affinity=caller)
+    return sinks
+
+
+def _callers_seen(serve: FakeServe) -> set[str]:
+    return {m.decode() for _, data in serve.reads for m in re.findall(rb"GET /(c\d+)/", data)}
+
+
+def test_proxy_failover_each_caller_keeps_to_one_node(tmp_path: Path) -> None:
+    """Each caller's requests go to one node (its cache, tokens and rate limit live
+    there), the callers spread over both; with its node down, a caller goes to the
+    other, and only the callers of the node that went down move."""
+
+    async def body() -> None:
+        async with _nodes(tmp_path, _echo, _echo) as (a, b):
+            upstream = Upstream([UpstreamSpec(unix_path=a.path), UpstreamSpec(unix_path=b.path)])
+            try:
+                for caller in range(40):
+                    for _ in range(3):  # one at a time: both nodes idle, no tie to break by load
+                        assert await answers(_send_as(upstream, caller, f"/c{caller}/")) == [f"/c{caller}/0".encode()]
+                on_a, on_b = _callers_seen(a), _callers_seen(b)
+                assert on_a and on_b and not on_a & on_b
+                assert len(on_a | on_b) == 40
+                a.reads.clear()
+                b.reads.clear()
+                upstream._pools[0].mark_down("test")
+                for caller in range(40):
+                    assert await answers(_send_as(upstream, caller, f"/c{caller}/")) == [f"/c{caller}/0".encode()]
+                assert _callers_seen(b) == on_a | on_b and not a.reads
+                upstream._pools[0].mark_up()
+                b.reads.clear()
+                for caller in range(40):
+                    assert await answers(_send_as(upstream, caller, f"/c{caller}/")) == [f"/c{caller}/0".encode()]
+                assert _callers_seen(a) == on_a and _callers_seen(b) == on_b
+            finally:
+                await upstream.close()
+
+    asyncio.run(body())
+
+
+def test_proxy_failover_the_proxy_sends_each_guest_to_one_node(tmp_path: Path) -> None:
+    """Through a real proxy listener: every request of a guest (its address on the
+    listener's network) reaches the same node, and the guests spread over both."""
+    from meta169.http.listen import Binding
+    from tests.integration.serving import get, proxy_in_process
+
+    async def body() -> None:
+        async with _nodes(tmp_path, _echo, _echo) as (a, b):
+            upstream = Upstream([UpstreamSpec(unix_path=a.path), UpstreamSpec(unix_path=b.path)])
+            with proxy_in_process(upstream, Binding("network", "net-a")) as address:
+                for guest in range(2, 22):
+                    for path in ("/openstack", "/latest/meta-data/", "/latest/meta-data/instance-id"):
+                        status, _, _ = await asyncio.to_thread(get, address, path, source=f"127.0.0.{guest}")
+                        assert status == 200
+        seen = [
+            set(re.findall(rb"(?i)x-meta169-caller-ip: (127\.0\.0\.\d+)", b"".join(d for _, d in node.reads)))
+            for node in (a, b)
+        ]
+        assert seen[0] and seen[1] and not seen[0] & seen[1]
+        assert len(seen[0] | seen[1]) == 20
+
+    asyncio.run(body())
+
+
+def test_proxy_failover_a_callers_node_takes_no_more_than_its_share(tmp_path: Path) -> None:
+    """A node that answers slowly does not hold every request of its callers: once it
+    has more than its share outstanding (bounded loads), they go to the other."""
+    release = asyncio.Event()
+
+    def slow(conn: int, index: int, request: bytes) -> Awaitable[bytes | None]:
+        async def answer() -> bytes | None:
+            await release.wait()
+            return await _echo(conn, index, request)
+
+        return answer()
+
+    async def body() -> None:
+        async with _nodes(tmp_path, slow, _echo) as (a, b):
+            upstream = Upstream([UpstreamSpec(unix_path=a.path), UpstreamSpec(unix_path=b.path)])
+            try:
+                # A caller whose node is a (the first pool).
+                caller = next(c for c in range(1000) if hash((c, 0)) > hash((c, 1)))
+                sinks = _send_as(upstream, caller, "/c0/", 40)
+                await asyncio.sleep(0.2)
+                assert 0 < _requests(b) < 40  # its share stayed with a, the rest went to b
+                release.set()
+                assert await answers(sinks) == [f"/c0/{i}".encode() for i in range(40)]
+            finally:
+                await upstream.close()
+
+    asyncio.run(body())
+
+
 def test_proxy_failover_request_lost_on_one_node_is_answered_by_the_other(tmp_path: Path) -> None:
     async def body() -> None:
         metrics = ProxyMetrics()

@@ -26,6 +26,7 @@ from meta169.registry.base import AsyncReader, Resolution
 from meta169.registry.memory import MemoryRegistry
 from meta169.registry.sql import SqlRegistry
 from meta169.render import RenderOptions, Site
+from tests.integration.conftest_postgres import end_other_sessions
 from tests.integration.test_registry_resolve_many import CALLERS, INSTANCES, _fill, _outcome, _outcomes, reference
 
 pytestmark = pytest.mark.postgres
@@ -69,16 +70,6 @@ def awaited(registry: SqlRegistry, runner: asyncio.Runner) -> Iterator[_Awaited]
         yield _Awaited(reader, runner)
     finally:
         reader.close()
-
-
-def _terminate_other_sessions(url: str) -> int:
-    with sa.create_engine(url, poolclass=sa.NullPool).connect() as admin:
-        return int(
-            admin.exec_driver_sql(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).scalar_one()
-        )
 
 
 __all__ = ["reference"]  # the memory registry the answers are held to (a fixture)
@@ -143,9 +134,9 @@ def test_async_reader_replaces_a_session_the_server_ended_unseen(
     assert awaited.resolve_many([caller]) == [INSTANCES[0]]
     registry.close()  # the thread's pool: only the reader's session is left to end
     for _ in range(3):
-        assert _terminate_other_sessions(postgres_url) >= 1
+        assert end_other_sessions(postgres_url) >= 1
         assert awaited.resolve_many([caller]) == [INSTANCES[0]]
-        assert _terminate_other_sessions(postgres_url) >= 1
+        assert end_other_sessions(postgres_url) >= 1
         assert awaited.resolve_many(both) == [INSTANCES[0]] * 2
 
 

@@ -25,6 +25,7 @@ from meta169.model import Caller, Instance, MetadataOptions, Network, Port, Rout
 from meta169.registry import Registry, open_registry
 from meta169.registry.base import Resolution
 from meta169.registry.memory import MemoryRegistry
+from tests.integration.conftest_postgres import end_other_sessions
 
 NETWORKS = {
     "net-a": "10.0.0.0/24",
@@ -223,11 +224,7 @@ def test_registry_pooled_connections_ended_by_the_server_are_replaced_unseen(pos
             a.exec_driver_sql("SELECT 1")
             b.exec_driver_sql("SELECT 1")
         assert registry.resolve_many([caller]) == [INSTANCES[0]]
-        with sa.create_engine(postgres_url, poolclass=sa.NullPool).connect() as admin:
-            ended = admin.exec_driver_sql(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).scalar_one()
+        ended = end_other_sessions(postgres_url)
         assert ended >= 2
         for _ in range(3):
             assert registry.resolve_many([caller]) == [INSTANCES[0]]
@@ -298,7 +295,6 @@ def test_registry_session_ended_before_its_socket_shows_it_is_read_again_on_a_fr
     (after a PostgreSQL restart: a 503 for a caller, a poll or a password read that
     need not fail). With every socket taken for quiet, each read still gives the
     answer it gave before (the pool is emptied and the read made again once)."""
-    import sqlalchemy as sa
 
     from meta169.registry import sql as sql_registry
 
@@ -308,11 +304,7 @@ def test_registry_session_ended_before_its_socket_shows_it_is_read_again_on_a_fr
         registry.set_password(_FULL, "s3cret")
         before = READS[read](registry)
         monkeypatch.setattr(sql_registry, "_readable", lambda *_: False)
-        with sa.create_engine(postgres_url, poolclass=sa.NullPool).connect() as admin:
-            ended = admin.exec_driver_sql(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).scalar_one()
+        ended = end_other_sessions(postgres_url)
         assert ended >= 1
         assert READS[read](registry) == before
     finally:
@@ -325,7 +317,6 @@ def test_registry_write_on_a_session_the_server_ended_is_not_made_again(
 ) -> None:
     """Only reads are made again: a write that failed may have reached the server,
     so its caller hears the outage (and the next write works)."""
-    import sqlalchemy as sa
 
     from meta169.registry import sql as sql_registry
 
@@ -333,11 +324,7 @@ def test_registry_write_on_a_session_the_server_ended_is_not_made_again(
     try:
         _fill(registry)
         monkeypatch.setattr(sql_registry, "_readable", lambda *_: False)
-        with sa.create_engine(postgres_url, poolclass=sa.NullPool).connect() as admin:
-            admin.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
+        assert end_other_sessions(postgres_url) >= 1
         with pytest.raises(RegistryUnavailable):
             registry.set_password(_FULL, "s3cret")
         registry.set_password(_FULL, "s3cret")

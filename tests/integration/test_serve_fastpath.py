@@ -34,8 +34,8 @@ from meta169.registry.memory import MemoryRegistry
 from meta169.render import RenderOptions
 from tests.capabilities import require
 from tests.http_parse import parse_request
-from tests.integration.serving import get, in_process, proxy_in_process
-from tests.scrape import scrape, total, value
+from tests.integration.serving import get, in_process, metrics_after_first_poll, proxy_in_process
+from tests.scrape import scrape, total
 
 UUID = "5e0c2d9a-8d8c-4f6e-9c1a-0d9c2b7f1a11"
 OTHER_UUID = "7a1f3c22-2b4d-4e8f-8a0b-6c5d4e3f2a10"
@@ -125,6 +125,16 @@ def _without_seed(reply: bytes) -> bytes:
     return reply[:start] + reply[reply.index(b'"', start) :]
 
 
+def _tokens_required_app() -> tuple[MetadataApp, wire.Answer, SiteCache, KeyRing]:
+    """An app on a network listener for an instance that requires IMDSv2 tokens."""
+    cache = SiteCache(_registry(MetadataOptions(http_tokens="required")), RenderOptions())
+    ring = KeyRing.generate()
+    app = MetadataApp(cache, Binding("network", "net-a"), token_keys=ring)
+    fast = app.fast_path(Limits())
+    assert fast is not None
+    return app, fast, cache, ring
+
+
 @pytest.fixture
 def app_and_fast() -> Iterator[tuple[MetadataApp, wire.Answer, SiteCache, MemoryRegistry]]:
     registry = _registry()
@@ -205,12 +215,7 @@ def test_fastpath_answers_a_whole_version_after_its_first_document(
 def test_fastpath_takes_a_token_from_its_first_use() -> None:
     """A token serve just issued is known to the fast path: the guest's first request
     with it is not a trip through the Python path."""
-    registry = _registry(MetadataOptions(http_tokens="required"))
-    cache = SiteCache(registry, RenderOptions())
-    ring = KeyRing.generate()
-    app = MetadataApp(cache, Binding("network", "net-a"), token_keys=ring)
-    fast = app.fast_path(Limits())
-    assert fast is not None
+    app, fast, cache, _ = _tokens_required_app()
     try:
 
         async def issue() -> str:
@@ -272,12 +277,7 @@ def test_fastpath_declines_what_the_python_path_must_judge(
 
 
 def test_fastpath_with_tokens_required_answers_only_valid_tokens() -> None:
-    registry = _registry(MetadataOptions(http_tokens="required"))
-    cache = SiteCache(registry, RenderOptions())
-    ring = KeyRing.generate()
-    app = MetadataApp(cache, Binding("network", "net-a"), token_keys=ring)
-    fast = app.fast_path(Limits())
-    assert fast is not None
+    app, fast, cache, ring = _tokens_required_app()
     try:
 
         async def run() -> None:
@@ -574,13 +574,7 @@ def test_serve_pipeline_goes_back_to_the_compiled_path_after_a_python_request(tm
     )
     known = "/latest/meta-data/instance-id"
     with _running(config, _registry()) as running, socket.socket(socket.AF_UNIX) as sock:
-        assert running.ops is not None
-        metrics = running.ops.address.port
-        deadline = time.monotonic() + 5
-        # A lookup overlapping the first registry poll is served but not cached.
-        while value(scrape(metrics), "meta169_serve_registry_polls_total", result="ok") < 2:
-            assert time.monotonic() < deadline, "no registry poll"
-            time.sleep(0.02)
+        metrics = metrics_after_first_poll(running)
         sock.settimeout(5)
         sock.connect(str(path))
         sock.sendall(_stamped(known))
@@ -700,13 +694,7 @@ def test_serve_imdsv2_clients_stay_on_the_fast_path(tmp_path: Path) -> None:
         metrics_listen=ListenAddress("127.0.0.1", 0),
     )
     with _running(config, _registry(MetadataOptions(http_tokens="required"))) as running:
-        assert running.ops is not None
-        metrics = running.ops.address.port
-        deadline = time.monotonic() + 5
-        # A lookup overlapping the first registry poll is served but not cached.
-        while value(scrape(metrics), "meta169_serve_registry_polls_total", result="ok") < 2:
-            assert time.monotonic() < deadline, "no registry poll"
-            time.sleep(0.02)
+        metrics = metrics_after_first_poll(running)
         direct = (running.addresses[0].host, running.addresses[0].port)
         with proxy_in_process(Upstream(UpstreamSpec(unix_path=sock_path)), Binding("network", "net-a")) as proxy:
             for address in (direct, proxy):

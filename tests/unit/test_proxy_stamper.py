@@ -29,12 +29,21 @@ class _Recorder(Upstream):
         super().__init__(UpstreamSpec())
         self.sent: list[bytes] = []
         self.pipelined: list[bool] = []
+        self.affinity: list[int | None] = []
 
     def request(
-        self, payload: bytes, convert: Any, sink: Any, *, pipeline: bool = False, idempotent: bool = True
+        self,
+        payload: bytes,
+        convert: Any,
+        sink: Any,
+        *,
+        pipeline: bool = False,
+        idempotent: bool = True,
+        affinity: int | None = None,
     ) -> None:
         self.sent.append(payload)
         self.pipelined.append(pipeline)
+        self.affinity.append(affinity)
 
 
 @pytest.fixture(scope="module", params=[Binding("network", "net-a"), Binding("router", "router-1")], ids=str)
@@ -95,6 +104,11 @@ def test_proxy_pipelines_only_bodiless_gets_upstream(app: tuple[ProxyApp, _Recor
     proxy(Request("POST", b"/openstack/latest/password", {}, b"secret", PEER, True))
     assert upstream.pipelined[-5:] == [True, True, True, False, False]
     assert [p.split(b" ", 1)[0] for p in upstream.sent[-5:]] == [b"GET", b"GET", b"GET", b"PUT", b"POST"]
+    # Whichever path stamped them, one guest's requests name one caller to the upstream
+    # (its node when there are several), and another guest another.
+    assert len(set(upstream.affinity[-5:])) == 1 and upstream.affinity[-1] is not None
+    proxy(Request("GET", b"/latest/meta-data/", {"x-aws-ec2-metadata-token": "t"}, b"", "10.0.0.12", True))
+    assert upstream.affinity[-1] != upstream.affinity[-2]
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ content (``render``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -713,9 +714,16 @@ def _section_entries(site: Site, path: str) -> list[tuple[bytes, wire.WireEntry]
         else:
             continue
         head = document_head(doc.content_type, length)
-        raw = k.encode("ascii")
+        raw = _key_bytes(k)
         for asked in (raw, raw + b"/") if k in listings else (raw,):
             entry = _wire_entry(asked, doc, length, head)
             if entry is not None:
                 out.append((asked, entry))
     return out
+
+
+@functools.lru_cache(maxsize=8192)
+def _key_bytes(key: str) -> bytes:
+    """A document key as the fast path looks it up: one bytes object for every caller
+    (sites share most keys), not one per caller and document."""
+    return key.encode("ascii")

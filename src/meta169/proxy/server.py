@@ -205,7 +205,13 @@ class ProxyApp:
         if req.prepared is not None:
             later = Later()
             # The stamped request is always a body-less GET (a HEAD is asked as GET).
-            self._upstream.request(req.prepared, _relay_head if req.method == "HEAD" else _relay, later, pipeline=True)
+            self._upstream.request(
+                req.prepared,
+                _relay_head if req.method == "HEAD" else _relay,
+                later,
+                pipeline=True,
+                affinity=hash((req.peer_key, self._scope_text)),
+            )
             return later
         if self._metrics is not None:
             self._metrics.requests.inc(_VIA_PYTHON)
@@ -244,6 +250,8 @@ class ProxyApp:
             later,
             pipeline=pipeline,
             idempotent=upstream_method in IDEMPOTENT,
+            # One node answers each caller: its cache, tokens and rate limit are there.
+            affinity=hash((peer, self._scope_text)),
         )
         return later
 

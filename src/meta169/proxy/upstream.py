@@ -11,10 +11,16 @@ sweep a fraction of the reply timeout long finds requests past their deadline.
 Only opening a new connection awaits. GETs that arrive together are pipelined on
 one connection (see :class:`Upstream`).
 
-Each upstream (``--upstream``, repeatable) has a pool of its own. A request goes to
-the pool, among those marked up, with the fewest requests outstanding (ties taken in
-turn), so a node that answers slowly gets less. What a guest sees when something
-fails (it never hangs):
+Each upstream (``--upstream``, repeatable) has a pool of its own. A request that
+names its caller (``affinity``) goes to that caller's pool among those marked up,
+chosen by rendezvous hashing, so that one node holds each caller's cache, its
+IMDSv2 tokens and its rate limit, and a node that goes down moves only its own
+callers; unless that pool has more than its share of the requests outstanding
+(AFFINITY_BALANCE times the mean, bounded loads as in haproxy's
+``hash-balance-factor``). Any other request, and one its caller's pool cannot take
+now, goes to the pool with the fewest requests outstanding (ties taken in turn), so
+a node that answers slowly gets less. What a guest sees when something fails (it
+never hangs):
 
 - a connection cannot be opened: its pool is marked down and its requests, never
   sent, go to a pool they have not tried; with none left, 502;
@@ -75,6 +81,9 @@ MAX_HEAD = 64 << 10
 PIPELINE_DEPTH = 8
 # Requests waiting for a connection to serve at most, over all upstreams.
 QUEUE_LIMIT = 4096
+# A caller's pool takes its requests while it has at most this times the mean of the
+# requests outstanding (and at least PIPELINE_DEPTH): haproxy's hash-balance-factor 150.
+AFFINITY_BALANCE = 1.5
 # Seconds between two looks at each upstream's health.
 CHECK_INTERVAL = 1.0
 # A request is sent again at most this many times after a connection closed under
@@ -134,6 +143,7 @@ class _Pending(Generic[T]):
     and what may be done with it when a connection fails."""
 
     __slots__ = (
+        "affinity",
         "convert",
         "deadline",
         "done",
@@ -172,6 +182,7 @@ class _Pending(Generic[T]):
         self.resends = 0
         self.tried = 0  # bit i: placed on pool i once
         self.done = False
+        self.affinity: int | None = None  # the caller's hash, when it has a pool of its own
 
 
 class _Conn(asyncio.Protocol):
@@ -595,16 +606,19 @@ class Upstream:
         *,
         pipeline: bool = False,
         idempotent: bool = True,
+        affinity: int | None = None,
     ) -> None:
         """Send one complete request; ``sink`` gets ``convert(reply)`` or an HTTPError.
         ``pipeline``: a GET without body, which may share a connection.
-        ``idempotent``: safe to send again after it was written (not a POST)."""
+        ``idempotent``: safe to send again after it was written (not a POST).
+        ``affinity``: a hash of the caller, whose requests then go to one node."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         started = time.perf_counter() if self._metrics is not None else 0.0
         pending = cast("_Pending[object]", _Pending(payload, convert, sink, deadline, pipeline, started, idempotent))
+        pending.affinity = affinity
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         single = self._single
@@ -640,6 +654,12 @@ class Upstream:
             count = len(pools)
             turn = self._turn = (self._turn + 1) % count
             usable.sort(key=lambda p: (bool(tried & p.bit), p.outstanding, (p.index - turn) % count))
+            affinity = pending.affinity
+            if affinity is not None:
+                home = max(usable, key=lambda p: hash((affinity, p.index)))
+                if home is not usable[0] and not tried & home.bit and home.outstanding < _share(usable):
+                    usable.remove(home)
+                    usable.insert(0, home)
         return usable
 
     def _wait(self, pending: _Pending[object], front: bool) -> None:
@@ -874,6 +894,13 @@ class Upstream:
 
 _LOST = ("lost",)
 _CONNECT = ("connect",)
+
+
+def _share(pools: Sequence[_Pool]) -> float:
+    """How many requests outstanding a caller's pool may have and still take the
+    caller's next one (bounded loads: Mirrokni, Thorup and Zadimoghaddam, 2018)."""
+    mean = (sum(p.outstanding for p in pools) + 1) / len(pools)
+    return max(float(PIPELINE_DEPTH), AFFINITY_BALANCE * mean)
 
 
 def _ignore(task: asyncio.Task[None]) -> None:
