@@ -122,3 +122,20 @@ def test_site_sections_cover_every_version_once() -> None:
     assert section_of("/") == ("ec2", "")
     assert section_of("/2009-04-04/dynamic") == ("ec2", "2009-04-04")
     assert section_of("/openstack/1.0") is None and section_of("/2013-04-04") is None
+
+
+@pytest.mark.parametrize(("make", "options"), CASES)
+def test_site_section_keys_are_the_keys_of_one_section(make: Any, options: RenderOptions) -> None:
+    """What the fast path is given after a caller's first document of a version: the
+    keys of exactly that section, of a site rendered whole or a section at a time."""
+    whole = build_site(make(), NETWORKS, options)
+    by_section: dict[object, set[str]] = {}
+    for key in whole.documents:
+        by_section.setdefault(section_of(key), set()).add(key)
+    assert None not in by_section
+    for key in whole.documents:
+        assert set(whole.section_keys(key)) == by_section[section_of(key)], key
+        lazy = Site.lazily(make(), NETWORKS, options)
+        assert lazy.get(key) is not None
+        assert set(lazy.section_keys(key)) == by_section[section_of(key)], key
+    assert whole.section_keys("/nope") == () and whole.section_keys("/openstack/2001-01-01/x") == ()

@@ -12,7 +12,7 @@ TTL 1..21600 seconds, 400 for a missing or bad TTL, 401 for an invalid or expire
 token.
 
 :class:`Validated` is the one piece of state: a bounded record of tokens this
-process has already found valid, which the compiled fast path (``http.wire``)
+process issued or has already found valid, which the compiled fast path (``http.wire``)
 reads to accept a repeat without the HMAC; anything it does not hold is checked
 here again. It is a cache of verdicts, never a source of validity.
 """

@@ -2,13 +2,15 @@
 framing of serve's replies, and the rate-limit bucket it shares with Python.
 
 A booting guest asks for the same few dozen documents everyone asks for; once the
-Python path has answered a document for a caller, it records the encoded reply in
-that caller's *wire table*, and the next identical request is answered by one call
-into ``_wire.c``: recognise the request, find the table and the path, take a token
-from the instance's bucket, assemble the reply. Anything else (percent-encoding,
-bodies, odd framing, misses, and every header the Python path reads) is declined
-and answered by the Python path, which stays the single definition of behaviour:
-the fast path only ever repeats an answer that path gave.
+Python path has answered a document of a version for a caller, it records in that
+caller's *wire table* the encoded replies it gives for every document of that
+version, and the next request for any of them is answered by one call into
+``_wire.c``: recognise the request, find the table and the path, take a token from
+the instance's bucket, assemble the reply. Anything else (percent-encoding, bodies,
+odd framing, misses, and every header the Python path reads) is declined and
+answered by the Python path, which stays the single definition of behaviour: the
+fast path only ever gives an answer that path gives (the tests compare them for
+every document of a site).
 
 Where the rules come from: ``_wire.c`` itself knows only HTTP/1.1 framing (RFC 9112:
 the request line, header syntax, Content-Length, Transfer-Encoding, Connection,

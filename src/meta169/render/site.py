@@ -85,8 +85,6 @@ class Site:
     instance: Instance
     _documents: dict[str, Document] = field(repr=False)
     _renderer: _Renderer | None = field(default=None, repr=False)
-    # The keys of each section rendered here, for section_keys.
-    _sections: dict[Section, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def lazily(
@@ -151,20 +149,26 @@ class Site:
         return None if canonical is None else self.get(canonical)
 
     def section_keys(self, key: str) -> tuple[str, ...]:
-        """Every key of the section that holds ``key`` once it is rendered (a guest
-        that asks one document of a version asks its others next), or () for a site
-        made from its documents."""
+        """The keys rendered so far of the section that would hold ``key`` (a guest
+        that asks one document of a version asks its others next). Found by prefix
+        each time rather than indexed: an index would cost every site rendered ahead
+        (thousands, most never asked) about 5 KB."""
         section = section_of(key)
-        return () if section is None else self._sections.get(section, ())
+        if section is None:
+            return ()
+        tree, version = section
+        documents = self._documents
+        if not version:
+            root = "/" if tree == _EC2 else "/openstack"
+            return (root,) if root in documents else ()
+        top = f"/{version}" if tree == _EC2 else f"/openstack/{version}"
+        under = top + "/"
+        return tuple(k for k in documents if k.startswith(under) or k == top)
 
     def _render(self, renderer: _Renderer, section: Section) -> None:
         documents = self._documents
-        keys = []
         for path, doc in renderer.render(section).items():
-            key = sys.intern(path)
-            documents[key] = doc
-            keys.append(key)
-        self._sections[section] = tuple(keys)
+            documents[sys.intern(path)] = doc
         renderer.left.discard(section)
         if not renderer.left:
             self._renderer = None  # its memos go with it
