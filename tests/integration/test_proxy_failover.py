@@ -409,6 +409,11 @@ def test_proxy_failover_sigkill_of_one_node_fails_no_guest_request(tmp_path: Pat
             samples = scrape(proxy_metrics)
             assert value(samples, "meta169_proxy_upstream_up", upstream=f"unix:{sock_a}") == 0
             assert value(samples, "meta169_proxy_upstream_up", upstream=f"unix:{sock_b}") == 1
+            # Both nodes had guests of their own; what node a left went to node b.
+            replies_a = value(samples, "meta169_proxy_upstream_replies_total", upstream=f"unix:{sock_a}")
+            replies_b = value(samples, "meta169_proxy_upstream_replies_total", upstream=f"unix:{sock_b}")
+            assert 0 < replies_a < replies_b
+            assert value(samples, "meta169_proxy_upstream_outstanding", upstream=f"unix:{sock_b}") == 0
             assert total(samples, "meta169_proxy_upstream_retries_total") >= 1
             assert total(samples, "meta169_proxy_upstream_errors_total") == 0
 

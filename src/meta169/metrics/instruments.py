@@ -220,9 +220,15 @@ class ProxyMetrics(Metrics):
         self.stamped_closed = 0
         self.reader(self._stamped)
 
-    def watch_upstreams(self, states: Callable[[], Sequence[tuple[str, bool]]], waiting: Callable[[], int]) -> None:
+    def watch_upstreams(
+        self,
+        states: Callable[[], Sequence[tuple[str, bool]]],
+        waiting: Callable[[], int],
+        loads: Callable[[], Sequence[tuple[str, int, int]]],
+    ) -> None:
         """Read at every scrape: each upstream's address and whether it is marked up,
-        and the number of requests waiting for a connection."""
+        the number of requests waiting for a connection, and each upstream's replies
+        ever and requests outstanding."""
 
         def read() -> Iterable[Family]:
             up = Family(
@@ -235,7 +241,22 @@ class ProxyMetrics(Metrics):
                 up.values[(name,)] = 1.0 if is_up else 0.0
             queued = Family("meta169_proxy_upstream_queued", "gauge", "Requests waiting for a connection to serve now.")
             queued.values[()] = float(waiting())
-            return (up, queued)
+            replies = Family(
+                "meta169_proxy_upstream_replies_total",
+                "counter",
+                "Replies read from each upstream (serve node); each guest keeps to one node while it is up.",
+                ("upstream",),
+            )
+            outstanding = Family(
+                "meta169_proxy_upstream_outstanding",
+                "gauge",
+                "Requests sent to each upstream whose replies are not read yet.",
+                ("upstream",),
+            )
+            for name, read, pending in loads():
+                replies.values[(name,)] = float(read)
+                outstanding.values[(name,)] = float(pending)
+            return (up, queued, replies, outstanding)
 
         self.reader(read)
 

@@ -596,7 +596,7 @@ class Upstream:
         self._probes: set[asyncio.Task[None]] = set()
         self._closing = False
         if metrics is not None:
-            metrics.watch_upstreams(self.states, self.waiting)
+            metrics.watch_upstreams(self.states, self.waiting, self.loads)
 
     def request(
         self,
@@ -862,6 +862,11 @@ class Upstream:
     def states(self) -> list[tuple[str, bool]]:
         """Each upstream's address and whether it is marked up, in the order given."""
         return [(pool.name, pool.up) for pool in self._pools]
+
+    def loads(self) -> list[tuple[str, int, int]]:
+        """Each upstream's address, the replies read from it ever, and its requests
+        outstanding now: how the guests spread over the nodes."""
+        return [(pool.name, pool.replies, pool.outstanding) for pool in self._pools]
 
     def waiting(self) -> int:
         """Requests waiting for a connection now."""
