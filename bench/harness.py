@@ -371,14 +371,14 @@ def machine_cpu() -> float:
 def process_cpu(pids: Sequence[int]) -> float:
     """CPU seconds used so far by these processes and their direct children."""
     total = 0
-    for p in _families(pids):
+    for p in families(pids):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / _TICK
 
 
-def _families(pids: Sequence[int]) -> list[str]:
+def families(pids: Sequence[int]) -> list[str]:
     """These processes and their direct children, as /proc names them."""
     family: list[str] = []
     for pid in pids:
@@ -393,7 +393,7 @@ def run_queue_wait(pids: Sequence[int]) -> float:
     runnable for a CPU (schedstat's run_delay, proc(5)): what a busy machine adds to
     their latency, besides the work itself."""
     total = 0
-    for p in _families(pids):
+    for p in families(pids):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             for task in Path(f"/proc/{p}/task").iterdir():
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError, ValueError):

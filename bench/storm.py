@@ -59,6 +59,7 @@ from bench.harness import (
     Cleanup,
     Proc,
     Settings,
+    families,
     machine_cpu,
     memory,
     meta169_registry,
@@ -96,6 +97,7 @@ class StormOptions:
     kinds: tuple[str, ...] = DEFAULT_KINDS
     registry: str = "sqlite"
     workers: int = 1
+    proxy_workers: int = 1
     paths: tuple[str, ...] = ("neutron", "meta169")
     cloudinit: int = 0
     reboot: bool = True
@@ -108,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routers", type=int, default=10, help="router namespaces the guests are spread over (10)")
     g.add_argument("--serve-nodes", type=int, default=1, help="serve processes behind the hop (K, default 1)")
     g.add_argument("--serve-workers", type=int, default=1, help="--workers of each serve node (default 1)")
+    g.add_argument("--proxy-workers", type=int, default=1, help="--workers of meta169 proxy (default 1)")
     g.add_argument(
         "--kill-one",
         action="store_true",
@@ -155,6 +158,7 @@ def options(args: argparse.Namespace) -> StormOptions:
         kinds=tuple(k for k in args.datasources.split(",") if k),
         registry=args.registry,
         workers=max(1, args.serve_workers),
+        proxy_workers=max(1, args.proxy_workers),
         paths=paths,
         cloudinit=args.cloudinit,
         reboot=not args.no_reboot,
@@ -271,7 +275,13 @@ def start_nodes(
 
 
 def start_proxy(
-    settings: Settings, cleanup: Cleanup, work: Path, topo: Topology, upstreams: Sequence[Path], label: str
+    settings: Settings,
+    cleanup: Cleanup,
+    work: Path,
+    topo: Topology,
+    upstreams: Sequence[Path],
+    label: str,
+    workers: int = 1,
 ) -> Proc:
     listeners = [
         {"netns": r.netns, "address": "0.0.0.0", "port": storm_net.PROXY_PORT, "network": r.network}
@@ -279,7 +289,7 @@ def start_proxy(
     ]
     lfile = work / f"{label}-listeners.json"
     lfile.write_text(json.dumps({"listeners": listeners}))
-    argv = [str(settings.meta169), "proxy", "--listeners", str(lfile)]
+    argv = [str(settings.meta169), "proxy", "--listeners", str(lfile), "--workers", str(workers)]
     for sock in upstreams:
         argv += ["--upstream", f"unix:{sock}"]
     proc = spawn("meta169 proxy", argv, cleanup=cleanup, log=work / f"{label}-proxy.log")
@@ -362,7 +372,7 @@ def storm(
             if name.startswith(KERNEL):
                 continue
             now, peak = 0, 0
-            for pid in pids:
+            for pid in map(int, families(pids)):  # with --workers, each process's own
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                     now += memory(pid).rss
                     peak += peak_rss_kb(pid)
@@ -460,9 +470,9 @@ def run(settings: Settings, cleanup: Cleanup, work: Path, opts: StormOptions) ->
             result = Measured(NEUTRON, len(topo.guests), k, 1)
         else:
             upstreams = nodes.sockets if several else nodes.sockets[:1]
-            proxy = start_proxy(settings, cleanup, work, topo, upstreams, label)
+            proxy = start_proxy(settings, cleanup, work, topo, upstreams, label, opts.proxy_workers)
             stop_hop = proxy.stop
-            watch["meta169 proxy"] = [proxy.pid]
+            watch["meta169 proxy" if opts.proxy_workers == 1 else f"meta169 proxy x{opts.proxy_workers}"] = [proxy.pid]
             result = Measured(KILLED if label == "killed" else MINE, len(topo.guests), k, len(upstreams))
         for i, node in enumerate(nodes.procs, 1):
             watch[f"serve node {i}"] = [node.pid]

@@ -580,11 +580,19 @@ def _parse_binding(text: str) -> Any:
     show_default=True,
     help="Seconds between health checks of each upstream (skipped while it answers requests).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes, each with every listener (SO_REUSEPORT: the kernel spreads the guests' connections) "
+    "and its own connections to serve: a boot storm's CPU on several cores.",
+)
 @_metrics_listen_option(", in the host's namespace")
 @_allow_empty_option("With --from-registry: start even if the registry holds no instances.")
 @_drain_timeout_option("get their replies")
 @pass_ctx
-def proxy(obj: Ctx, /, **params: Any) -> None:
+def proxy(obj: Ctx, /, workers: int, **params: Any) -> None:
     """Per-namespace metadata proxy: stamp caller identity, forward to serve.
 
     SIGHUP reads the listener file (and the registry) again at once and applies
@@ -601,8 +609,9 @@ def proxy(obj: Ctx, /, **params: Any) -> None:
             config,
             on_ready=lambda n: say(f"meta169 proxy: {n} listeners up"),
             notifier=Notifier.from_environ(),
+            workers=workers,
             health=Health(),
-            reload=_rebuilder(lambda ctx_obj, level, p: _proxy_config(ctx_obj, level, **p)),
+            reload=_rebuilder(lambda ctx_obj, level, p: _proxy_config(ctx_obj, level, **_without(p, "workers"))),
         )
 
 

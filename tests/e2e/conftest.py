@@ -10,6 +10,7 @@ test, or fail it under META169_REQUIRE_E2E=1 (see ``tests.capabilities.require``
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import shutil
@@ -17,11 +18,13 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from meta169.errors import CommandFailed
+from meta169.plumbing import iptables
 from meta169.plumbing import netns as nsmod
 from meta169.plumbing.command import run
 from tests.capabilities import require
@@ -105,6 +108,27 @@ def veth() -> Iterator[Callable[..., tuple[str, str]]]:
         if nsmod.exists(ns):
             with contextlib.suppress(CommandFailed):
                 run(nsmod.ip_argv(ns, "link", "del", name))
+
+
+@dataclass(frozen=True)
+class RoutedGuest:
+    """A router namespace with meta169's REDIRECT rules on its port to a guest namespace
+    at 10.0.0.5/24 (gateway 10.0.0.1)."""
+
+    router: str
+    router_if: str
+    vm: str
+
+
+@pytest.fixture
+def routed_guest(netns: Callable[[], str], veth: Callable[..., tuple[str, str]]) -> RoutedGuest:
+    router, vm = netns(), netns()
+    router_if, vm_if = veth(router, vm)
+    nsmod.add_address(router, router_if, ipaddress.ip_interface("10.0.0.1/24"))
+    nsmod.add_address(vm, vm_if, ipaddress.ip_interface("10.0.0.5/24"))
+    nsmod.add_route(vm, "default", via=ipaddress.ip_address("10.0.0.1"))
+    iptables.apply(router, iptables.router_rules([router_if]))
+    return RoutedGuest(router, router_if, vm)
 
 
 @pytest.fixture

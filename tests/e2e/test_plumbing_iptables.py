@@ -16,6 +16,7 @@ import pytest
 from meta169.plumbing import iptables
 from meta169.plumbing import netns as nsmod
 from meta169.plumbing.command import run
+from tests.e2e.conftest import RoutedGuest
 
 pytestmark = pytest.mark.e2e
 
@@ -125,15 +126,8 @@ def _connect(ns: str, host: str, port: int, timeout: float = 3.0) -> bytes | Non
     return nsmod.call_in_netns(ns, go)
 
 
-def test_iptables_router_rules_redirect_metadata_to_proxy_port_only(
-    netns: Callable[[], str], veth: Callable[..., tuple[str, str]]
-) -> None:
-    router, vm = netns(), netns()
-    router_if, vm_if = veth(router, vm)
-    nsmod.add_address(router, router_if, ipaddress.ip_interface("10.0.0.1/24"))
-    nsmod.add_address(vm, vm_if, ipaddress.ip_interface("10.0.0.5/24"))
-    nsmod.add_route(vm, "default", via=ipaddress.ip_address("10.0.0.1"))
-    iptables.apply(router, iptables.router_rules([router_if]))
+def test_iptables_router_rules_redirect_metadata_to_proxy_port_only(routed_guest: RoutedGuest) -> None:
+    router, vm = routed_guest.router, routed_guest.vm
 
     proxy = nsmod.open_socket_in_netns(
         router, socket.AF_INET, socket.SOCK_STREAM, ipaddress.ip_address("0.0.0.0"), iptables.DEFAULT_PROXY_PORT

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import time
@@ -31,7 +30,6 @@ from meta169.api.config import ServeConfig
 from meta169.api.metadata import MetadataApp
 from meta169.api.ratelimit import Buckets
 from meta169.api.tokens import KeyRing
-from meta169.api.workers import MainLink, ServiceLink, fork_workers
 from meta169.errors import ConfigError, NotFound, RegistryError
 from meta169.health import Health
 from meta169.http import wire
@@ -40,8 +38,9 @@ from meta169.http.limits import Limits
 from meta169.http.listen import LISTEN_BACKLOG, Binding, ListenAddress, open_listen_socket
 from meta169.http.loop import loop_factory
 from meta169.http.protocol import ConnectionTracker, HTTPProtocol, Ticker
+from meta169.http.workers import MainLink, ServiceLink, fork_workers, reap
 from meta169.logs import AccessLog
-from meta169.metrics.endpoint import Exporter, ExportSockets, OpsServer, start_ops
+from meta169.metrics.endpoint import ExportSockets, OpsServer, export_metrics
 from meta169.metrics.instruments import ServeMetrics
 from meta169.registry import Registry, describe_registry_url, open_registry
 from meta169.render import RenderOptions
@@ -253,18 +252,12 @@ async def start(
     return running
 
 
-async def _export(running: RunningServer, metrics: ServeMetrics, export: ExportSockets) -> None:
+async def _export(running: RunningServer, metrics: ServeMetrics, sockets: ExportSockets) -> None:
     """Serve the operations endpoints, or, in a worker, answer the main process's scrapes."""
-    running.export = export
-    if export.worker:
-        if export.hub is not None:
-            running._tasks.append(asyncio.get_running_loop().create_task(export.hub.answer(metrics.snapshot)))
-        return
-    assert export.sock is not None
-    running.ops = await start_ops(export.sock, Exporter("serve", metrics, export.hub), running.health)
-    export.sock = None  # the server owns it now
-    if export.hub is not None:
-        export.hub.start()
+    running.export = sockets
+    running.ops, answering = await export_metrics(sockets, "serve", metrics, running.health)
+    if answering is not None:
+        running._tasks.append(answering)
 
 
 def prerender_scope(config: ServeConfig) -> Scope:
@@ -448,37 +441,9 @@ def run(
         # The loop restored SIGHUP's default action when it closed.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         link.close()
-        _reap(children, config.drain_timeout)
+        reap(children, config.drain_timeout)
     if stopping_since is not None:
         log.info("stopped after %.1f s", time.monotonic() - stopping_since)
-
-
-def _reap(children: Sequence[int], drain_timeout: float) -> None:
-    """Wait for the workers to finish their own drain; kill any that outlive it."""
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    pending = set(children)
-    deadline = time.monotonic() + drain_timeout + 5.0
-    while pending:
-        for pid in list(pending):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                pending.discard(pid)
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            for pid in pending:
-                log.error("worker %d did not stop %.0f s after the drain timeout: killing it", pid, 5.0)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-            return
-        time.sleep(0.05)
 
 
 async def _serve_until_signal(

@@ -154,6 +154,25 @@ class ExportSockets:
             self.hub.close()
 
 
+async def export_metrics(
+    sockets: ExportSockets, role: str, metrics: Metrics, health: Health | None = None
+) -> tuple[OpsServer | None, asyncio.Task[None] | None]:
+    """Start what this process does for ``/metrics``: in the main process, the
+    operations listener on the socket opened before forking (it owns it from now on)
+    and the hub its workers report to; in a worker, its answers to the hub's
+    scrapes. Returns the listener or the answering task, for the caller to stop."""
+    if sockets.worker:
+        if sockets.hub is None:
+            return None, None
+        return None, asyncio.get_running_loop().create_task(sockets.hub.answer(metrics.snapshot))
+    assert sockets.sock is not None
+    ops = await start_ops(sockets.sock, Exporter(role, metrics, sockets.hub), health)
+    sockets.sock = None
+    if sockets.hub is not None:
+        sockets.hub.start()
+    return ops, None
+
+
 async def start_ops(
     where: ListenAddress | socket.socket, exporter: Exporter, health: Health | None = None
 ) -> OpsServer:

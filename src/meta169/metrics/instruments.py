@@ -234,8 +234,10 @@ class ProxyMetrics(Metrics):
             up = Family(
                 "meta169_proxy_upstream_up",
                 "gauge",
-                "1 while an upstream (serve node) is marked up, 0 while down (connect or health check failed).",
+                "1 while an upstream (serve node) is marked up, 0 while down (connect or health check failed); "
+                "with --workers, 0 while any worker has it down.",
                 ("upstream",),
+                merge="min",
             )
             for name, is_up in states():
                 up.values[(name,)] = 1.0 if is_up else 0.0

@@ -350,6 +350,7 @@ def open_socket_in_netns(
     freebind: bool = False,
     transparent: bool = False,
     reuse_addr: bool = True,
+    reuse_port: bool = False,
     v6only: bool | None = None,
     interface: str | None = None,
     backlog: int = 128,
@@ -359,7 +360,9 @@ def open_socket_in_netns(
     ``freebind`` allows binding an address not (yet) configured, such as a tentative
     IPv6 one; ``transparent`` sets IP_TRANSPARENT (needs CAP_NET_ADMIN).
     ``interface`` gives the scope of an IPv6 link-local address (fe80::a9fe:a9fe),
-    resolved inside the namespace. The returned socket is blocking; asyncio's
+    resolved inside the namespace. ``reuse_port`` lets other sockets of this user
+    that set it too bind the same address, the kernel spreading the connections over
+    them (SO_REUSEPORT, socket(7)). The returned socket is blocking; asyncio's
     ``create_server(sock=...)`` takes it as is.
     """
     if family not in (socket.AF_INET, socket.AF_INET6):
@@ -381,6 +384,8 @@ def open_socket_in_netns(
             v6 = family == socket.AF_INET6
             if reuse_addr:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
             if freebind:
                 sock.setsockopt(level, _IPV6_FREEBIND if v6 else _IP_FREEBIND, 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -26,7 +27,8 @@ from meta169.errors import ConfigError, RegistryError, ValidationError
 from meta169.health import Health
 from meta169.http.lifecycle import Recheck, Signals, drain, reload_config, restart_needed, warn_restart_needed
 from meta169.http.listen import Binding, ListenAddress
-from meta169.metrics.endpoint import Exporter, OpsServer, start_ops
+from meta169.http.workers import MainLink, ServiceLink, fork_workers, reap
+from meta169.metrics.endpoint import ExportSockets, OpsServer, export_metrics
 from meta169.metrics.instruments import ProxyMetrics
 from meta169.model import parse_ip
 from meta169.proxy.server import (
@@ -35,10 +37,11 @@ from meta169.proxy.server import (
     listeners_from_topology,
     load_listener_file,
     netns_exists,
+    open_in_namespace,
     watch,
 )
 from meta169.proxy.upstream import CHECK_INTERVAL, QUEUE_LIMIT, Upstream, UpstreamSpec
-from meta169.sdnotify import Notifier, ping_watchdog
+from meta169.sdnotify import Notifier
 
 log = logging.getLogger("meta169.proxy")
 
@@ -177,27 +180,40 @@ async def serve_proxy(
     health: Health | None = None,
     reload: Callable[[], ProxyConfig] | None = None,
     signals: Signals | None = None,
+    link: ServiceLink | None = None,
+    exports: ExportSockets | None = None,
+    shared: bool = False,
 ) -> float:
     """Serve until ``stop`` is set, then drain; returns when the stop began (monotonic).
 
-    ``notifier`` hears READY=1 once the first listeners are open, RELOADING=1 and
+    ``notifier`` hears READY=1 once the first listeners are open (with ``link``, a
+    worker's or the main process's end, once every process's are), RELOADING=1 and
     READY=1 around a reload, STOPPING=1 at the stop. ``reload`` rebuilds the
-    configuration when ``signals`` (installed by the caller) gets SIGHUP.
+    configuration when ``signals`` (installed by the caller) gets SIGHUP. ``exports``
+    is what ``run_proxy`` opened for the metrics before forking workers; with
+    ``shared`` (workers) each listener is opened beside the other processes' own
+    (SO_REUSEPORT).
     """
-    notifier = notifier if notifier is not None else Notifier()
+    link = link if link is not None else MainLink(notifier if notifier is not None else Notifier(), {})
+    notifier = link.notifier
     running = _Running(config, health if health is not None else Health())
     metrics = ProxyMetrics() if config.metrics_listen is not None else None
     upstream = Upstream(config.upstreams, metrics=metrics, queue_limit=config.queue_limit)
     upstream.start_checks(config.check_interval)
-    server = ProxyServer(upstream, secret=config.secret, metrics=metrics)
+    opener = functools.partial(open_in_namespace, shared=shared)
+    server = ProxyServer(upstream, secret=config.secret, metrics=metrics, opener=opener)
     ops: OpsServer | None = None
+    tasks: list[asyncio.Task[None]] = []
     if metrics is not None and config.metrics_listen is not None:
-        ops = await start_ops(config.metrics_listen, Exporter("proxy", metrics), running.health)
+        sockets = exports if exports is not None else ExportSockets.open(config.metrics_listen)
+        ops, answering = await export_metrics(sockets, "proxy", metrics, running.health)
+        if answering is not None:
+            tasks.append(answering)
     initial = running.source()
     errors = await server.reconcile(initial)
     for err in errors:
         log.error("%s", err)
-    tasks = [
+    tasks += [
         asyncio.get_running_loop().create_task(_check_listeners(running, server)),
         asyncio.get_running_loop().create_task(_check_upstreams(running, upstream)),
     ]
@@ -212,19 +228,22 @@ async def serve_proxy(
             await reload_config(rebuild, running.reconfigure, notifier)
 
         signals.set_reload(on_reload)
-    if on_ready is not None:
-        on_ready(len(server.listeners))
     failed = f", {len(errors)} failed (see the log)" if errors else ""
     targets = ", ".join(str(spec) for spec in config.upstreams)
-    notifier.ready(f"proxying {len(server.listeners)} listeners to {targets}{failed}")
-    tasks.append(asyncio.get_running_loop().create_task(ping_watchdog(notifier)))
+    processes = f" in {link.workers} processes" if link.workers > 1 else ""
+    ready = f"proxying {len(server.listeners)} listeners to {targets}{processes}{failed}"
     try:
+        # READY=1 once every worker listens too (a worker lost first: WorkerLost).
+        await _until_ready(link, ready, stop)
+        if on_ready is not None and not stop.is_set():
+            on_ready(len(server.listeners))
         stopper = asyncio.get_running_loop().create_task(_relay(stop, running))
         tasks.append(stopper)
         while not stop.is_set():
             running.kick.clear()
             await watch(server, running.source, interval=running.config.interval, stop=running.kick)
         since = time.monotonic()
+        link.stopping()  # workers exit now on purpose
         notifier.stopping("draining connections")
         await server.reconcile([])  # stop accepting; the upstream stays for the replies in flight
         ticker = server.ticker
@@ -235,7 +254,20 @@ async def serve_proxy(
             task.cancel()
         if ops is not None:
             await ops.close()
+        if exports is not None:
+            exports.close()
         await server.close()
+
+
+async def _until_ready(link: ServiceLink, status: str, stop: asyncio.Event) -> None:
+    ready = asyncio.ensure_future(link.ready(status))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if ready.done():
+        ready.result()
+    else:
+        ready.cancel()
 
 
 async def _relay(stop: asyncio.Event, running: _Running) -> None:
@@ -301,14 +333,20 @@ def run_proxy(
     on_ready: Callable[[int], None] | None = None,
     notifier: Notifier | None = None,
     *,
+    workers: int = 1,
     health: Health | None = None,
     reload: Callable[[], ProxyConfig] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads with ``reload``.
+    With ``workers`` > 1, fork that many processes, each with its own event loop,
+    listeners (the kernel spreads the guests' connections over them) and pools to
+    the upstreams; the main one passes every signal on and waits for them.
 
     Raises RegistryError before listening when ``config.registry_url`` names a
     registry without instances, unless ``config.allow_empty``.
     """
+    if workers < 1:
+        raise ConfigError("--workers must be >= 1")
     from meta169.http.loop import loop_factory
 
     # SIGHUP's default action is to terminate: ignored until the handler is in place.
@@ -319,11 +357,28 @@ def run_proxy(
             f"to serve; import an inventory first, or pass --allow-empty"
         )
 
+    # Bound before forking, so a busy metrics address fails before any worker exists.
+    exports = ExportSockets.open(config.metrics_listen, workers=workers) if config.metrics_listen else None
+    link, children = fork_workers(workers, notifier if notifier is not None else Notifier())
+    main_process = isinstance(link, MainLink)
+    if exports is not None and main_process:
+        exports.in_main(children)
+    elif exports is not None:
+        exports.in_worker()
+
     async def main() -> float:
-        signals = Signals(None)
+        signals = Signals(None, forward=children)
         signals.install()
         return await serve_proxy(
-            config, signals.stop, on_ready, notifier, health=health, reload=reload, signals=signals
+            config,
+            signals.stop,
+            on_ready if main_process else None,
+            health=health,
+            reload=reload,
+            signals=signals,
+            link=link,
+            exports=exports,
+            shared=workers > 1,
         )
 
     try:
@@ -331,4 +386,6 @@ def run_proxy(
             since = runner.run(main())
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        link.close()
+        reap(children, config.drain_timeout)
     log.info("stopped after %.1f s", time.monotonic() - since)

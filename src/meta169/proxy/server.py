@@ -110,14 +110,17 @@ def parse_listeners(data: object, *, source: str) -> list[ProxyListener]:
 SocketOpener = Callable[[ProxyListener], Awaitable[socket.socket]]
 
 
-async def open_in_namespace(listener: ProxyListener) -> socket.socket:
-    """Open the listening socket inside the listener's namespace, off the loop thread."""
+async def open_in_namespace(listener: ProxyListener, *, shared: bool = False) -> socket.socket:
+    """Open the listening socket inside the listener's namespace, off the loop thread.
+    ``shared``: each worker of ``proxy --workers N`` opens its own (SO_REUSEPORT)."""
     from meta169.plumbing.netns import open_socket_in_netns
 
     family = socket.AF_INET6 if listener.address.version == 6 else socket.AF_INET
     if listener.netns is None:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((str(listener.address), listener.port))
         sock.listen(1024)
         sock.setblocking(False)
@@ -135,6 +138,7 @@ async def open_in_namespace(listener: ProxyListener) -> socket.socket:
             v6only=True if family == socket.AF_INET6 else None,
             interface=listener.interface,
             backlog=1024,
+            reuse_port=shared,
         )
 
     sock = await asyncio.to_thread(opener)
@@ -304,17 +308,21 @@ class ProxyServer:
             self.metrics.reader(self._listener_families)
 
     def _listener_families(self) -> Iterable[Family]:
+        # With workers, each holds every listener of its own: the fewest of them.
         opened = Family(
             "meta169_proxy_listeners_open",
             "gauge",
-            'Listeners open, per network namespace (netns="": the host\'s).',
+            'Listeners open, per network namespace (netns="": the host\'s); with --workers, the fewest '
+            "a worker has open.",
             ("netns",),
+            merge="min",
         )
         expected = Family(
             "meta169_proxy_listeners_expected",
             "gauge",
             'Listeners the sources ask for, per network namespace (netns="": the host\'s).',
             ("netns",),
+            merge="min",
         )
         for netns, count in self._expected.items():
             expected.values[(netns,)] = float(count)

@@ -1,10 +1,10 @@
-"""What serve's main process makes of its workers' reports (meta169.api.workers.Reports)."""
+"""What a server's main process makes of its workers' reports (meta169.http.workers.Reports)."""
 
 from __future__ import annotations
 
 import pytest
 
-from meta169.api.workers import ALIVE, LEAVING, READY, Reports
+from meta169.http.workers import ALIVE, LEAVING, READY, Reports
 
 # (reports fed in order, all_ready after them, take_alive after them)
 CASES = [
@@ -21,7 +21,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("reports", "all_ready", "alive"), CASES)
-def test_api_workers_reports_table(reports: tuple[tuple[int, bytes], ...], all_ready: bool, alive: bool) -> None:
+def test_workers_reports_table(reports: tuple[tuple[int, bytes], ...], all_ready: bool, alive: bool) -> None:
     state = Reports.of([1, 2])
     for pid, data in reports:
         state.feed(pid, data)
@@ -29,7 +29,7 @@ def test_api_workers_reports_table(reports: tuple[tuple[int, bytes], ...], all_r
     assert state.take_alive() is alive
 
 
-def test_api_workers_every_worker_must_report_again_each_round() -> None:
+def test_workers_every_worker_must_report_again_each_round() -> None:
     state = Reports.of([1, 2])
     state.feed(1, READY)
     state.feed(2, READY)
@@ -41,13 +41,13 @@ def test_api_workers_every_worker_must_report_again_each_round() -> None:
     assert state.take_alive()
 
 
-def test_api_workers_without_workers_the_main_process_alone_decides() -> None:
+def test_workers_without_workers_the_main_process_alone_decides() -> None:
     state = Reports.of([])
     assert state.all_ready
     assert state.take_alive() and state.take_alive()
 
 
-def test_api_workers_a_worker_that_said_it_stops_is_leaving_not_crashed() -> None:
+def test_workers_a_worker_that_said_it_stops_is_leaving_not_crashed() -> None:
     state = Reports.of([1, 2])
     state.feed(1, READY)
     state.feed(2, READY)

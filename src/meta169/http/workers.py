@@ -1,12 +1,14 @@
-"""serve's worker processes, and what the service manager hears about them.
+"""A server's worker processes, and what the service manager hears about them.
 
-With ``--workers N`` the main process forks N-1 workers that share its listening
-sockets, and serves too. Only the main process talks to systemd (the units say
-``NotifyAccess=main``): each worker writes to its own pipe to the main process
-when it serves (``R``), while the watchdog is on that its event loop still
-turns (``W``), and that it stops on purpose (``S``). The main process sends READY=1 once it and every worker serve, and
-WATCHDOG=1 only while every worker's loop has reported since the previous ping,
-so a dead or stuck worker makes systemd restart the service.
+With ``serve --workers N`` or ``proxy --workers N`` the main process forks N-1
+workers that share its listening sockets (serve's, opened before the fork) or open
+their own on the same addresses (the proxy's, SO_REUSEPORT), and serves too. Only
+the main process talks to systemd (the units say ``NotifyAccess=main``): each
+worker writes to its own pipe to the main process when it serves (``R``), while
+the watchdog is on that its event loop still turns (``W``), and that it stops on
+purpose (``S``). The main process sends READY=1 once it and every worker serve,
+and WATCHDOG=1 only while every worker's loop has reported since the previous
+ping, so a dead or stuck worker makes systemd restart the service.
 
 :class:`Reports` is the pure bookkeeping; :class:`MainLink` and :class:`WorkerLink`
 are the two ends, with the same methods, so the serving code does not ask which
@@ -19,13 +21,15 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+import signal
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from meta169.errors import Meta169Error
 from meta169.sdnotify import Notifier
 
-log = logging.getLogger("meta169.serve")
+log = logging.getLogger("meta169.workers")
 
 READY = b"R"
 ALIVE = b"W"
@@ -227,3 +231,32 @@ def fork_workers(count: int, notifier: Notifier) -> tuple[ServiceLink, list[int]
         os.close(write_fd)
         pipes[pid] = read_fd
     return MainLink(notifier, pipes), list(pipes)
+
+
+def reap(children: Sequence[int], drain_timeout: float) -> None:
+    """Stop the workers (SIGTERM: each drains) and wait for them; kill any still
+    there 5 s after ``drain_timeout``."""
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    pending = set(children)
+    deadline = time.monotonic() + drain_timeout + 5.0
+    while pending:
+        for pid in list(pending):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                pending.discard(pid)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            for pid in pending:
+                log.error("worker %d did not stop %.0f s after the drain timeout: killing it", pid, 5.0)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            return
+        time.sleep(0.05)
