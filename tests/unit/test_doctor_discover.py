@@ -15,7 +15,7 @@ from meta169.client.transport import Reply
 from meta169.doctor import discover, host
 from meta169.doctor.discover import ConfigValues, Target
 from meta169.doctor.host import ExpectedListener, UpstreamPool
-from meta169.doctor.host_collect import HostCollector, HostRequest, checked_nothing, collect_host
+from meta169.doctor.host_collect import HostCollector, HostRequest, all_processes, checked_nothing, collect_host
 from meta169.errors import ClientError
 from meta169.model import parse_ip
 from meta169.plumbing.command import CommandResult
@@ -305,3 +305,27 @@ def test_doctor_discover_running_proxy_with_one_of_two_upstreams_down_is_a_warni
     assert f"upstreams of the proxy (meta169 proxy pid 4711 (/proc/4711/cmdline)): {SERVE_1}, {SERVE_2}" in (
         finding.evidence)  # fmt: skip
     assert not report.has_errors
+
+
+def _fake_proc(root: Path, pid: int, ppid: int, argv: list[str], comm: str = "meta169") -> None:
+    d = root / str(pid)
+    d.mkdir()
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (d / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 4194560 0 0 0 0 0 0\n")
+
+
+def test_doctor_discover_forked_workers_are_their_service_once(tmp_path: Path) -> None:
+    proxy = ["/usr/bin/python3", "/usr/bin/meta169", "proxy", "--upstream", "unix:/run/s.sock", "--workers", "2"]
+    serve = ["/usr/bin/python3", "/usr/bin/meta169", "serve", "--listen", "unix:/run/s.sock=proxy", "--workers", "3"]
+    _fake_proc(tmp_path, 100, 1, proxy)
+    _fake_proc(tmp_path, 101, 100, proxy)  # its worker
+    _fake_proc(tmp_path, 200, 1, serve)
+    _fake_proc(tmp_path, 201, 200, serve)
+    _fake_proc(tmp_path, 202, 200, serve)
+    _fake_proc(tmp_path, 300, 1, proxy)  # a second proxy service, started on its own
+    _fake_proc(tmp_path, 400, 100, ["/bin/sh", "-c", "true"], comm="sh (x) y")  # another child
+    (tmp_path / "self").mkdir()
+    found = dict(all_processes(tmp_path))
+    assert sorted(found) == [100, 200, 300, 400]
+    targets = discover.process_targets(sorted(found.items()))
+    assert [t.pid for t in targets if t.pid is not None] == [100, 300]

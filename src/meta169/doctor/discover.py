@@ -9,7 +9,8 @@ into :class:`Target` objects, each remembering where it was found:
   registry
 - running processes (/proc/*/cmdline): every ``meta169 proxy`` (each ``--upstream``,
   ``--secret-file``, ``--listeners``, ``--listen``) and every ``meta169 serve`` with a
-  proxy listener, whose address is an upstream to check too
+  proxy listener, whose address is an upstream to check too (a service's forked
+  workers, which share its command line, once)
 - labs that are up (``meta169 lab``): namespaces, listener file, upstream, registry
 - ``ip netns list``: namespaces named the Neutron way, ``qrouter-<router id>`` (router
   mode: REDIRECT to the proxy on 9697), ``qdhcp-<network id>`` (dnsmasq; isolated

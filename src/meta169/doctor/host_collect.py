@@ -350,18 +350,23 @@ def checked_nothing(facts: HostFacts) -> bool:
 
 
 def all_processes(proc: Path = Path("/proc")) -> list[tuple[int, tuple[str, ...]]]:
-    out = []
+    """Every process's pid and command line, leaving out the workers that ``serve`` or
+    ``proxy --workers N`` forked: a child with its parent's command line is the same
+    service, and checking it again would repeat every finding."""
+    found: dict[int, tuple[tuple[str, ...], int]] = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             raw = (entry / "cmdline").read_bytes()
-        except OSError:
+            # comm may hold spaces and parentheses: the fields start after the last ")".
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
         argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
         if argv:
-            out.append((int(entry.name), argv))
-    return out
+            found[int(entry.name)] = (argv, ppid)
+    return [(pid, argv) for pid, (argv, ppid) in found.items() if found.get(ppid, ((), 0))[0] != argv]
 
 
 def send_upstream(upstream: str, path: str, headers: Mapping[str, str], *, timeout: float = 3.0) -> Reply:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -220,6 +221,11 @@ def fork_workers(count: int, notifier: Notifier) -> tuple[ServiceLink, list[int]
     """Fork ``count - 1`` workers. Returns this process's link and, in the main
     process, the workers' pids (empty in a worker)."""
     pipes: dict[int, int] = {}
+    if count > 1:
+        # What the process holds now (modules, configuration) lives as long as the
+        # workers: out of the cyclic GC's reach, so its collections in each worker do
+        # not write to those objects and copy the pages they share (gc.freeze).
+        gc.freeze()
     for _ in range(count - 1):
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
