@@ -23,7 +23,11 @@ memory a serve node needs, and how fast a guest serve has never seen is answered
    per second (50: new guests arriving while serve is busy; a storm of them is
    ``boot-storm``'s). The client runs at nice -5 while it asks, so that its own waits
    for a CPU on a shared machine blur less. Latency is from ``connect()`` to the
-   reply's last byte. Every reply is checked: status 200 and the instance's own
+   reply's last byte as the kernel received it (SO_TIMESTAMPNS), the target's
+   measure: a guest is answered when the reply reaches it; the client's own reading
+   of it, which adds the client's wait for a CPU once woken (up to the next 4 ms
+   scheduler tick while serve and wrk hold both cores, seen with ``perf sched``), is
+   reported beside it. Every reply is checked: status 200 and the instance's own
    uuid; wrk's non-2xx replies too. serve's own view is read from its ``/metrics``
    (``--metrics-listen``): the Python path's request-duration histogram over the
    probe phase (wrk's requests after the first take the compiled path), which the
@@ -45,6 +49,7 @@ import random
 import resource
 import secrets
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -78,6 +83,9 @@ ADMIN_DATABASE = "meta169_admin"
 TARGET_IMPORT_S = 60.0
 TARGET_RSS_MB = 300.0
 TARGET_P99_MS = 5.0
+# socket(7): the kernel's receive time of what recvmsg returns, as a struct timespec.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
 
 PER_NETWORK = 1000
 NETWORKS_PER_ROUTER = 10
@@ -203,7 +211,10 @@ def _mac(i: int) -> str:
 
 @dataclass
 class Probe:
+    # From connect() to the reply's last byte: as the client read it (its own clock,
+    # its waits for a CPU included), and as the kernel received it (SO_TIMESTAMPNS).
     latencies_ms: list[float] = field(default_factory=list)
+    arrivals_ms: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     late: int = 0
 
@@ -211,10 +222,11 @@ class Probe:
     def ok(self) -> int:
         return self.statuses.get("200", 0)
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+    def percentile(self, q: float, *, arrived: bool = False) -> float:
+        values = self.arrivals_ms if arrived else self.latencies_ms
+        if not values:
             return float("nan")
-        ordered = sorted(self.latencies_ms)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
@@ -529,7 +541,7 @@ def _peak_kb(pid: int) -> int:
 
 
 def _check_known(port: int, lay: Layout) -> None:
-    status, body = _ask("127.0.0.1", port, LOAD_PATH, timeout=10)
+    status, body, _ = _ask("127.0.0.1", port, LOAD_PATH, timeout=10)
     if status != 200 or body.decode() != lay.uuid(0):
         raise BenchError(f"the known caller 127.0.0.1 got {status} {body[:200]!r}, not instance 0")
 
@@ -585,9 +597,9 @@ def _probe(ports: list[int], lay: Layout, chosen: list[int], rate: float, probe:
         elif now - due > 0.001:
             probe.late += 1
         router, ip = lay.address(i)
-        start = time.perf_counter()
+        start, start_wall = time.perf_counter(), time.time_ns()
         try:
-            status, body = _ask(ip, ports[router], PROBE_PATH, timeout=5)
+            status, body, arrived_wall = _ask(ip, ports[router], PROBE_PATH, timeout=5)
         except OSError as exc:
             key = type(exc).__name__
             probe.statuses[key] = probe.statuses.get(key, 0) + 1
@@ -603,22 +615,34 @@ def _probe(ports: list[int], lay: Layout, chosen: list[int], rate: float, probe:
                 key = "200 but another instance"
         probe.statuses[key] = probe.statuses.get(key, 0) + 1
         probe.latencies_ms.append(elapsed)
+        probe.arrivals_ms.append((arrived_wall - start_wall) / 1e6)
 
 
-def _ask(source: str, port: int, path: str, *, timeout: float) -> tuple[int, bytes]:
+def _ask(source: str, port: int, path: str, *, timeout: float) -> tuple[int, bytes, int]:
     """One request on a new connection from ``source`` (a loopback address) to
-    127.0.0.1:``port``; the status and body."""
+    127.0.0.1:``port``; the status, the body, and when the kernel received the reply's
+    last bytes (ns since the epoch, SO_TIMESTAMPNS: the client's own wait for a CPU
+    after that is left out; the reply's arrival is what the guest would see)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.bind((source, 0))
         sock.connect(("127.0.0.1", port))
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n".encode())
         data = bytearray()
+        arrived = 0
         while True:
-            chunk = sock.recv(65536)
+            chunk, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_TIMESPEC.size))
             if not chunk:
                 break
+            # Rarely a segment comes without a stamp (taken while the kernel turned
+            # stamping on or off for another socket): then the client's own time, later.
+            arrived = time.time_ns()
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = _TIMESPEC.unpack(value[: _TIMESPEC.size])
+                    arrived = sec * 1_000_000_000 + nsec
             data += chunk
             head, sep, body = bytes(data).partition(b"\r\n\r\n")
             if sep:
@@ -629,7 +653,7 @@ def _ask(source: str, port: int, path: str, *, timeout: float) -> tuple[int, byt
     parts = head.split(b" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
         raise OSError(f"no HTTP reply: {bytes(data[:80])!r}")
-    return int(parts[1]), body
+    return int(parts[1]), body, arrived
 
 
 def _content_length(head: bytes) -> int | None:
@@ -653,7 +677,7 @@ def report(results: list[Backend], opts: ScaleOptions) -> str:
         probe = r.probe
         bad = sum(v for k, v in probe.statuses.items() if k != "200")
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(probe.statuses.items()))
-        p99 = probe.percentile(0.99)
+        p99 = probe.percentile(0.99, arrived=True)
         within, p99_server = _server_share(r.server_buckets, TARGET_P99_MS / 1000)
         read_within, read_p99 = _server_share(r.read_buckets, 0.001)
         valid = bad == 0 and r.load_non2xx <= r.load_requests // 100
@@ -669,9 +693,13 @@ def report(results: list[Backend], opts: ScaleOptions) -> str:
             [r.name, "serve RSS settled / after probes / peak",
              f"{mb(r.rss_settled_kb)} / {mb(r.rss_end_kb)} / {mb(r.rss_peak_kb)} MB", "<= 300 MB",
              _verdict(max(r.rss_settled_kb, r.rss_end_kb, r.rss_peak_kb) / 1024 <= TARGET_RSS_MB)],
-            [r.name, f"first request, {len(probe.latencies_ms)} new callers: p50 / p99 / max",
-             f"{probe.percentile(0.5):.2f} / {p99:.2f} / {max(probe.latencies_ms, default=float('nan')):.2f} ms",
+            [r.name, f"first request, {len(probe.arrivals_ms)} new callers, reply received: p50 / p99 / max",
+             f"{probe.percentile(0.5, arrived=True):.2f} / {p99:.2f} / "
+             f"{max(probe.arrivals_ms, default=float('nan')):.2f} ms",
              "p99 <= 5 ms", _verdict(valid and p99 <= TARGET_P99_MS) if valid else "INVALID"],
+            [r.name, "the same, read by the client (its wait for a CPU too)",
+             f"{probe.percentile(0.5):.2f} / {probe.percentile(0.99):.2f} / "
+             f"{max(probe.latencies_ms, default=float('nan')):.2f} ms", "", ""],
             [r.name, "their statuses (late starts)", f"{statuses} ({probe.late} late)", "all 200, own uuid",
              _verdict(bad == 0)],
             [r.name, "serve's view: Python-path replies within 5 ms; 99% within",
