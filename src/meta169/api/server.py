@@ -38,7 +38,7 @@ from meta169.http.limits import Limits
 from meta169.http.listen import LISTEN_BACKLOG, Binding, ListenAddress, open_listen_socket
 from meta169.http.loop import loop_factory
 from meta169.http.protocol import ConnectionTracker, HTTPProtocol, Ticker
-from meta169.http.workers import MainLink, ServiceLink, fork_workers, reap
+from meta169.http.workers import MainLink, ServiceLink, fork_workers, ready_unless_stopped, reap
 from meta169.logs import AccessLog
 from meta169.metrics.endpoint import ExportSockets, OpsServer, export_metrics
 from meta169.metrics.instruments import ServeMetrics
@@ -427,10 +427,8 @@ def run(
     # Bound before forking, so a busy metrics address fails before any worker exists.
     export = ExportSockets.open(config.metrics_listen, workers=workers) if config.metrics_listen else None
     link, children = fork_workers(workers, notifier if notifier is not None else Notifier())
-    if export is not None and isinstance(link, MainLink):
-        export.in_main(children)
-    elif export is not None:
-        export.in_worker()
+    if export is not None:
+        export.forked(children, main=isinstance(link, MainLink))
     stopping_since: float | None = None
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
@@ -476,15 +474,9 @@ async def _serve_until_signal(
         if on_ready is not None:
             on_ready(running.addresses)
         processes = f" in {link.workers} processes" if link.workers > 1 else ""
-        ready = asyncio.ensure_future(
-            link.ready(f"serving {len(running.addresses)} listeners{processes}, registry revision {revision}")
+        await ready_unless_stopped(
+            link, f"serving {len(running.addresses)} listeners{processes}, registry revision {revision}", signals.stop
         )
-        stopped = asyncio.ensure_future(signals.stop.wait())
-        await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
-        if ready.done():
-            ready.result()  # a worker lost before it served: WorkerLost
-        else:
-            ready.cancel()
     await signals.stop.wait()
     since = time.monotonic()
     # Workers exit now on purpose, which the main process must not take for a crash;

@@ -239,6 +239,19 @@ def fork_workers(count: int, notifier: Notifier) -> tuple[ServiceLink, list[int]
     return MainLink(notifier, pipes), list(pipes)
 
 
+async def ready_unless_stopped(link: ServiceLink, status: str, stop: asyncio.Event) -> None:
+    """``link.ready(status)``, given up when ``stop`` is set first (a stop asked while
+    the workers start). Raises WorkerLost when a worker exits before it served."""
+    ready = asyncio.ensure_future(link.ready(status))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if ready.done():
+        ready.result()
+    else:
+        ready.cancel()
+
+
 def reap(children: Sequence[int], drain_timeout: float) -> None:
     """Stop the workers (SIGTERM: each drains) and wait for them; kill any still
     there 5 s after ``drain_timeout``."""

@@ -132,13 +132,13 @@ class ExportSockets:
             raise
         return cls(sock, hub)
 
-    def in_main(self, workers: Iterable[int]) -> None:
-        """Once forked, in the main process: the pids whose numbers count."""
-        if self.hub is not None:
-            self.hub.as_main(workers)
-
-    def in_worker(self) -> None:
-        """Once forked, in a worker: it reports to the hub and serves no listener."""
+    def forked(self, workers: Iterable[int], *, main: bool) -> None:
+        """Once forked. The main process accepts these worker pids on the hub; a worker
+        reports to the hub and serves no listener."""
+        if main:
+            if self.hub is not None:
+                self.hub.as_main(workers)
+            return
         self.worker = True
         if self.sock is not None:
             self.sock.close()

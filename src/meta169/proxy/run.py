@@ -27,7 +27,7 @@ from meta169.errors import ConfigError, RegistryError, ValidationError
 from meta169.health import Health
 from meta169.http.lifecycle import Recheck, Signals, drain, reload_config, restart_needed, warn_restart_needed
 from meta169.http.listen import Binding, ListenAddress
-from meta169.http.workers import MainLink, ServiceLink, fork_workers, reap
+from meta169.http.workers import MainLink, ServiceLink, fork_workers, ready_unless_stopped, reap
 from meta169.metrics.endpoint import ExportSockets, OpsServer, export_metrics
 from meta169.metrics.instruments import ProxyMetrics
 from meta169.model import parse_ip
@@ -234,7 +234,7 @@ async def serve_proxy(
     ready = f"proxying {len(server.listeners)} listeners to {targets}{processes}{failed}"
     try:
         # READY=1 once every worker listens too (a worker lost first: WorkerLost).
-        await _until_ready(link, ready, stop)
+        await ready_unless_stopped(link, ready, stop)
         if on_ready is not None and not stop.is_set():
             on_ready(len(server.listeners))
         stopper = asyncio.get_running_loop().create_task(_relay(stop, running))
@@ -257,17 +257,6 @@ async def serve_proxy(
         if exports is not None:
             exports.close()
         await server.close()
-
-
-async def _until_ready(link: ServiceLink, status: str, stop: asyncio.Event) -> None:
-    ready = asyncio.ensure_future(link.ready(status))
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if ready.done():
-        ready.result()
-    else:
-        ready.cancel()
 
 
 async def _relay(stop: asyncio.Event, running: _Running) -> None:
@@ -361,10 +350,8 @@ def run_proxy(
     exports = ExportSockets.open(config.metrics_listen, workers=workers) if config.metrics_listen else None
     link, children = fork_workers(workers, notifier if notifier is not None else Notifier())
     main_process = isinstance(link, MainLink)
-    if exports is not None and main_process:
-        exports.in_main(children)
-    elif exports is not None:
-        exports.in_worker()
+    if exports is not None:
+        exports.forked(children, main=main_process)
 
     async def main() -> float:
         signals = Signals(None, forward=children)
