@@ -331,3 +331,68 @@ def test_registry_write_on_a_session_the_server_ended_is_not_made_again(
         assert registry.get_password(_FULL) == "s3cret"
     finally:
         registry.close()
+
+
+def _fail_next_statement(registry: Registry, error: Exception) -> list[str]:
+    """Make the registry's next statement fail with the driver's ``error`` before it
+    reaches the server; the statements that failed are listed in the result."""
+    import sqlalchemy as sa
+
+    failed: list[str] = []
+
+    def once(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not failed:
+            failed.append(statement)
+            raise error
+
+    sa.event.listen(registry.engine, "before_cursor_execute", once)  # type: ignore[attr-defined]
+    return failed
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("read", ["revision", "changed_since", "get_instance", "list_instances"])
+def test_registry_socket_closed_under_a_statement_is_read_again_on_a_fresh_one(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    """psycopg's "connection socket closed" (poll saw the server hang up, libpq not yet
+    told): SQLAlchemy's dialect does not take it for a lost connection, sent a ROLLBACK
+    on it, failed again and kept it in the pool (CI, a session ended by
+    pg_terminate_backend). It invalidates the connection and the read is made again."""
+    import psycopg
+
+    from meta169.registry import sql as sql_registry
+
+    registry = open_registry(postgres_url, create=True)
+    try:
+        _fill(registry)
+        before = READS[read](registry)
+        monkeypatch.setattr(sql_registry, "_readable", lambda *_: False)
+        failed = _fail_next_statement(registry, psycopg.OperationalError("connection socket closed"))
+        assert READS[read](registry) == before
+        assert failed
+    finally:
+        registry.close()
+
+
+@pytest.mark.postgres
+def test_registry_statement_the_server_cancelled_is_not_read_again(postgres_url: str) -> None:
+    """A statement the server cancelled (statement_timeout, SQLSTATE 57014) ran on a
+    session that still works: the read fails as an outage, not made again, and the
+    pooled connection serves the next read."""
+    import psycopg
+
+    registry = open_registry(postgres_url, create=True)
+    try:
+        _fill(registry)
+        before = registry.revision()
+        pooled = registry.engine.pool.checkedin()
+        failed = _fail_next_statement(
+            registry, psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        )
+        with pytest.raises(RegistryUnavailable, match="statement timeout"):
+            registry.revision()
+        assert len(failed) == 1
+        assert registry.revision() == before
+        assert registry.engine.pool.checkedin() == pooled
+    finally:
+        registry.close()

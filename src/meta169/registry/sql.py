@@ -90,6 +90,7 @@ def create_engine(url: str | sa.URL) -> Engine:
     # it may be dead (see _pg_checkout), not with a round trip on every read.
     event.listen(engine, "checkin", _pg_on_checkin)
     event.listen(engine, "checkout", _pg_checkout(engine.dialect))
+    event.listen(engine, "handle_error", _pg_on_error)
     return engine
 
 
@@ -135,6 +136,47 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+# SQLSTATEs of a session the server ended or will not serve (PostgreSQL's
+# documentation, Appendix A): class 08 "connection exception", and admin_shutdown,
+# crash_shutdown and cannot_connect_now (a restart, pg_terminate_backend, a crash).
+_PG_SESSION_ENDED_CLASS = "08"
+_PG_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _pg_session_lost(dialect: sa.Dialect, exc: Any, dbapi_conn: Any) -> bool:
+    """Whether a driver error means the PostgreSQL session cannot be used again:
+    SQLAlchemy's own test (libpq marked the connection bad) or :func:`_pg_session_ended`."""
+    return bool(dialect.is_disconnect(exc, dbapi_conn, None)) or _pg_session_ended(dialect, exc)
+
+
+def _pg_session_ended(dialect: sa.Dialect, exc: BaseException) -> bool:
+    """What SQLAlchemy's psycopg dialect misses: it asks only whether libpq marked the
+    connection bad, and psycopg can fail first on the socket while libpq still counts a
+    command in progress ("connection socket closed": poll reported an error or a
+    hang-up, seen when pg_terminate_backend ends a session). A ROLLBACK on that
+    connection then fails too, and the pool would keep it. An OperationalError without
+    a SQLSTATE is the client library's own (the socket, not the server: a statement or
+    lock timeout carries 57014 or 55P03), so it counts as lost as well."""
+    if not isinstance(exc, dialect.loaded_dbapi.OperationalError):
+        return False
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is None:
+        return True
+    return bool(sqlstate.startswith(_PG_SESSION_ENDED_CLASS) or sqlstate in _PG_SESSION_ENDED)
+
+
+def _pg_on_error(ctx: sa.engine.ExceptionContext) -> None:
+    """The engine's error hook: a statement's error on an ended session invalidates its
+    connection (and the pool's older ones), so no ROLLBACK is sent on it and a read is
+    made again on a fresh one (:func:`_read_again_when_lost`). Errors while connecting
+    (no connection yet) are left alone: making them again would double a connect
+    timeout."""
+    if ctx.is_disconnect or ctx.connection is None or ctx.original_exception is None:
+        return
+    if _pg_session_ended(ctx.dialect, ctx.original_exception):
+        ctx.is_disconnect = True
+
+
 # A pooled PostgreSQL connection idle longer than this is pinged on checkout even
 # when its socket is quiet.
 PG_PING_IDLE_S = 5.0
@@ -168,7 +210,7 @@ def _pg_checkout(dialect: sa.Dialect) -> Callable[[Any, Any, Any], None]:
         try:
             dialect.do_ping(dbapi_conn)
         except error as exc:
-            if dialect.is_disconnect(exc, dbapi_conn, None):
+            if _pg_session_lost(dialect, exc, dbapi_conn):
                 raise sa.exc.InvalidatePoolError(f"pooled connection lost: {exc}") from exc
             raise
 
@@ -1237,7 +1279,9 @@ class _DriverStatement:
             finally:
                 cursor.close()
         except error as exc:
-            lost = conn.dialect.is_disconnect(exc, dbapi_conn, None)
+            lost = conn.dialect.is_disconnect(exc, dbapi_conn, None) or (
+                conn.dialect.name == "postgresql" and _pg_session_ended(conn.dialect, exc)
+            )
             if lost:
                 conn.invalidate(exc)
             raise sa.exc.DBAPIError.instance(
