@@ -12,7 +12,9 @@ Knobs a test turns while the SDK talks to it (:class:`FakeCloud` attributes):
 ``failing`` answers chosen paths with an error status, ``servers_gone`` lists no
 server, ``fail_second_page`` fails the servers list after its first page (a read
 that breaks partway), ``cell_down`` lists the server as Nova does when its cell does
-not answer. ``requests`` records every request.
+not answer, ``stalled`` holds the replies to chosen paths (a service that accepted
+the request and never answers) until ``release`` is set. ``requests`` records every
+request.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class FakeCloud:
         self.servers_gone = False
         self.fail_second_page = False
         self.cell_down = False
+        self.stalled: set[str] = set()  # path suffixes
+        self.release = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -146,6 +150,9 @@ class FakeCloud:
             return 201, {"X-Subject-Token": "sample-token"}, token
         if headers.get("X-Auth-Token") != "sample-token":
             return 401, {}, {"error": {"code": 401, "message": "no token"}}
+        if any(path.endswith(suffix) for suffix in self.stalled):
+            # Bounded, so that a test that forgets to release leaves no thread behind.
+            self.release.wait(30)
         for suffix, status in self.failing.items():
             if path.endswith(suffix):
                 return status, {}, {"error": {"code": status, "message": f"made to fail: {suffix}"}}
@@ -196,13 +203,15 @@ class FakeCloud:
                 length = int(self.headers.get("Content-Length") or 0)
                 status, headers, document = cloud.answer(self.command, self.path, self.headers, self.rfile.read(length))
                 body = json.dumps(document).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(body)
+                # A stalled reply's client may have given up and gone.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(body)
 
             do_GET = do_POST = _reply
 
@@ -238,5 +247,6 @@ def running_cloud(folder: Path, max_microversion: str | None = "2.52") -> Iterat
     try:
         yield fake
     finally:
+        fake.release.set()
         fake.server.shutdown()
         fake.server.server_close()

@@ -172,6 +172,32 @@ def test_sync_openstack_unreachable_cloud_is_a_source_error(tmp_path: Path, monk
     assert result.exit_code == 5, result.output
 
 
+# -- a cloud that does not answer ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("clouds_yaml", "ours"), [(None, 1.0), (1, 300.0)], ids=["default", "clouds.yaml"])
+def test_sync_openstack_api_that_never_answers_fails_within_its_timeout(
+    cloud: FakeCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clouds_yaml: int | None, ours: float
+) -> None:
+    """Nova accepts the servers list and never answers: the sync fails as a source
+    error after the request timeout (clouds.yaml's api_timeout when it sets one, else
+    meta169's default), where openstacksdk alone waits for ever."""
+    from meta169.sources import openstack as os_source
+
+    if clouds_yaml is not None:
+        path = tmp_path / "clouds.yaml"
+        path.write_text(path.read_text() + f"    api_timeout: {clouds_yaml}\n")
+    monkeypatch.setattr(os_source, "API_TIMEOUT_S", ours)
+    cloud.stalled.add("/servers/detail")
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=r"openstack:samples: cannot .*timed out"):
+        sync_openstack(MemoryRegistry(), "samples")
+    assert time.monotonic() - started < 20
+    cloud.release.set()
+    cloud.stalled.clear()
+    assert sync_openstack(MemoryRegistry(), "samples").changed
+
+
 # -- a cell that does not answer ------------------------------------------------------------------
 
 

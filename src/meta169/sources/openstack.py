@@ -303,11 +303,24 @@ def _sdk_calls(source: str, what: str) -> Iterator[None]:
             raise SourceError(f"cannot {what}: {exc}", source=source) from exc
 
 
+# Seconds an API request may wait for its reply when clouds.yaml (api_timeout) and
+# OS_API_TIMEOUT set nothing: openstacksdk's default is none, and a Nova or Neutron
+# that accepted a request and never answers would hold the sync for ever (the service
+# only restarted by its watchdog). Per request, not per sync: a page of a long
+# server list gets all of it.
+API_TIMEOUT_S = 60.0
+
+
 def connect(cloud: str | None) -> Any:
-    """A connection to ``cloud`` (clouds.yaml), or to what OS_CLOUD / OS_* name."""
+    """A connection to ``cloud`` (clouds.yaml), or to what OS_CLOUD / OS_* name, its
+    requests bounded by the cloud's api_timeout or else :data:`API_TIMEOUT_S`."""
     openstack = _sdk()
     with _sdk_calls(source_name(cloud) if cloud else "openstack", "read the cloud configuration"):
-        return openstack.connect(cloud=cloud)
+        region = openstack.config.get_cloud_region(cloud=cloud)
+        # Read when the connection makes its session, on its first request.
+        if region.config.get("api_timeout") is None:
+            region.config["api_timeout"] = API_TIMEOUT_S
+        return openstack.connection.Connection(config=region)
 
 
 def _dicts(resources: Any) -> list[dict[str, Any]]:
