@@ -41,6 +41,7 @@ the work directory; every process is stopped by PID on exit, error or signal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import math
@@ -258,6 +259,10 @@ class Backend:
     # Its registry reads' histogram over the probe phase (a batch of callers each).
     read_buckets: dict[float, float] = field(default_factory=dict)
     other_load: float = float("nan")
+    # PostgreSQL: a prepared SELECT 1's round trip (p50, p99 ms) with this process and
+    # its backend on one core, and on different cores (_round_trips).
+    rtt_same_ms: tuple[float, float] = (float("nan"), float("nan"))
+    rtt_cross_ms: tuple[float, float] = (float("nan"), float("nan"))
     notes: list[str] = field(default_factory=list)
 
 
@@ -293,6 +298,7 @@ def run(settings: Settings, cleanup: Cleanup, work: Path, opts: ScaleOptions) ->
         print(f"  {name}: POST /v1/import {result.admin_import_s:.1f} s", flush=True)
         if pg is not None:
             print(f"  {name}: VACUUM ANALYZE after the imports {_vacuum(pg):.1f} s", flush=True)
+            result.rtt_same_ms, result.rtt_cross_ms = _round_trips(pg)
         _serve_phase(settings, cleanup, main_url, lay, opts, sub, result)
     print()
     print(report(results, opts))
@@ -332,6 +338,44 @@ def _vacuum(pg_url: str) -> float:
     with psycopg.connect(host=host, user=storm_pg.USER, dbname=storm_pg.DATABASE, autocommit=True) as conn:
         conn.execute("VACUUM (ANALYZE)")
     return time.monotonic() - started
+
+
+ROUND_TRIPS = 2000
+
+
+def _round_trips(pg_url: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The machine's anchor for every PostgreSQL read: a prepared ``SELECT 1``'s round
+    trip (p50, p99 ms) with this process and its backend pinned to one core, then to
+    different cores. Each read pays two wake-ups of another process, and on some
+    virtual machines a wake-up across cores costs several times one on the same core
+    (stop 19's machine: 0.18 against 0.025 ms at p50), which moves the first-request
+    tail from machine to machine with the code unchanged."""
+    import psycopg
+
+    host = pg_url.partition("?host=")[2]
+    cores = sorted(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    measured: list[tuple[float, float]] = []
+    with psycopg.connect(host=host, user=storm_pg.USER, dbname=storm_pg.DATABASE, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        backend = int(row[0]) if row else 0
+        try:
+            for client_core in [cores[-1], *cores[:1]] if len(cores) > 1 else cores:
+                os.sched_setaffinity(backend, {cores[-1]})
+                os.sched_setaffinity(0, {client_core})
+                took = []
+                for _ in range(ROUND_TRIPS):
+                    started = time.perf_counter()
+                    conn.execute("SELECT 1", prepare=True).fetchone()
+                    took.append((time.perf_counter() - started) * 1000)
+                took.sort()
+                measured.append((took[len(took) // 2], took[int(len(took) * 0.99)]))
+        finally:
+            os.sched_setaffinity(0, mine)
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(backend, set(cores))
+    across = measured[1] if len(measured) > 1 else (float("nan"), float("nan"))  # one core: no "across"
+    return measured[0], across
 
 
 def _meta169(settings: Settings, url: str, *args: str, timeout: float = 300.0) -> str:
@@ -708,6 +752,9 @@ def report(results: list[Backend], opts: ScaleOptions) -> str:
              f"{r.read_buckets.get(math.inf, 0):.0f}; {read_within:.1%}; {read_p99 * 1000:g} ms"
              if read_within == read_within else "n/a", "", ""],
             [r.name, "other people's load on the machine meanwhile", f"{r.other_load:.0%}", "", ""],
+            *([[r.name, "anchor: PostgreSQL SELECT 1 round trip, one core / across cores: p50 (p99)",
+                f"{r.rtt_same_ms[0]:.3f} ({r.rtt_same_ms[1]:.3f}) / {r.rtt_cross_ms[0]:.3f} "
+                f"({r.rtt_cross_ms[1]:.3f}) ms", "", ""]] if r.rtt_same_ms[0] == r.rtt_same_ms[0] else []),
             [r.name, f"background load (wrk -c {opts.load_connections}, known caller)",
              f"{r.load_rps:,.0f} req/s, non-2xx {r.load_non2xx}, socket errors {r.load_errors}", "",
              "" if r.load_non2xx <= r.load_requests // 100 else "INVALID"],
