@@ -353,14 +353,16 @@ def _round_trips(pg_url: str) -> tuple[tuple[float, float], tuple[float, float]]
     import psycopg
 
     host = pg_url.partition("?host=")[2]
-    cores = sorted(os.sched_getaffinity(0))
     mine = os.sched_getaffinity(0)
+    cores = sorted(mine)
+    # The backend on the last core; this process there too, then on the first.
+    placements = [cores[-1], cores[0]] if len(cores) > 1 else cores
     measured: list[tuple[float, float]] = []
     with psycopg.connect(host=host, user=storm_pg.USER, dbname=storm_pg.DATABASE, autocommit=True) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
         backend = int(row[0]) if row else 0
         try:
-            for client_core in [cores[-1], *cores[:1]] if len(cores) > 1 else cores:
+            for client_core in placements:
                 os.sched_setaffinity(backend, {cores[-1]})
                 os.sched_setaffinity(0, {client_core})
                 took = []
@@ -373,7 +375,7 @@ def _round_trips(pg_url: str) -> tuple[tuple[float, float], tuple[float, float]]
         finally:
             os.sched_setaffinity(0, mine)
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(backend, set(cores))
+                os.sched_setaffinity(backend, mine)
     across = measured[1] if len(measured) > 1 else (float("nan"), float("nan"))  # one core: no "across"
     return measured[0], across
 

@@ -143,10 +143,13 @@ _PG_SESSION_ENDED_CLASS = "08"
 _PG_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
 
 
-def _pg_session_lost(dialect: sa.Dialect, exc: Any, dbapi_conn: Any) -> bool:
-    """Whether a driver error means the PostgreSQL session cannot be used again:
-    SQLAlchemy's own test (libpq marked the connection bad) or :func:`_pg_session_ended`."""
-    return bool(dialect.is_disconnect(exc, dbapi_conn, None)) or _pg_session_ended(dialect, exc)
+def _session_lost(dialect: sa.Dialect, exc: Any, dbapi_conn: Any) -> bool:
+    """Whether a driver error means the session cannot be used again: SQLAlchemy's own
+    test (for PostgreSQL: libpq marked the connection bad) or, on PostgreSQL,
+    :func:`_pg_session_ended`."""
+    if dialect.is_disconnect(exc, dbapi_conn, None):
+        return True
+    return dialect.name == "postgresql" and _pg_session_ended(dialect, exc)
 
 
 def _pg_session_ended(dialect: sa.Dialect, exc: BaseException) -> bool:
@@ -171,7 +174,7 @@ def _pg_on_error(ctx: sa.engine.ExceptionContext) -> None:
     made again on a fresh one (:func:`_read_again_when_lost`). Errors while connecting
     (no connection yet) are left alone: making them again would double a connect
     timeout."""
-    if ctx.is_disconnect or ctx.connection is None or ctx.original_exception is None:
+    if ctx.is_disconnect or ctx.connection is None:
         return
     if _pg_session_ended(ctx.dialect, ctx.original_exception):
         ctx.is_disconnect = True
@@ -210,7 +213,7 @@ def _pg_checkout(dialect: sa.Dialect) -> Callable[[Any, Any, Any], None]:
         try:
             dialect.do_ping(dbapi_conn)
         except error as exc:
-            if _pg_session_lost(dialect, exc, dbapi_conn):
+            if _session_lost(dialect, exc, dbapi_conn):
                 raise sa.exc.InvalidatePoolError(f"pooled connection lost: {exc}") from exc
             raise
 
@@ -1279,9 +1282,7 @@ class _DriverStatement:
             finally:
                 cursor.close()
         except error as exc:
-            lost = conn.dialect.is_disconnect(exc, dbapi_conn, None) or (
-                conn.dialect.name == "postgresql" and _pg_session_ended(conn.dialect, exc)
-            )
+            lost = _session_lost(conn.dialect, exc, dbapi_conn)
             if lost:
                 conn.invalidate(exc)
             raise sa.exc.DBAPIError.instance(
